@@ -45,8 +45,8 @@ _PARAM_CONVENTIONS = ("total", "non_embedding")
 _LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
 _STATE_VERSION = 1
 
-# Index of each counter in the device accumulator and in the reduced vector.
-_TOKENS, _SAMPLES, _TOK_X_LEN, _NONFINITE, _LOSS_SUM, _LOSS_N = range(6)
+# Layout of the per-rank device accumulator of mask-derived counts.
+_D_TOKENS, _D_TOK_X_LEN, _D_NONFINITE = range(3)
 
 
 def _precision_dtype(precision: str) -> torch.dtype:
@@ -194,6 +194,7 @@ class ScaleWatch(Callback):
         self._conventions_written = False
         self._interval_loss = [0.0, 0.0]  # global (sum, count) of finite losses folded in at a checkpoint
         self._trainer: Trainer | None = None
+        self._val_started: float | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -225,7 +226,8 @@ class ScaleWatch(Callback):
         self.monitor.n_params = self.n_params
         self.monitor.peak_flops = self._resolve_peak_flops(trainer, pl_module)
         if trainer.is_global_zero:
-            log.info("scalewatch: %s; FLOPs: %s", n_label, self.convention.description)
+            log.info("scalewatch: %s = %s; FLOPs: %s", n_label, f"{self.n_params:,}",
+                     self.convention.description if self.convention else "measured on the first batch")
 
     def _resolve_convention(self, pl_module: LightningModule, n_label: str) -> FlopConvention | None:
         assert self.n_params is not None
@@ -233,7 +235,7 @@ class ScaleWatch(Callback):
         if not isinstance(mode, str):
             return fixed_flops_per_token(float(mode))
         if mode == "6N":
-            return six_n(self.n_params, n_label)
+            return six_n(self.n_params)
         if mode == "measured":
             return None  # set after the first batch
         n_layer, d_model = self.n_layer, self.d_model
@@ -245,7 +247,7 @@ class ScaleWatch(Callback):
             raise ScaleWatchConfigError(
                 "scalewatch: flops='6N+attn' needs the architecture; pass ScaleWatch(n_layer=..., d_model=...)"
             )
-        return six_n_plus_attention(self.n_params, n_layer, d_model, n_label)
+        return six_n_plus_attention(self.n_params, n_layer, d_model)
 
     def _resolve_peak_flops(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
         per_device = self.peak_flops_arg
@@ -323,8 +325,8 @@ class ScaleWatch(Callback):
         seq_len = self.context_length or count.seq_len
         if isinstance(count.tokens, Tensor):
             # Device-side adds: no host sync.
-            self._dev[_TOKENS] += count.tokens
-            self._dev[_TOK_X_LEN] += count.tokens * seq_len
+            self._dev[_D_TOKENS] += count.tokens
+            self._dev[_D_TOK_X_LEN] += count.tokens * seq_len
         else:
             self._host[0] += count.tokens
             self._host[2] += count.tokens * seq_len
@@ -334,7 +336,7 @@ class ScaleWatch(Callback):
         loss = loss.detach().float().mean()
         finite = torch.isfinite(loss)
         self._loss += torch.stack((torch.where(finite, loss, torch.zeros_like(loss)), finite.float()))
-        self._dev[2] += (~finite).long()
+        self._dev[_D_NONFINITE] += (~finite).long()
 
     def _finish_flop_measurement(self, count: BatchCount) -> None:
         counter, self._flop_counter = self._flop_counter, None
@@ -359,10 +361,10 @@ class ScaleWatch(Callback):
         host = torch.tensor(self._host, dtype=torch.int64, device=device)
         # float64 is exact for any interval's counts below 2**53.
         vec = torch.cat((
-            (host[0] + self._dev[_TOKENS]).reshape(1),
+            (host[0] + self._dev[_D_TOKENS]).reshape(1),
             host[1].reshape(1),
-            (host[2] + self._dev[_TOK_X_LEN]).reshape(1),
-            self._dev[2].reshape(1),
+            (host[2] + self._dev[_D_TOK_X_LEN]).reshape(1),
+            self._dev[_D_NONFINITE].reshape(1),
         )).double()
         vec = torch.cat((vec, self._loss.double()))
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -442,6 +444,15 @@ class ScaleWatch(Callback):
             n += f" (trainable: {self.params.total:,}; non-embedding: {self.params.non_embedding:,})"
         flops = self.convention.description if self.convention else f"FLOPs: {self.flops_mode} (pending)"
         return f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks."
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Validation inside a training epoch is not training time: keep it out of the rates.
+        if self._val_started is not None and self._dev is not None:
+            self._t0 += time.perf_counter() - self._val_started
+        self._val_started = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # All ranks reach here together: flush the tail of the run as a last log point.
