@@ -1,0 +1,117 @@
+"""Step-time overhead of ScaleWatch on the tiny GPT, measured side by side.
+
+    python benchmarks/overhead.py [--rounds 6] [--steps 40] [--device cpu|cuda]
+
+Trains the same model with and without the callback in alternating chunks (so
+drift of the machine hits both alike) and prints the median step-time ratio.
+A step's time is the period between consecutive ``on_train_batch_start`` calls,
+so it includes every callback hook, the optimizer step and data loading.
+Target (issue 2): median ratio <= 1.01 on the tiny GPT on CPU.
+
+With ``--sync-debug`` on a CUDA device, every non-logging step runs under
+``torch.cuda.set_sync_debug_mode("error")``: any host sync raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
+
+from scalewatch import ScaleWatch  # noqa: E402
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # timer only: both variants pay it alike
+        self.starts.append(time.perf_counter())
+
+    def periods(self, skip: int = 3) -> list[float]:
+        return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1:])]
+
+
+class SyncDebug(pl.Callback):
+    """Turns on CUDA sync errors between batch start and the end of the step on quiet steps."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.global_step + 1) % self.every != 0 and trainer.global_step > 1:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[float]:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    # The timer goes last so that its batch-start mark follows every other callback's hook.
+    callbacks: list[pl.Callback] = []
+    if with_callback:
+        callbacks.append(ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every))
+    if args.sync_debug:
+        callbacks.append(SyncDebug(args.log_every))
+    callbacks.append(timer)
+    trainer = pl.Trainer(
+        max_steps=args.steps, accelerator=args.device, devices=1, callbacks=callbacks,
+        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=args.log_every,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        precision=args.precision,
+    )
+    trainer.fit(TinyGPTModule(cfg, max_steps=args.steps), loaders[0])
+    return timer.periods()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sync-debug", action="store_true")
+    args = p.parse_args()
+
+    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
+                    n_head=max(1, args.n_embd // 64))
+    loaders = make_loaders(cfg, args.batch_size, num_train=args.steps * args.batch_size)
+    off: list[float] = []
+    on: list[float] = []
+    with TemporaryDirectory() as logdir:
+        for r in range(args.rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            for flag in order:
+                (on if flag else off).extend(run_chunk(flag, args, cfg, loaders, logdir))
+    med_off, med_on = statistics.median(off), statistics.median(on)
+    mean_off, mean_on = statistics.fmean(off), statistics.fmean(on)
+    print(f"device={args.device} precision={args.precision} model: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
+          f"T={cfg.block_size} batch={args.batch_size}; {len(on)} steps each way, log every {args.log_every}")
+    print(f"median step: without {med_off * 1e3:.2f} ms, with ScaleWatch {med_on * 1e3:.2f} ms")
+    print(f"mean step (log steps included): without {mean_off * 1e3:.2f} ms, with {mean_on * 1e3:.2f} ms "
+          f"(ratio {mean_on / mean_off:.4f})")
+    print(f"median step-time ratio (with / without): {med_on / med_off:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
