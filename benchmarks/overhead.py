@@ -58,13 +58,31 @@ class SyncDebug(pl.Callback):
         torch.cuda.set_sync_debug_mode("default")
 
 
+class TimedScaleWatch(ScaleWatch):
+    """ScaleWatch that also records the wall time spent inside its per-batch hooks."""
+
+    hook_seconds: list[float] = []
+
+    def on_train_batch_start(self, *a) -> None:
+        t = time.perf_counter()
+        super().on_train_batch_start(*a)
+        self._t_hook = time.perf_counter() - t
+
+    def on_train_batch_end(self, *a) -> None:
+        t = time.perf_counter()
+        logged = self._last_logged_step
+        super().on_train_batch_end(*a)
+        if self._last_logged_step == logged:  # quiet steps only
+            TimedScaleWatch.hook_seconds.append(self._t_hook + time.perf_counter() - t)
+
+
 def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[float]:
     torch.manual_seed(0)
     timer = StepTimer()
     # The timer goes last so that its batch-start mark follows every other callback's hook.
     callbacks: list[pl.Callback] = []
     if with_callback:
-        callbacks.append(ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every))
+        callbacks.append(TimedScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every))
     if args.sync_debug:
         callbacks.append(SyncDebug(args.log_every))
     callbacks.append(timer)
@@ -109,6 +127,9 @@ def main() -> int:
     print(f"median step: without {med_off * 1e3:.2f} ms, with ScaleWatch {med_on * 1e3:.2f} ms")
     print(f"mean step (log steps included): without {mean_off * 1e3:.2f} ms, with {mean_on * 1e3:.2f} ms "
           f"(ratio {mean_on / mean_off:.4f})")
+    hook = statistics.median(TimedScaleWatch.hook_seconds)
+    print(f"time inside ScaleWatch's hooks on a non-logging step: median {hook * 1e6:.0f} us "
+          f"= {hook / med_off:.5f} of a step")
     print(f"median step-time ratio (with / without): {med_on / med_off:.4f}")
     return 0
 

@@ -1,29 +1,239 @@
 """The ``scalewatch`` command.
 
 Every subcommand has ``--json`` for machine-readable output and exits non-zero
-with a one-line reason on bad input.
+with a one-line reason on bad input (status 2) or a fit that did not converge
+(status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from scalewatch import __version__
+
+RUN_COLUMNS_HELP = ("CSV/JSON columns (case-insensitive): N = params|n_params|N|parameters; "
+                    "D = tokens|D|n_tokens|train_tokens (or C = compute|flops, D = C/6N); "
+                    "loss = loss|L|final_loss|val_loss|eval_loss; optional unique_tokens, name")
 
 
 class CLIError(Exception):
     """Bad input on the command line: printed as one line, exit status 2."""
 
 
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2, default=float))
+    else:
+        print(text)
+
+
+# ------------------------------------------------------------------------ fit
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from scalewatch.data import read_runs
+    from scalewatch.fitting import FitError, approach1, approach2, fit_chinchilla
+    from scalewatch.laws import save_law
+
+    if args.curves:
+        raise CLIError("--curves (schedule-aware curve laws) is not available yet; fit final points with RUNS")
+    if not args.runs:
+        raise CLIError("give one or more CSV/JSON files of pilot runs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
+            if args.method == 3:
+                result = fit_chinchilla(runs, n_bootstrap=args.bootstrap, seed=args.seed)
+            else:
+                result = (approach1 if args.method == 1 else approach2)(runs, n_bootstrap=args.bootstrap,
+                                                                        seed=args.seed)
+        except FitError as exc:
+            raise CLIError(str(exc)) from None
+    for w in caught:
+        print(f"scalewatch fit: warning: {w.message}", file=sys.stderr)
+
+    if args.method != 3:
+        if args.out:
+            raise CLIError("--out writes a law L(N, D); use --method 3 for a law file")
+        payload = {"method": args.method, "n_runs": len(runs), **result.as_dict()}
+        text = (f"{result.method}\n"
+                f"  N_opt ∝ C^a:  a = {result.exponent:.4f}  (95% CI {result.ci95[0]:.4f} – {result.ci95[1]:.4f})\n"
+                f"  D_opt ∝ C^b:  b = {result.d_exponent:.4f}\n"
+                f"  from {len(result.points)} compute budgets over {len(runs)} runs")
+        _emit(args, payload, text)
+        _maybe_plot(args, runs, None, result)
+        return 0
+
+    record = result.to_record()
+    if args.n_convention:
+        record.law.conventions["n_params"] = args.n_convention
+    if args.loss_name:
+        record.law.conventions["loss"] = args.loss_name
+    params = result.law.params()
+    payload = {"family": "chinchilla", "params": params, "ci95": {k: list(v) for k, v in result.ci95.items()},
+               "fit": record.fitted_on, "conventions": record.law.conventions}
+    lines = [f"Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta, fitted on {result.n_runs} runs "
+             f"(N {_fmt(result.N_range[0])}–{_fmt(result.N_range[1])}, D {_fmt(result.D_range[0])}–"
+             f"{_fmt(result.D_range[1])})",
+             f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
+    for k, v in params.items():
+        lo, hi = result.ci95.get(k, (math.nan, math.nan))
+        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+    r = result.residuals
+    lines.append(f"  fit quality: RMSE(log L) {r.rmse:.4f}, max |resid| {r.max_abs:.4f}, R² {r.r2:.4f}; "
+                 f"optimiser: {result.message}")
+    if args.out:
+        save_law(record, args.out)
+        lines.append(f"  law written to {args.out}")
+    _emit(args, payload, "\n".join(lines))
+    _maybe_plot(args, runs, result.law, None)
+    if not result.converged:
+        print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _maybe_plot(args: argparse.Namespace, runs: Any, law: Any, power: Any) -> None:
+    if not args.plot:
+        return
+    from scalewatch.plotting import plot_fit
+
+    try:
+        plot_fit(runs, law, args.plot, power=power)
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]'") from None
+    print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------- plan
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from scalewatch.laws import (
+        ChinchillaLaw,
+        LawFileError,
+        LawRecord,
+        PlanningError,
+        data_constrained_plan,
+        inference_optimal,
+        interval,
+        load_law,
+        optimal_allocation,
+        tokens_for_loss,
+    )
+
+    if args.flops is None and args.target_loss is None:
+        raise CLIError("give --flops C (compute-optimal plan) or --target-loss L with --n-params N")
+    for name in ("flops", "inference_tokens", "unique_tokens", "n_params", "target_loss"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    if args.law:
+        try:
+            record = load_law(args.law)
+        except LawFileError as exc:
+            raise CLIError(str(exc)) from None
+        label = f"law from {args.law}"
+    else:
+        record = LawRecord(ChinchillaLaw.epoch_refit())
+        label = "built-in default: Epoch AI refit of Chinchilla (Besiroglu et al. 2024)"
+        print("scalewatch plan: warning: no --law given; using the built-in Chinchilla refit. Its absolute losses "
+              "are for MassiveText and mean nothing for your recipe; fit your own with `scalewatch fit`.",
+              file=sys.stderr)
+    law = record.law
+    samples = record.sample_laws()
+    payload: dict[str, Any] = {"law": label, "params": law.params()}
+    lines = [f"Law: {label}", "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in law.params().items())]
+    try:
+        if args.flops is not None:
+            n, d = (float(x) for x in optimal_allocation(law, args.flops))
+            loss = float(law.predict(n, d))
+            ci_n = interval([float(optimal_allocation(s, args.flops)[0]) for s in samples]) if samples else None
+            ci_d = interval([float(optimal_allocation(s, args.flops)[1]) for s in samples]) if samples else None
+            payload["compute_optimal"] = {"flops": args.flops, "n_params": n, "tokens": d, "tokens_per_param": d / n,
+                                          "loss": loss, "n_params_ci95": ci_n, "tokens_ci95": ci_d}
+            ci_txt = (f" (95% CI N {_fmt(ci_n[0])}–{_fmt(ci_n[1])}, D {_fmt(ci_d[0])}–{_fmt(ci_d[1])})"
+                      if ci_n else " (no interval: the law has no bootstrap samples)")
+            lines.append(f"Compute-optimal for C = {_fmt(args.flops)} FLOPs (C = 6ND): N = {_fmt(n)}, D = {_fmt(d)}, "
+                         f"D/N = {d / n:.1f}, predicted loss {loss:.4f}{ci_txt}")
+            if args.inference_tokens:
+                target = args.target_loss or loss
+                p = inference_optimal(law, target, args.inference_tokens)
+                payload["inference_optimal"] = {**p.__dict__, "target_loss": target,
+                                                "inference_tokens": args.inference_tokens,
+                                                "total_flops": p.total_flops}
+                lines.append(f"Inference-aware (Sardana & Frankle) at loss {target:.4f} serving "
+                             f"{_fmt(args.inference_tokens)} tokens: N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} "
+                             f"({p.train_tokens / p.n_params:.0f} tokens/param); lifetime FLOPs {_fmt(p.total_flops)} "
+                             f"vs {_fmt(p.chinchilla_total_flops)} for the Chinchilla-optimal model "
+                             f"({100 * (1 - p.total_flops / p.chinchilla_total_flops):.1f}% saved)")
+            if args.unique_tokens:
+                p = data_constrained_plan(law, args.flops, args.unique_tokens)
+                payload["data_constrained"] = dict(p.__dict__)
+                lines.append(f"Data-constrained (Muennighoff et al.) with U = {_fmt(args.unique_tokens)} unique tokens: "
+                             f"N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} = {p.epochs:.2f} epochs, "
+                             f"predicted loss {p.loss:.4f} (vs {p.unconstrained_loss:.4f} with unlimited data); "
+                             f"one more epoch is worth {100 * p.value_of_next_epoch:.0f}% of fresh data; repeating "
+                             f"is worth it up to about {p.worthwhile_epochs:.0f} epochs")
+        if args.target_loss is not None and args.n_params is not None:
+            d = float(tokens_for_loss(law, args.target_loss, args.n_params))
+            payload["tokens_for_loss"] = {"target_loss": args.target_loss, "n_params": args.n_params, "tokens": d,
+                                          "flops": 6 * args.n_params * d}
+            lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)} "
+                         f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)")
+        elif args.target_loss is not None and args.flops is None:
+            raise CLIError("--target-loss needs --n-params N (tokens needed) or --flops with --inference-tokens")
+    except PlanningError as exc:
+        raise CLIError(str(exc)) from None
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scalewatch",
         description="Watch LLM training runs against the scaling laws they are supposed to follow.",
     )
     parser.add_argument("--version", action="version", version=f"scalewatch {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="fit a scaling law to pilot runs", description=RUN_COLUMNS_HELP)
+    fit.add_argument("runs", nargs="*", metavar="RUNS", help="CSV or JSON files of pilot runs")
+    fit.add_argument("--method", type=int, choices=(1, 2, 3), default=3,
+                     help="3: L(N, D) by Huber fit (default); 1: lower envelope; 2: IsoFLOP parabolas")
+    fit.add_argument("--out", help="write the law file (JSON) here")
+    fit.add_argument("--plot", help="draw the data and the fit to this image (needs matplotlib)")
+    fit.add_argument("--json", action="store_true", help="machine-readable output")
+    fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
+    fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
+                     help="keep only rows where COL equals VALUE (repeatable)")
+    fit.add_argument("--n-convention", choices=("total", "non_embedding"),
+                     help="how N was counted in the runs (recorded in the law file)")
+    fit.add_argument("--loss-name", help="what the loss is (recorded in the law file), e.g. 'c4 val nats/token'")
+    fit.add_argument("--curves", nargs="+", help=argparse.SUPPRESS)
+    fit.set_defaults(func=_cmd_fit)
+
+    plan = sub.add_parser("plan", help="compute-optimal, inference-aware and data-constrained plans")
+    plan.add_argument("--flops", type=float, help="training compute budget C in FLOPs")
+    plan.add_argument("--law", help="law file from `scalewatch fit --out` (default: built-in Chinchilla refit)")
+    plan.add_argument("--inference-tokens", type=float, help="tokens to be served over the model's life")
+    plan.add_argument("--unique-tokens", type=float, help="unique training tokens available")
+    plan.add_argument("--target-loss", type=float, help="loss to reach")
+    plan.add_argument("--n-params", type=float, help="model size for --target-loss")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 
@@ -31,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scalewatch`` console script.
 
     Example:
-        >>> main(["--help"])  # doctest: +SKIP
+        >>> main(["plan", "--flops", "1e21", "--json"])  # doctest: +SKIP
     """
     parser = build_parser()
     args = parser.parse_args(argv)

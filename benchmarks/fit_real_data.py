@@ -1,0 +1,77 @@
+"""Approach 3 on real public data, beside the published constants (issue 3).
+
+    python benchmarks/fit_real_data.py [--bootstrap 200]
+
+* datablations (Muennighoff et al. 2023): runs without repetition (tokens <= unique tokens).
+  Published (their fit on all runs, with the data-constrained terms): E=1.869, A=520.8, B=1487.7,
+  alpha=beta=0.353.
+* Gadre et al. 2024 over-training grid, C4 validation loss of the models trained on C4.
+  (Their paper fits a different parameterisation; Chinchilla's published MassiveText constants,
+  E=1.69 A=406.4 B=410.7 alpha=0.34 beta=0.28, and Epoch's refit are printed for scale.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scalewatch.fitting import approach1, approach2, fit_chinchilla, make_runs
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _table(name: str, res, published: dict[str, float] | None) -> None:
+    print(f"\n{name}: {res.n_runs} runs, N {res.N_range[0]:.3g}–{res.N_range[1]:.3g}, "
+          f"D {res.D_range[0]:.3g}–{res.D_range[1]:.3g}")
+    print(f"  {'param':<6} {'fitted':>10} {'95% CI':>24} {'published':>10}")
+    for k, v in res.law.params().items():
+        lo, hi = res.ci95.get(k, (float("nan"),) * 2)
+        pub = f"{published[k]:.4g}" if published and k in published else ""
+        print(f"  {k:<6} {v:>10.4g} {lo:>11.4g} – {hi:<10.4g} {pub:>10}")
+    r = res.residuals
+    print(f"  RMSE(log L) {r.rmse:.4f}  max|resid| {r.max_abs:.4f}  R² {r.r2:.4f}  converged={res.converged}")
+    a = res.law.beta / (res.law.alpha + res.law.beta)
+    print(f"  implied N_opt ∝ C^{a:.3f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bootstrap", type=int, default=200)
+    args = p.parse_args()
+
+    rows = list(csv.DictReader(open(DATA / "datablations" / "muennighoff2023_final_val_losses.csv")))
+    rows = [r for r in rows if float(r["tokens"]) <= float(r["unique_tokens"])]
+    runs = make_runs([float(r["params"]) for r in rows], [float(r["tokens"]) for r in rows],
+                     [float(r["val_loss"]) for r in rows], names=[r["name"] for r in rows])
+    t = time.perf_counter()
+    res = fit_chinchilla(runs, n_bootstrap=args.bootstrap)
+    print(f"[datablations, single-epoch runs: fit + {args.bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
+    _table("datablations (Muennighoff et al. 2023), runs without repetition", res,
+           {"E": 1.869, "A": 520.8, "B": 1487.7, "alpha": 0.353, "beta": 0.353})
+
+    rows = list(csv.DictReader(open(DATA / "gadre2024_overtraining" / "final_losses.csv")))
+    rows = [r for r in rows if r["dataset"] == "c4_original" and r["val_data"].startswith("training/eval_data/c4_val")]
+    runs = make_runs([float(r["params"]) for r in rows], [float(r["tokens"]) for r in rows],
+                     [float(r["loss"]) for r in rows], names=[r["name"] for r in rows])
+    t = time.perf_counter()
+    res = fit_chinchilla(runs, n_bootstrap=args.bootstrap)
+    print(f"\n[gadre2024 C4: fit + {args.bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
+    _table("Gadre et al. 2024, trained and evaluated on C4", res,
+           {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28})
+    for fn in (approach1, approach2):
+        try:
+            pf = fn(runs, n_bootstrap=args.bootstrap)
+            print(f"  {pf.method}: a = {pf.exponent:.3f} (95% CI {pf.ci95[0]:.3f}–{pf.ci95[1]:.3f}), "
+                  f"{len(pf.points)} budgets")
+        except ValueError as exc:
+            print(f"  {fn.__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

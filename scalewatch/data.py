@@ -1,0 +1,130 @@
+"""Reading pilot-run tables (CSV or JSON) for fitting.
+
+Columns are matched case-insensitively against common aliases:
+
+========  =====================================================================
+N         params, n_params, N, parameters, num_params, model_params, n_params_final_json
+D         tokens, D, n_tokens, train_tokens, training_tokens, num_tokens
+C         compute, C, flops, train_flops (used for D = C / (6 N) when D is absent)
+loss      loss, L, final_loss, val_loss, eval_loss, validation_loss
+U         unique_tokens, U, unique (optional: data-constrained fits and plans)
+name      name, run, id (optional: used to name rows in messages)
+========  =====================================================================
+
+JSON: a list of objects with the same keys, or ``{"runs": [...]}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scalewatch.fitting import FitError, RunSet, make_runs
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "N": ("params", "n_params", "n", "parameters", "num_params", "model_params", "n_params_final_json"),
+    "D": ("tokens", "d", "n_tokens", "train_tokens", "training_tokens", "num_tokens"),
+    "C": ("compute", "c", "flops", "train_flops"),
+    "loss": ("loss", "l", "final_loss", "val_loss", "eval_loss", "validation_loss"),
+    "U": ("unique_tokens", "u", "unique"),
+    "name": ("name", "run", "id"),
+}
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FitError(f"{path}: cannot read ({exc.strerror})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FitError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if isinstance(doc, Mapping):
+            doc = doc.get("runs")
+        if not isinstance(doc, Sequence) or not all(isinstance(r, Mapping) for r in doc):
+            raise FitError(f"{path}: expected a list of run objects or {{\"runs\": [...]}}")
+        return [dict(r) for r in doc]
+    return list(csv.DictReader(text.splitlines()))
+
+
+def _column(header: Sequence[str], key: str, override: str | None) -> str | None:
+    if override:
+        if override not in header:
+            raise FitError(f"column {override!r} not found; columns are {', '.join(header)}")
+        return override
+    lower = {h.lower().strip(): h for h in header}
+    for alias in ALIASES[key]:
+        if alias in lower:
+            return lower[alias]
+    return None
+
+
+def _number(row: Mapping[str, Any], col: str, where: str) -> float:
+    value = row.get(col)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise FitError(f"{where}: {col}={value!r} is not a number") from None
+
+
+def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
+              where: Sequence[str] = (), min_runs: int = 1) -> RunSet:
+    """Read pilot runs from CSV/JSON files into a validated :class:`~scalewatch.fitting.RunSet`.
+
+    Args:
+        paths: files to read and concatenate.
+        loss_column: the loss column, when it is not one of the aliases.
+        where: filters ``column=value`` (rows kept where all hold), e.g. ``val_data=c4_val``.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "runs.csv")
+        >>> _ = open(p, "w").write("params,tokens,loss\\n1e8,2e9,3.1\\n2e8,4e9,2.9\\n")
+        >>> read_runs([p]).L
+        array([3.1, 2.9])
+    """
+    filters = []
+    for f in where:
+        if "=" not in f:
+            raise FitError(f"filter {f!r} must look like column=value")
+        k, v = f.split("=", 1)
+        filters.append((k.strip(), v.strip()))
+    N, D, L, U, names = [], [], [], [], []
+    has_u = True
+    for path in map(Path, paths):
+        rows = _rows(path)
+        if not rows:
+            raise FitError(f"{path}: no runs in the file")
+        header = list(rows[0].keys())
+        cols = {k: _column(header, k, loss_column if k == "loss" else None) for k in ALIASES}
+        missing = [k for k in ("N", "loss") if cols[k] is None]
+        if cols["D"] is None and cols["C"] is None:
+            missing.append("D (or compute C)")
+        if missing:
+            raise FitError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)} "
+                           "(see `scalewatch fit --help` for accepted names)")
+        for k, _ in filters:
+            if k not in header:
+                raise FitError(f"{path}: filter column {k!r} not found; columns are {', '.join(header)}")
+        has_u = has_u and cols["U"] is not None
+        for i, row in enumerate(rows, start=2 if path.suffix.lower() != ".json" else 1):
+            if any(str(row.get(k)) != v for k, v in filters):
+                continue
+            where_ = f"{path.name}:{i}"
+            n = _number(row, cols["N"], where_)
+            d = _number(row, cols["D"], where_) if cols["D"] else _number(row, cols["C"], where_) / (6 * n)
+            N.append(n)
+            D.append(d)
+            L.append(_number(row, cols["loss"], where_))
+            if cols["U"] is not None:
+                U.append(_number(row, cols["U"], where_))
+            label = row.get(cols["name"]) if cols["name"] else None
+            names.append(f"{where_}" + (f" ({label})" if label else ""))
+    if not L:
+        raise FitError("no runs left after the filters" if filters else "no runs found")
+    return make_runs(N, D, L, U if has_u and U else None, names, min_runs=min_runs)

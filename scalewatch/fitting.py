@@ -1,0 +1,459 @@
+"""Fitting scaling laws to the team's pilot runs.
+
+* :func:`fit_chinchilla` — Hoffmann et al.'s Approach 3 done right: the SUM of
+  Huber losses (delta 1e-3) on log residuals of the log-sum-exp form. Global
+  search by variable projection (for fixed alpha, beta the law is linear in
+  E, A, B: a non-negative least-squares solve), then a trust-region solve of the
+  exact summed-Huber objective from the best starts; bootstrap intervals.
+* :func:`approach1` (lower envelope per compute budget) and :func:`approach2`
+  (IsoFLOP parabolas) give ``N_opt ∝ C**a`` with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import least_squares, nnls
+
+from scalewatch.laws import ChinchillaLaw, LawRecord, interval
+
+HUBER_DELTA = 1e-3
+_GRID = np.linspace(0.02, 2.0, 34)
+
+
+class FitError(ValueError):
+    """Input a law cannot be fitted to; the message is one line naming the problem."""
+
+
+@dataclass
+class RunSet:
+    """Final points of pilot runs: parameters N, training tokens D, loss L (and unique tokens U)."""
+
+    N: np.ndarray
+    D: np.ndarray
+    L: np.ndarray
+    U: np.ndarray | None = None
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.L)
+
+    def subset(self, idx: np.ndarray) -> RunSet:
+        return RunSet(self.N[idx], self.D[idx], self.L[idx], None if self.U is None else self.U[idx],
+                      [self.names[i] for i in idx] if self.names else [])
+
+
+def make_runs(N: ArrayLike, D: ArrayLike, L: ArrayLike, U: ArrayLike | None = None,
+              names: list[str] | None = None, min_runs: int = 1) -> RunSet:
+    """Validate pilot-run data; raise :class:`FitError` naming the bad rows.
+
+    Duplicated rows raise a warning (they weigh double in the fit), not an error.
+
+    Example:
+        >>> make_runs([1e8, 2e8], [2e9, 4e9], [3.1, 2.9]).N
+        array([1.e+08, 2.e+08])
+    """
+    arrays = {k: np.asarray(v, dtype=float).ravel() for k, v in (("N", N), ("D", D), ("loss", L))}
+    n = len(arrays["loss"])
+    names = names or [f"row {i + 1}" for i in range(n)]
+    for key, arr in arrays.items():
+        if len(arr) != n:
+            raise FitError(f"{key} has {len(arr)} values but loss has {n}")
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr <= 0))
+        if bad.size:
+            rows = ", ".join(names[i] for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+            raise FitError(f"{key} must be positive and finite; bad at {rows}")
+    u = None
+    if U is not None:
+        u = np.asarray(U, dtype=float).ravel()
+        bad = np.flatnonzero(~np.isfinite(u) | (u <= 0))
+        if bad.size:
+            raise FitError(f"unique tokens must be positive and finite; bad at {', '.join(names[i] for i in bad[:5])}")
+    if n < min_runs:
+        raise FitError(f"{n} runs cannot determine {min_runs - 1} parameters; add runs (at least {min_runs})")
+    key = np.stack([arrays["N"], arrays["D"], arrays["loss"]], axis=1)
+    _, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
+    dups = [names[i] for i, c in zip(first, counts) if c > 1]
+    if dups:
+        warnings.warn(f"duplicated rows (same N, D and loss) count more than once in the fit: {', '.join(dups[:5])}",
+                      stacklevel=2)
+    return RunSet(arrays["N"], arrays["D"], arrays["loss"], u, list(names))
+
+
+# --------------------------------------------------------------- Approach 3
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+def huber_objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
+                    delta: float = HUBER_DELTA) -> float:
+    """Sum (not mean) of Huber losses of ``LSE(a - alpha·log N, b - beta·log D, e) - log L``."""
+    a, b, e, alpha, beta = theta
+    pred = np.logaddexp(np.logaddexp(a - alpha * logN, b - beta * logD), e)
+    return float(np.sum(_huber(pred - logL, delta)))
+
+
+def _residuals_and_jac(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray):
+    a, b, e, alpha, beta = theta
+    t = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])
+    m = t.max(axis=0)
+    w = np.exp(t - m)
+    s = w.sum(axis=0)
+    pred = m + np.log(s)
+    w /= s
+    jac = np.stack([w[0], w[1], w[2], -w[0] * logN, -w[1] * logD], axis=1)
+    return pred - logL, jac
+
+
+def _vp_starts(logN: np.ndarray, logD: np.ndarray, L: np.ndarray, k: int) -> list[np.ndarray]:
+    """Variable projection over an (alpha, beta) grid; the k best starting points."""
+    al, be = np.meshgrid(_GRID, _GRID, indexing="ij")
+    al, be = al.ravel(), be.ravel()
+    x = np.exp(-al[:, None] * logN[None, :])  # N^-alpha  [G, n]
+    y = np.exp(-be[:, None] * logD[None, :])
+    inv = 1.0 / L
+    # Relative residuals (E + A x + B y)/L - 1 ≈ log residuals: weighted linear least squares.
+    X = np.stack([np.broadcast_to(inv, x.shape), x * inv, y * inv], axis=2)  # [G, n, 3]
+    XtX = np.einsum("gni,gnj->gij", X, X)
+    Xty = X.sum(axis=1)
+    with np.errstate(all="ignore"):
+        try:
+            coef = np.linalg.solve(XtX + 1e-300 * np.eye(3), Xty[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            coef = np.full((len(al), 3), -1.0)
+    bad = ~np.all(np.isfinite(coef) & (coef >= 0), axis=1)
+    for g in np.flatnonzero(bad):
+        coef[g], _ = nnls(X[g], np.ones(len(L)), maxiter=100)
+    floor = 1e-9 * float(L.min())
+    coef = np.maximum(coef, floor)
+    with np.errstate(all="ignore"):
+        pred = coef[:, :1] + coef[:, 1:2] * x + coef[:, 2:3] * y
+        obj = _huber(np.log(pred) - np.log(L)[None, :], HUBER_DELTA).sum(axis=1)
+    obj[~np.isfinite(obj)] = np.inf
+    order = np.argsort(obj)[:k]
+    return [np.array([math.log(coef[g, 1]), math.log(coef[g, 2]), math.log(coef[g, 0]), al[g], be[g]])
+            for g in order]
+
+
+def _local_fit(theta0: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float):
+    # least_squares with loss="huber", f_scale=delta minimises 2 * sum(Huber_delta(r)): the exact
+    # summed objective, solved by a trust-region Gauss-Newton method (robust to the bad conditioning
+    # that makes L-BFGS stop early on this problem).
+    def fun(th):
+        return _residuals_and_jac(th, logN, logD, logL)[0]
+
+    def jac(th):
+        return _residuals_and_jac(th, logN, logD, logL)[1]
+
+    lower = np.array([-np.inf, -np.inf, -np.inf, 0.0, 0.0])
+    upper = np.array([np.inf, np.inf, np.inf, 5.0, 5.0])
+    theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)
+    return least_squares(fun, theta0, jac=jac, loss="huber", f_scale=delta, method="trf",
+                         bounds=(lower, upper), x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
+
+
+def _fit_theta(logN, logD, L, delta: float, extra_starts=(), k: int = 4):
+    logL = np.log(L)
+    starts = _vp_starts(logN, logD, L, k) + [np.asarray(s) for s in extra_starts]
+    best = None
+    for s in starts:
+        res = _local_fit(s, logN, logD, logL, delta)
+        if best is None or res.cost < best.cost:
+            best = res
+    return best
+
+
+@dataclass
+class ResidualStats:
+    """Fit quality on log residuals (predicted minus observed log loss)."""
+
+    rmse: float
+    mean: float
+    max_abs: float
+    r2: float
+    huber_sum: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"rmse_log": self.rmse, "mean_log": self.mean, "max_abs_log": self.max_abs, "r2_log": self.r2,
+                "huber_sum": self.huber_sum}
+
+
+@dataclass
+class FitResult:
+    """A fitted law with its uncertainty and fit quality (``scipy.optimize``-style result).
+
+    Attributes:
+        law: the best-fit law.
+        ci95: 95% bootstrap percentile interval per parameter.
+        samples: bootstrap parameter vectors ``[n_boot, 5]`` in ``E, A, B, alpha, beta`` order.
+        residuals: log-residual statistics on the fitted runs.
+        converged: whether the optimiser reported convergence.
+        message: the optimiser's message.
+        n_runs: runs fitted.
+        N_range, D_range: extent of the data.
+        method: what was done.
+    """
+
+    law: ChinchillaLaw
+    ci95: dict[str, tuple[float, float]]
+    samples: np.ndarray
+    residuals: ResidualStats
+    converged: bool
+    message: str
+    n_runs: int
+    N_range: tuple[float, float]
+    D_range: tuple[float, float]
+    method: str
+
+    def to_record(self, conventions: dict[str, str] | None = None) -> LawRecord:
+        law = self.law if conventions is None else ChinchillaLaw(**self.law.params(), conventions=conventions)
+        return LawRecord(
+            law=law, ci95=self.ci95, samples=[list(map(float, r)) for r in self.samples],
+            fitted_on={"n_runs": self.n_runs, "N_range": list(self.N_range), "D_range": list(self.D_range),
+                       "method": self.method, "converged": self.converged, "message": self.message,
+                       **self.residuals.as_dict()},
+        )
+
+
+def _theta_to_params(theta: np.ndarray) -> np.ndarray:
+    a, b, e, alpha, beta = theta
+    return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta])
+
+
+def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DELTA, seed: int = 0) -> FitResult:
+    """Fit ``L = E + A/N**alpha + B/D**beta`` to pilot runs (Approach 3), with bootstrap intervals.
+
+    Example:
+        >>> import numpy as np
+        >>> true = ChinchillaLaw(E=1.8, A=400.0, B=1500.0, alpha=0.34, beta=0.3)
+        >>> N, D = np.meshgrid(np.logspace(7, 9, 6), np.logspace(9, 11, 6))
+        >>> runs = make_runs(N.ravel(), D.ravel(), true.predict(N.ravel(), D.ravel()))
+        >>> round(fit_chinchilla(runs, n_bootstrap=0).law.alpha, 4)
+        0.34
+    """
+    if len(runs) < 6:
+        raise FitError(f"{len(runs)} runs cannot determine the 5 parameters of L(N, D); add runs (at least 6)")
+    for name, arr in (("N", runs.N), ("D", runs.D)):
+        if np.unique(np.round(np.log(arr), 9)).size < 2:
+            raise FitError(f"all runs have the same {name} = {arr[0]:.4g}; vary {name} across runs to fit its exponent")
+    logN, logD = np.log(runs.N), np.log(runs.D)
+    best = _fit_theta(logN, logD, runs.L, delta)
+    theta = best.x
+    params = _theta_to_params(theta)
+    law = ChinchillaLaw(*params)
+    r = _residuals_and_jac(theta, logN, logD, np.log(runs.L))[0]
+    logL = np.log(runs.L)
+    ss_tot = float(np.sum((logL - logL.mean()) ** 2))
+    stats = ResidualStats(rmse=float(np.sqrt(np.mean(r * r))), mean=float(np.mean(r)),
+                          max_abs=float(np.max(np.abs(r))),
+                          r2=1.0 - float(np.sum(r * r)) / ss_tot if ss_tot > 0 else math.nan,
+                          huber_sum=huber_objective(theta, logN, logD, logL, delta))
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    n = len(runs)
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, n, n)
+        if np.unique(logN[idx]).size < 2 or np.unique(logD[idx]).size < 2:
+            continue
+        res = _fit_theta(logN[idx], logD[idx], runs.L[idx], delta, extra_starts=[theta], k=1)
+        samples.append(_theta_to_params(res.x))
+    samples_arr = np.array(samples) if samples else np.empty((0, 5))
+    ci = {name: interval(samples_arr[:, i]) for i, name in enumerate(ChinchillaLaw.param_names)} if samples else {}
+    converged = bool(best.success) and best.status > 0
+    return FitResult(law=law, ci95=ci, samples=samples_arr, residuals=stats, converged=converged,
+                     message=str(best.message), n_runs=n,
+                     N_range=(float(runs.N.min()), float(runs.N.max())),
+                     D_range=(float(runs.D.min()), float(runs.D.max())),
+                     method=(f"approach 3: sum of Huber(delta={delta:g}) on log residuals, variable-projection grid "
+                             f"+ trust-region refinement; {len(samples)} bootstrap resamples"))
+
+
+# ------------------------------------------------------- Approaches 1 and 2
+@dataclass
+class PowerLawFit:
+    """``N_opt = k·C**a`` (and ``D_opt ∝ C**(1-a)`` under C = 6ND) with a 95% interval on ``a``."""
+
+    exponent: float
+    ci95: tuple[float, float]
+    coefficient: float
+    points: list[tuple[float, float]]  # (C, N_opt) used in the regression
+    method: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def d_exponent(self) -> float:
+        return 1.0 - self.exponent
+
+    def n_opt(self, flops: float) -> float:
+        return self.coefficient * flops**self.exponent
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"exponent_a": self.exponent, "ci95": list(self.ci95), "d_exponent_b": self.d_exponent,
+                "coefficient": self.coefficient, "n_points": len(self.points), "method": self.method,
+                "warnings": self.warnings}
+
+
+def _group_by(values: np.ndarray, rel_tol: float) -> list[np.ndarray]:
+    order = np.argsort(values)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and values[i] <= values[groups[-1][0]] * (1 + rel_tol):
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return [np.array(g) for g in groups]
+
+
+def _profiles(runs: RunSet, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Loss of each model size at each compute budget, interpolated along its runs in log D.
+
+    Each run is treated as the end point of a schedule-complete run, so the points of one
+    N trace that size's loss against D. Returns (sizes [m], losses [len(budgets), m], nan
+    where the budget is outside the size's runs).
+    """
+    groups = _group_by(runs.N, 0.02)
+    sizes = np.array([float(np.exp(np.mean(np.log(runs.N[g])))) for g in groups])
+    out = np.full((len(budgets), len(groups)), np.nan)
+    for j, g in enumerate(groups):
+        if len(g) < 2:
+            continue
+        order = np.argsort(runs.D[g])
+        ld, ll = np.log(runs.D[g][order]), np.log(runs.L[g][order])
+        ld, keep = np.unique(ld, return_index=True)
+        ll = ll[keep]
+        if ld.size < 2:
+            continue
+        target = np.log(budgets / (6.0 * sizes[j]))
+        inside = (target >= ld[0]) & (target <= ld[-1])
+        out[inside, j] = np.exp(np.interp(target[inside], ld, ll))
+    return sizes, out
+
+
+def _isoflop_groups(runs: RunSet) -> list[np.ndarray]:
+    C = 6 * runs.N * runs.D
+    return [g for g in _group_by(C, 0.05) if np.unique(np.round(np.log(runs.N[g]), 6)).size >= 3]
+
+
+def _budgets(runs: RunSet, per_decade: int = 4) -> np.ndarray:
+    C = 6 * runs.N * runs.D
+    lo, hi = np.log10(C.min()), np.log10(C.max())
+    return np.logspace(lo, hi, max(int((hi - lo) * per_decade) + 1, 3))
+
+
+def _regress(points: list[tuple[float, float]]) -> tuple[float, float]:
+    c, n = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    a, b = np.polyfit(c, n, 1)
+    return float(a), float(math.exp(b))
+
+
+def _bootstrap_exponent(runs: RunSet, estimate, n_bootstrap: int, seed: int) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(runs), len(runs))
+        try:
+            pts = estimate(runs.subset(idx))
+            if len(pts) >= 2:
+                vals.append(_regress(pts)[0])
+        except (FitError, ValueError, np.linalg.LinAlgError):
+            continue
+    return interval(vals)
+
+
+def _envelope_points(runs: RunSet) -> list[tuple[float, float]]:
+    budgets = _budgets(runs)
+    sizes, losses = _profiles(runs, budgets)
+    pts = []
+    for i, c in enumerate(budgets):
+        row = losses[i]
+        ok = np.isfinite(row)
+        if ok.sum() < 3:
+            continue
+        j = int(np.nanargmin(row))
+        covered = np.flatnonzero(ok)
+        # A minimum at the edge of the sizes that reach this budget is censored, not an optimum.
+        if j in (covered[0], covered[-1]):
+            continue
+        pts.append((float(c), float(sizes[j])))
+    if len(pts) >= 2:
+        return pts
+    # No size has runs at several D (an IsoFLOP design): the envelope is the best run per budget.
+    pts = []
+    for g in _isoflop_groups(runs):
+        order = np.argsort(runs.N[g])
+        j = int(np.argmin(runs.L[g][order]))
+        if 0 < j < len(g) - 1:
+            pts.append((float(np.exp(np.mean(np.log(6 * runs.N[g] * runs.D[g])))), float(runs.N[g][order][j])))
+    return pts
+
+
+def approach1(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
+    """Approach 1: the lower envelope of loss over model sizes at each compute budget.
+
+    Each size's runs are interpolated in log D to the budget; the size with the lowest
+    loss is N_opt(C); ``log N_opt`` is regressed on ``log C``.
+    """
+    pts = _envelope_points(runs)
+    if len(pts) < 2:
+        raise FitError("approach 1 needs compute budgets reached by at least 3 model sizes with an interior "
+                       "minimum; add runs that bracket the optimum")
+    a, k = _regress(pts)
+    ci = _bootstrap_exponent(runs, _envelope_points, n_bootstrap, seed)
+    return PowerLawFit(exponent=a, ci95=ci, coefficient=k, points=pts,
+                       method="approach 1: lower envelope of interpolated loss per compute budget")
+
+
+def _parabola_vertex(logn: np.ndarray, loss: np.ndarray) -> float | None:
+    if np.unique(logn).size < 3:
+        return None
+    c2, c1, _ = np.polyfit(logn, loss, 2)
+    if c2 <= 0:
+        return None
+    v = -c1 / (2 * c2)
+    span = logn.max() - logn.min()
+    if v < logn.min() - 0.25 * span or v > logn.max() + 0.25 * span:
+        return None
+    return float(v)
+
+
+def _isoflop_points(runs: RunSet) -> tuple[list[tuple[float, float]], str]:
+    groups = _isoflop_groups(runs)
+    pts: list[tuple[float, float]] = []
+    if len(groups) >= 2:
+        for g in groups:
+            v = _parabola_vertex(np.log(runs.N[g]), runs.L[g])
+            if v is not None:
+                pts.append((float(np.exp(np.mean(np.log(6 * runs.N[g] * runs.D[g])))), math.exp(v)))
+        return pts, "IsoFLOP groups of runs"
+    budgets = _budgets(runs)
+    sizes, losses = _profiles(runs, budgets)
+    for i, c in enumerate(budgets):
+        ok = np.isfinite(losses[i])
+        if ok.sum() < 3:
+            continue
+        v = _parabola_vertex(np.log(sizes[ok]), losses[i][ok])
+        if v is not None:
+            pts.append((float(c), math.exp(v)))
+    return pts, "IsoFLOP profiles interpolated from each size's runs"
+
+
+def approach2(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
+    """Approach 2: a parabola of loss against log N at each compute budget; its minimum is N_opt(C).
+
+    Uses the runs' own IsoFLOP groups (runs within 5% of one budget, at least 3 sizes) when
+    there are two or more; otherwise IsoFLOP profiles interpolated from each size's runs.
+    """
+    pts, how = _isoflop_points(runs)
+    if len(pts) < 2:
+        raise FitError("approach 2 needs at least 2 compute budgets with 3 or more model sizes whose losses "
+                       "curve upward around a minimum; add runs that bracket the optimum")
+    a, k = _regress(pts)
+    ci = _bootstrap_exponent(runs, lambda r: _isoflop_points(r)[0], n_bootstrap, seed)
+    return PowerLawFit(exponent=a, ci95=ci, coefficient=k, points=pts, method=f"approach 2: {how}")

@@ -1,0 +1,182 @@
+"""`scalewatch fit` and `scalewatch plan`: output, law files and one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scalewatch.cli import main
+from scalewatch.laws import ChinchillaLaw, load_law, optimal_allocation
+
+TRUE = ChinchillaLaw(E=1.9, A=300.0, B=1200.0, alpha=0.33, beta=0.31)
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _csv(path: Path, rows, header="params,tokens,loss") -> Path:
+    path.write_text(header + "\n" + "\n".join(",".join(str(x) for x in r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture()
+def sweep_csv(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    N = 10 ** rng.uniform(7, 9.5, 60)
+    D = N * 10 ** rng.uniform(0.5, 2.2, 60)
+    L = TRUE.predict(N, D) * np.exp(rng.normal(0, 0.005, 60))
+    return _csv(tmp_path / "runs.csv", zip(N, D, L))
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalewatch.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_fit_prints_a_table_and_writes_a_law_file(sweep_csv, tmp_path) -> None:
+    out = tmp_path / "law.json"
+    p = _run("fit", str(sweep_csv), "--out", str(out), "--bootstrap", "20")
+    assert p.returncode == 0, p.stderr
+    assert "alpha" in p.stdout and "95% CI" in p.stdout and "RMSE" in p.stdout
+    law = load_law(out).law
+    assert law.alpha == pytest.approx(TRUE.alpha, abs=0.03)
+
+
+def test_fit_json_is_machine_readable(sweep_csv) -> None:
+    p = _run("fit", str(sweep_csv), "--json", "--bootstrap", "20")
+    doc = json.loads(p.stdout)
+    assert set(doc["params"]) == {"E", "A", "B", "alpha", "beta"}
+    assert doc["fit"]["n_runs"] == 60 and doc["fit"]["converged"] is True
+    lo, hi = doc["ci95"]["beta"]
+    assert lo < doc["params"]["beta"] < hi
+
+
+def test_fit_accepts_compute_in_place_of_tokens_and_json_runs(tmp_path) -> None:
+    N = np.repeat(np.logspace(7, 9, 4), 4)
+    D = np.tile(np.logspace(9, 11, 4), 4)
+    L = TRUE.predict(N, D)
+    csv = _csv(tmp_path / "c.csv", zip(N, 6 * N * D, L), header="N,compute,final_loss")
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps({"runs": [{"n_params": n, "D": d, "loss": l} for n, d, l in zip(N, D, L)]}))
+    for f in (csv, js):
+        doc = json.loads(_run("fit", str(f), "--json", "--bootstrap", "0").stdout)
+        assert doc["params"]["alpha"] == pytest.approx(TRUE.alpha, rel=1e-3)
+
+
+def test_fit_isoflop_method(tmp_path) -> None:
+    rows = []
+    for c in np.logspace(18, 20, 4):
+        n0 = float(optimal_allocation(TRUE, c)[0])
+        for n in n0 * np.logspace(-0.6, 0.6, 7):  # an IsoFLOP sweep bracketing the optimum
+            rows.append((n, c / (6 * n), float(TRUE.predict(n, c / (6 * n)))))
+    p = _run("fit", str(_csv(tmp_path / "iso.csv", rows)), "--method", "2", "--json", "--bootstrap", "10")
+    doc = json.loads(p.stdout)
+    assert doc["exponent_a"] == pytest.approx(TRUE.beta / (TRUE.alpha + TRUE.beta), abs=0.02)
+
+
+@pytest.mark.parametrize("rows, header, match", [
+    ([(1e8, 1e9, 3.0)] * 3, "params,tokens,loss", "at least 6"),
+    ([(1e8, 1e9)], "params,tokens", "missing column"),
+    ([(1e8, -1e9, 3.0)] + [(2e8, 1e9, 3.0)] * 6, "params,tokens,loss", "D must be positive.*runs.csv:2"),
+    ([(1e8, 1e9, "nan")] * 7, "params,tokens,loss", "loss must be positive"),
+    ([(1e8, 1e9 * (i + 1), 3.0 - 0.1 * i) for i in range(8)], "params,tokens,loss", "same N"),
+])
+def test_fit_bad_input_is_one_line_and_non_zero(tmp_path, rows, header, match) -> None:
+    p = _run("fit", str(_csv(tmp_path / "runs.csv", rows, header)))
+    assert p.returncode == 2
+    err = [ln for ln in p.stderr.strip().splitlines() if "warning" not in ln]
+    assert len(err) == 1 and err[0].startswith("scalewatch fit: error:")
+    import re
+    assert re.search(match, err[0]), err[0]
+
+
+def test_fit_warns_about_duplicated_rows(tmp_path) -> None:
+    N = np.repeat(np.logspace(7, 9, 3), 3)
+    D = np.tile(np.logspace(9, 11, 3), 3)
+    rows = list(zip(N, D, TRUE.predict(N, D)))
+    p = _run("fit", str(_csv(tmp_path / "runs.csv", rows + rows[:1])), "--bootstrap", "0")
+    assert "duplicated rows" in p.stderr and "runs.csv:2" in p.stderr
+
+
+def test_fit_that_does_not_converge_exits_non_zero(sweep_csv, monkeypatch, capsys) -> None:
+    import scalewatch.fitting as fitting
+
+    real = fitting.fit_chinchilla
+
+    def not_converged(*a, **k):
+        res = real(*a, **k)
+        res.converged, res.message = False, "maximum number of function evaluations exceeded"
+        return res
+
+    monkeypatch.setattr(fitting, "fit_chinchilla", not_converged)
+    assert main(["fit", str(sweep_csv), "--bootstrap", "0"]) == 1
+    assert "did not converge" in capsys.readouterr().err
+
+
+def test_plan_default_law_is_labelled_and_warns() -> None:
+    p = _run("plan", "--flops", "1e21", "--json")
+    assert p.returncode == 0
+    assert "mean nothing for your recipe" in p.stderr
+    doc = json.loads(p.stdout)
+    assert "Epoch AI refit" in doc["law"]
+    co = doc["compute_optimal"]
+    assert co["n_params"] == pytest.approx(2.8e9, rel=0.02) and co["tokens_per_param"] == pytest.approx(22, abs=0.5)
+
+
+def test_plan_with_fitted_law_has_intervals_and_all_questions(sweep_csv, tmp_path) -> None:
+    law = tmp_path / "law.json"
+    assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "30").returncode == 0
+    p = _run("plan", "--flops", "1e20", "--law", str(law), "--inference-tokens", "1e12",
+             "--unique-tokens", "5e9", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    lo, hi = doc["compute_optimal"]["n_params_ci95"]
+    assert lo < doc["compute_optimal"]["n_params"] < hi
+    assert doc["inference_optimal"]["n_params"] < doc["compute_optimal"]["n_params"]
+    assert doc["data_constrained"]["epochs"] > 1
+    text = _run("plan", "--target-loss", "2.6", "--n-params", "1e9", "--law", str(law)).stdout
+    assert "Tokens for loss 2.6" in text
+
+
+@pytest.mark.parametrize("args, match", [
+    (["plan"], "give --flops"),
+    (["plan", "--flops", "-5"], "positive"),
+    (["plan", "--target-loss", "1.0", "--n-params", "1e9"], "out of reach"),
+    (["plan", "--flops", "1e20", "--law", "/nonexistent/law.json"], "cannot read law file"),
+])
+def test_plan_bad_input(args, match) -> None:
+    p = _run(*args)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.strip().splitlines() if "warning" not in ln]
+    assert len(lines) == 1 and match in lines[0]
+
+
+def test_plan_refuses_a_malformed_law_file(tmp_path) -> None:
+    bad = tmp_path / "law.json"
+    bad.write_text('{"schema": "scalewatch.law", "version": 7}')
+    p = _run("plan", "--flops", "1e20", "--law", str(bad))
+    assert p.returncode == 2 and "version 7 is not supported" in p.stderr
+
+
+def test_plot_draws_an_image_or_names_the_missing_extra(sweep_csv, tmp_path) -> None:
+    png = tmp_path / "fit.png"
+    p = _run("fit", str(sweep_csv), "--plot", str(png), "--bootstrap", "0")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert p.returncode == 2 and "pip install 'scalewatch[plot]'" in p.stderr
+    else:
+        assert p.returncode == 0 and png.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="../shared/data not beside the checkout")
+def test_fit_on_real_gadre_data_with_filters() -> None:
+    f = DATA / "gadre2024_overtraining" / "final_losses.csv"
+    p = _run("fit", str(f), "--where", "dataset=c4_original", "--where",
+             "val_data=training/eval_data/c4_val/shard-{0000000..0000010}.tar", "--json", "--bootstrap", "20")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["fit"]["n_runs"] == 34
+    assert 0.15 < doc["params"]["alpha"] < 0.45 and doc["fit"]["r2_log"] > 0.95

@@ -1,0 +1,218 @@
+"""Law families, law files, fitting accuracy and planning numbers."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from scalewatch.fitting import FitError, approach1, approach2, fit_chinchilla, huber_objective, make_runs
+from scalewatch.laws import (
+    ChinchillaLaw,
+    DataConstrainedLaw,
+    KaplanLaw,
+    LawFileError,
+    LawRecord,
+    PlanningError,
+    data_constrained_plan,
+    inference_optimal,
+    load_law,
+    optimal_allocation,
+    save_law,
+    tokens_for_loss,
+)
+
+TRUE = ChinchillaLaw(E=1.817, A=482.0, B=2085.4, alpha=0.348, beta=0.366)
+
+
+def _sweep(n: int = 250, noise: float = 0.0, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    N = 10 ** rng.uniform(7, 10, n)
+    D = N * 10 ** rng.uniform(0, 2.5, n)
+    L = TRUE.predict(N, D) * np.exp(rng.normal(0, noise, n)) if noise else TRUE.predict(N, D)
+    return make_runs(N, D, L)
+
+
+def test_noise_free_fit_recovers_every_parameter_to_1e_3() -> None:
+    res = fit_chinchilla(_sweep(), n_bootstrap=0)
+    assert res.converged
+    for k, v in res.law.params().items():
+        assert abs(v - TRUE.params()[k]) / TRUE.params()[k] <= 1e-3, k
+    assert res.residuals.rmse < 1e-6
+
+
+def test_noisy_fit_has_the_truth_inside_its_95_percent_intervals() -> None:
+    res = fit_chinchilla(_sweep(noise=0.01, seed=3), n_bootstrap=100)
+    for k, (lo, hi) in res.ci95.items():
+        assert lo <= TRUE.params()[k] <= hi, (k, lo, hi)
+        assert lo < res.law.params()[k] < hi
+    assert 0.005 < res.residuals.rmse < 0.02  # close to the 1% noise put in
+
+
+def test_objective_is_a_sum_not_a_mean() -> None:
+    runs = _sweep(n=50, noise=0.05)
+    theta = np.array([np.log(TRUE.A), np.log(TRUE.B), np.log(TRUE.E), TRUE.alpha, TRUE.beta])
+    one = huber_objective(theta, np.log(runs.N[:25]), np.log(runs.D[:25]), np.log(runs.L[:25]))
+    both = huber_objective(theta, np.log(runs.N), np.log(runs.D), np.log(runs.L))
+    two = huber_objective(theta, np.log(runs.N[25:]), np.log(runs.D[25:]), np.log(runs.L[25:]))
+    assert both == pytest.approx(one + two)
+
+
+def _isoflop_sweep():
+    rows = []
+    for c in np.logspace(18, 21, 5):
+        n0, _ = optimal_allocation(TRUE, c)
+        for f in np.logspace(-0.8, 0.8, 9):
+            rows.append((float(n0) * f, c / (6 * float(n0) * f)))
+    N, D = map(np.array, zip(*rows))
+    return make_runs(N, D, TRUE.predict(N, D))
+
+
+def test_approach2_isoflop_recovers_the_allocation_exponent() -> None:
+    fit = approach2(_isoflop_sweep(), n_bootstrap=30)
+    a_true = TRUE.beta / (TRUE.alpha + TRUE.beta)
+    assert fit.exponent == pytest.approx(a_true, abs=0.01)
+    assert fit.ci95[0] <= a_true + 0.01 and fit.ci95[1] >= a_true - 0.01
+    assert "IsoFLOP groups" in fit.method
+
+
+def test_approach1_envelope_on_per_size_curves() -> None:
+    # Model sizes, each trained to many token counts (a Chinchilla-style grid).
+    N = np.repeat(np.logspace(7, 10, 13), 25)
+    D = np.tile(np.logspace(8, 12.5, 25), 13)
+    fit = approach1(make_runs(N, D, TRUE.predict(N, D)), n_bootstrap=20)
+    a_true = TRUE.beta / (TRUE.alpha + TRUE.beta)
+    assert fit.exponent == pytest.approx(a_true, abs=0.05)
+    assert fit.ci95[0] < fit.ci95[1]
+
+
+@pytest.mark.parametrize("N, D, L, match", [
+    ([1e8, -2e8], [1e9, 1e9], [3.0, 3.0], "N must be positive"),
+    ([1e8, 2e8], [1e9, np.nan], [3.0, 3.0], "D must be positive"),
+    ([1e8, 2e8], [1e9, 1e9], [3.0, 0.0], "loss must be positive.*row 2"),
+])
+def test_bad_values_are_named(N, D, L, match) -> None:
+    with pytest.raises(FitError, match=match):
+        make_runs(N, D, L)
+
+
+def test_too_few_runs_and_a_single_model_size_are_refused() -> None:
+    with pytest.raises(FitError, match="at least 6"):
+        fit_chinchilla(make_runs([1e8, 2e8, 3e8], [1e9] * 3, [3.0, 2.9, 2.8]))
+    N = np.full(10, 1e8)
+    D = np.logspace(9, 11, 10)
+    with pytest.raises(FitError, match="same N"):
+        fit_chinchilla(make_runs(N, D, TRUE.predict(N, D)))
+
+
+def test_duplicated_rows_warn() -> None:
+    with pytest.warns(UserWarning, match="duplicated rows.*row 1"):
+        make_runs([1e8, 1e8, 2e8], [1e9, 1e9, 1e9], [3.0, 3.0, 2.9])
+
+
+# ------------------------------------------------------------------ law files
+def test_law_file_round_trip_keeps_uncertainty_and_provenance(tmp_path) -> None:
+    res = fit_chinchilla(_sweep(n=60, noise=0.01), n_bootstrap=10)
+    path = tmp_path / "law.json"
+    save_law(res.to_record(), path)
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "scalewatch.law" and doc["version"] == 1 and doc["family"] == "chinchilla"
+    assert doc["fitted_on"]["n_runs"] == 60 and "rmse_log" in doc["fitted_on"]
+    assert doc["conventions"]["n_params"] == "total"
+    back = load_law(path)
+    assert back.law == res.law
+    assert back.ci95 == {k: tuple(v) for k, v in res.ci95.items()}
+    assert len(back.sample_laws()) == len(res.samples)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not valid JSON"),
+    ('{"schema": "other"}', "not a scalewatch law file"),
+    ('{"schema": "scalewatch.law", "version": 99, "family": "chinchilla"}', "version 99"),
+    ('{"schema": "scalewatch.law", "version": 1, "family": "mystery", "params": {}}', "unknown law family"),
+    ('{"schema": "scalewatch.law", "version": 1, "family": "chinchilla", "params": {"E": 1}}', "missing"),
+    ('{"schema": "scalewatch.law", "version": 1, "family": "chinchilla", '
+     '"params": {"E": 1, "A": 1, "B": 1, "alpha": "x", "beta": 1}}', "finite numbers"),
+])
+def test_malformed_law_files_give_one_clear_error(tmp_path, content, match) -> None:
+    p = tmp_path / "law.json"
+    p.write_text(content)
+    with pytest.raises(LawFileError, match=match) as info:
+        load_law(p)
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_family_is_refused(tmp_path) -> None:
+    p = tmp_path / "k.json"
+    save_law(LawRecord(KaplanLaw.published()), p)
+    with pytest.raises(LawFileError, match="'kaplan' law, but a 'chinchilla'"):
+        load_law(p, family="chinchilla")
+
+
+# ------------------------------------------------------------------- planning
+def test_epoch_refit_plan_at_1e21_flops() -> None:
+    n, d = optimal_allocation(ChinchillaLaw.epoch_refit(), 1e21)
+    assert float(n) == pytest.approx(2.8e9, rel=0.02)
+    assert float(d / n) == pytest.approx(22, abs=0.5)
+    assert float(6 * n * d) == pytest.approx(1e21)
+    n19, d19 = optimal_allocation(ChinchillaLaw.epoch_refit(), 1e19)
+    assert float(n19) == pytest.approx(2.6e8, rel=0.05) and float(d19 / n19) == pytest.approx(24, abs=1)
+
+
+def test_compute_optimal_is_the_minimum_along_the_isoflop_curve() -> None:
+    law = ChinchillaLaw.epoch_refit()
+    n, _ = optimal_allocation(law, 1e20)
+    grid = float(n) * np.logspace(-0.3, 0.3, 61)
+    losses = law.predict(grid, 1e20 / (6 * grid))
+    assert grid[np.argmin(losses)] == pytest.approx(float(n), rel=0.03)
+
+
+def test_tokens_for_loss_inverts_the_law_and_refuses_unreachable_targets() -> None:
+    law = ChinchillaLaw.epoch_refit()
+    d = tokens_for_loss(law, 2.2, 5e9)
+    assert float(law.predict(5e9, d)) == pytest.approx(2.2, rel=1e-12)
+    with pytest.raises(PlanningError, match="out of reach"):
+        tokens_for_loss(law, 1.9, 1e8)
+
+
+def test_inference_aware_plan_prefers_a_smaller_longer_trained_model() -> None:
+    law = ChinchillaLaw.epoch_refit()
+    p = inference_optimal(law, 2.2, inference_tokens=1e13)
+    assert p.n_params < p.chinchilla_n_params
+    assert p.train_tokens / p.n_params > p.chinchilla_train_tokens / p.chinchilla_n_params
+    assert p.total_flops < p.chinchilla_total_flops
+    assert float(law.predict(p.n_params, p.train_tokens)) == pytest.approx(2.2, rel=1e-9)
+    # no inference: the plan is the compute-optimal one
+    p0 = inference_optimal(law, 2.2, inference_tokens=0.0)
+    n_opt, _ = optimal_allocation(law, 6 * p0.n_params * p0.train_tokens)
+    assert p0.n_params == pytest.approx(float(n_opt), rel=1e-3)
+
+
+def test_data_constrained_law_and_plan() -> None:
+    law = DataConstrainedLaw.published()
+    # one epoch of unique data: identical to the base law
+    assert float(law.predict(1e9, 2e10, unique=2e10)) == pytest.approx(float(law.base.predict(1e9, 2e10)))
+    # 4 epochs of 5e9 unique tokens are worth over 90% of 2e10 fresh tokens; 40 epochs under 40%
+    assert 0.9 < float(law.effective_tokens(2e10, 5e9)) / 2e10 < 1.0
+    assert float(law.effective_tokens(2e11, 5e9)) / 2e11 < 0.4
+    # a model far larger than the unique data supports gains less from its extra parameters
+    assert float(law.effective_params(1e10, 5e9)) < 1e10
+    p = data_constrained_plan(law, 1e22, unique_tokens=2e10)
+    assert p.epochs > 1 and p.loss > p.unconstrained_loss
+    assert 0 < p.value_of_next_epoch < 1
+    plenty = data_constrained_plan(law, 1e22, unique_tokens=1e14)
+    assert plenty.loss == pytest.approx(plenty.unconstrained_loss, rel=1e-6)
+
+
+def test_kaplan_joint_form_reduces_to_its_limits() -> None:
+    k = KaplanLaw.published()
+    assert float(k.predict(1e9, 1e30)) == pytest.approx((k.N_c / 1e9) ** k.alpha_N, rel=1e-6)
+    assert float(k.predict(1e30, 1e9)) == pytest.approx((k.D_c / 1e9) ** k.alpha_D, rel=1e-6)
+
+
+def test_no_warnings_from_a_clean_fit() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_chinchilla(_sweep(n=40, noise=0.01), n_bootstrap=3)
