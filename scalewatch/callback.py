@@ -45,8 +45,9 @@ _PARAM_CONVENTIONS = ("total", "non_embedding")
 _LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
 _STATE_VERSION = 1
 
-# Layout of the per-rank device accumulator of mask-derived counts.
-_D_TOKENS, _D_TOK_X_LEN, _D_NONFINITE = range(3)
+# Per-step device values are only appended to lists (no kernel launch, no sync); past this many
+# they are folded into running device sums, so that memory stays bounded for any log interval.
+_MAX_PENDING = 1024
 
 
 def _precision_dtype(precision: str) -> torch.dtype:
@@ -183,8 +184,10 @@ class ScaleWatch(Callback):
 
         # Per-interval accumulators of THIS rank, not yet reduced.
         self._host = [0, 0, 0]  # tokens, samples, tokens x seq_len known from shapes
-        self._dev: Tensor | None = None  # int64[3]: tokens, tokens x seq_len, non-finite (mask-derived)
-        self._loss: Tensor | None = None  # float32[2]: sum of finite losses, number of them
+        self._device: torch.device | None = None  # set when training starts
+        self._pending_tokens: list[tuple[Tensor, int]] = []  # mask-derived (tokens, seq_len) per batch
+        self._pending_losses: list[Tensor] = []  # detached 0-d losses
+        self._folded: Tensor | None = None  # float64[5]: tokens, tokens x seq_len, non-finite, loss sum, n
         self._seen_batches = 0
         self._last_global_step = 0
         self._t0 = time.perf_counter()
@@ -262,8 +265,8 @@ class ScaleWatch(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
-        self._dev = torch.zeros(3, dtype=torch.int64, device=device)
-        self._loss = torch.zeros(2, dtype=torch.float32, device=device)
+        self._device = device
+        self._pending_tokens, self._pending_losses, self._folded = [], [], None
         self._host = [0, 0, 0]
         self._last_global_step = trainer.global_step
         self._t0 = time.perf_counter()
@@ -324,19 +327,40 @@ class ScaleWatch(Callback):
     def _add_count(self, count: BatchCount) -> None:
         seq_len = self.context_length or count.seq_len
         if isinstance(count.tokens, Tensor):
-            # Device-side adds: no host sync.
-            self._dev[_D_TOKENS] += count.tokens
-            self._dev[_D_TOK_X_LEN] += count.tokens * seq_len
+            # Kept as a device tensor: reading it would stall the step.
+            self._pending_tokens.append((count.tokens, seq_len))
+            if len(self._pending_tokens) >= _MAX_PENDING:
+                self._fold()
         else:
             self._host[0] += count.tokens
             self._host[2] += count.tokens * seq_len
         self._host[1] += count.samples
 
     def _add_loss(self, loss: Tensor) -> None:
-        loss = loss.detach().float().mean()
-        finite = torch.isfinite(loss)
-        self._loss += torch.stack((torch.where(finite, loss, torch.zeros_like(loss)), finite.float()))
-        self._dev[_D_NONFINITE] += (~finite).long()
+        loss = loss.detach()
+        self._pending_losses.append(loss if loss.ndim == 0 else loss.float().mean())
+        if len(self._pending_losses) >= _MAX_PENDING:
+            self._fold()
+
+    def _fold(self) -> Tensor:
+        """Sum the pending device values into one float64[5] device vector (kernels, no sync)."""
+        device = self._device
+        vec = torch.zeros(5, dtype=torch.float64, device=device) if self._folded is None else self._folded
+        if self._pending_tokens:
+            tokens = torch.stack([t.reshape(()) for t, _ in self._pending_tokens]).double()
+            lens = torch.tensor([sl for _, sl in self._pending_tokens], dtype=torch.float64).to(device,
+                                                                                                 non_blocking=True)
+            vec = vec + torch.stack((tokens.sum(), (tokens * lens).sum(), tokens.new_zeros(()),
+                                     tokens.new_zeros(()), tokens.new_zeros(())))
+        if self._pending_losses:
+            losses = torch.stack([x.float() for x in self._pending_losses]).double()
+            finite = torch.isfinite(losses)
+            zero = losses.new_zeros(())
+            vec = vec + torch.stack((zero, zero, (~finite).sum().double(),
+                                     torch.where(finite, losses, zero).sum(), finite.sum().double()))
+        self._pending_tokens, self._pending_losses = [], []
+        self._folded = vec
+        return vec
 
     def _finish_flop_measurement(self, count: BatchCount) -> None:
         counter, self._flop_counter = self._flop_counter, None
@@ -355,23 +379,18 @@ class ScaleWatch(Callback):
         The interval's global loss sum and count go to ``_interval_loss``.
         Every rank must call this at the same point.
         """
-        if self._dev is None:
+        if self._device is None:
             return
-        device = self._dev.device
-        host = torch.tensor(self._host, dtype=torch.int64, device=device)
+        dev = self._fold()  # tokens, tokens x seq_len, non-finite, loss sum, loss count
+        host = torch.tensor([self._host[0], self._host[1], self._host[2], 0, 0, 0],
+                            dtype=torch.float64).to(dev.device)
+        # Layout: tokens, samples, tokens x seq_len, non-finite, loss sum, loss count.
         # float64 is exact for any interval's counts below 2**53.
-        vec = torch.cat((
-            (host[0] + self._dev[_D_TOKENS]).reshape(1),
-            host[1].reshape(1),
-            (host[2] + self._dev[_D_TOK_X_LEN]).reshape(1),
-            self._dev[_D_NONFINITE].reshape(1),
-        )).double()
-        vec = torch.cat((vec, self._loss.double()))
+        vec = host + torch.stack((dev[0], dev.new_zeros(()), dev[1], dev[2], dev[3], dev[4]))
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
         values = vec.tolist()  # the one host read of the interval
-        self._dev.zero_()
-        self._loss.zero_()
+        self._folded = None
         self._host = [0, 0, 0]
         d_tokens, d_samples, d_tok_len, d_nonfinite = (int(round(v)) for v in values[:4])
         self.tokens += d_tokens
@@ -450,20 +469,20 @@ class ScaleWatch(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Validation inside a training epoch is not training time: keep it out of the rates.
-        if self._val_started is not None and self._dev is not None:
+        if self._val_started is not None and self._device is not None:
             self._t0 += time.perf_counter() - self._val_started
         self._val_started = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # All ranks reach here together: flush the tail of the run as a last log point.
-        if self._last_logged_step != trainer.global_step and self._dev is not None:
+        if self._last_logged_step != trainer.global_step and self._device is not None:
             self._log(trainer, pl_module, loss_seen=False)
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank when a checkpoint is dumped: fold the unreduced counts in first,
         # so that nothing a rank counted is lost with the checkpoint (only rank 0's copy is saved).
-        if self._dev is not None and self._trainer is not None:
+        if self._device is not None and self._trainer is not None:
             self._reduce_pending(self._trainer)
         return {
             "version": _STATE_VERSION,

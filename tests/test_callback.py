@@ -124,8 +124,11 @@ class _SpiedScaleWatch(ScaleWatch):
         self._spied(super().on_train_batch_end, *args)
 
 
-@pytest.mark.parametrize("tokens_fn", [None, lambda b: b["attention_mask"].sum()])
-def test_no_host_sync_on_steps_that_do_not_log(tmp_path, tokens_fn) -> None:
+@pytest.mark.parametrize("tokens_fn, max_pending", [(None, 1024), (lambda b: b["attention_mask"].sum(), 1024),
+                                                     (None, 3)])
+def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch, tokens_fn, max_pending) -> None:
+    # max_pending=3 makes the callback fold its pending device values on quiet steps too
+    monkeypatch.setattr("scalewatch.callback._MAX_PENDING", max_pending)
     ds = VarLenDataset(n=40)
     watch = _SpiedScaleWatch(log_every_n_steps=4, tokens_fn=tokens_fn)
     trainer(tmp_path, [watch], max_epochs=1, accumulate_grad_batches=2).fit(TinyLM(), loader(ds, 2))
@@ -135,6 +138,8 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, tokens_fn) -> None:
     assert all(calls == [] for calls in quiet), [c for c in quiet if c]
     # the spy does see the one read per log interval, so the silence above means something
     assert loud and all("tolist" in calls for calls in loud)
+    if tokens_fn is None:
+        assert watch.tokens == ds.true_tokens and watch.samples == 40
 
 
 def test_nonfinite_loss_is_recorded_not_raised(tmp_path) -> None:
