@@ -100,7 +100,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=50, help="log interval (default: Lightning's default, 50)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--n-layer", type=int, default=4)
@@ -108,6 +108,8 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sync-debug", action="store_true")
+    p.add_argument("--aa", action="store_true",
+                   help="A/A run: both arms WITHOUT the callback, to show the measurement's own noise")
     args = p.parse_args()
 
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
@@ -119,7 +121,7 @@ def main() -> int:
         for r in range(args.rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
             for flag in order:
-                (on if flag else off).extend(run_chunk(flag, args, cfg, loaders, logdir))
+                (on if flag else off).extend(run_chunk(flag and not args.aa, args, cfg, loaders, logdir))
     med_off, med_on = statistics.median(off), statistics.median(on)
     mean_off, mean_on = statistics.fmean(off), statistics.fmean(on)
     print(f"device={args.device} precision={args.precision} model: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
@@ -127,6 +129,9 @@ def main() -> int:
     print(f"median step: without {med_off * 1e3:.2f} ms, with ScaleWatch {med_on * 1e3:.2f} ms")
     print(f"mean step (log steps included): without {mean_off * 1e3:.2f} ms, with {mean_on * 1e3:.2f} ms "
           f"(ratio {mean_on / mean_off:.4f})")
+    if args.aa:
+        print(f"A/A (no callback in either arm) median step-time ratio: {med_on / med_off:.4f}")
+        return 0
     hook = statistics.median(TimedScaleWatch.hook_seconds)
     print(f"time inside ScaleWatch's hooks on a non-logging step: median {hook * 1e6:.0f} us "
           f"= {hook / med_off:.5f} of a step")

@@ -32,7 +32,8 @@ def plot_fit(runs: Any, law: Any, path: str, power: Any = None) -> None:
             ax2.plot(n, law.predict(n, c / (6 * n)), label=f"C={c:.1e}")
             n_opt, _ = optimal_allocation(law, c)
             ax2.plot(n_opt, law.predict(n_opt, c / (6 * n_opt)), "k.", ms=8)
-        ax2.set(xscale="log", xlabel="N (parameters)", ylabel="predicted loss", title="IsoFLOP curves (dots: N_opt)")
+        ax2.set(xscale="log", yscale="log", xlabel="N (parameters)", ylabel="predicted loss",
+                title="IsoFLOP curves (dots: N_opt)", ylim=(0.9 * runs.L.min(), 1.2 * runs.L.max()))
         ax2.legend(fontsize=7)
     if power is not None:
         pts = np.array(power.points)
