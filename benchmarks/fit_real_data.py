@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from scalewatch.fitting import approach1, approach2, fit_chinchilla, make_runs
+from scalewatch.data import read_runs
+from scalewatch.fitting import approach1, approach2, fit_chinchilla
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,30 +39,26 @@ def _table(name: str, res, published: dict[str, float] | None) -> None:
     print(f"  implied N_opt ∝ C^{a:.3f}")
 
 
+def _fit_and_print(name: str, runs, n_bootstrap: int, published: dict[str, float]) -> None:
+    t = time.perf_counter()
+    res = fit_chinchilla(runs, n_bootstrap=n_bootstrap)
+    print(f"\n[{name}: fit + {n_bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
+    _table(name, res, published)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", type=int, default=200)
     args = p.parse_args()
 
-    rows = list(csv.DictReader(open(DATA / "datablations" / "muennighoff2023_final_val_losses.csv")))
-    rows = [r for r in rows if float(r["tokens"]) <= float(r["unique_tokens"])]
-    runs = make_runs([float(r["params"]) for r in rows], [float(r["tokens"]) for r in rows],
-                     [float(r["val_loss"]) for r in rows], names=[r["name"] for r in rows])
-    t = time.perf_counter()
-    res = fit_chinchilla(runs, n_bootstrap=args.bootstrap)
-    print(f"[datablations, single-epoch runs: fit + {args.bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
-    _table("datablations (Muennighoff et al. 2023), runs without repetition", res,
-           {"E": 1.869, "A": 520.8, "B": 1487.7, "alpha": 0.353, "beta": 0.353})
-
-    rows = list(csv.DictReader(open(DATA / "gadre2024_overtraining" / "final_losses.csv")))
-    rows = [r for r in rows if r["dataset"] == "c4_original" and r["val_data"].startswith("training/eval_data/c4_val")]
-    runs = make_runs([float(r["params"]) for r in rows], [float(r["tokens"]) for r in rows],
-                     [float(r["loss"]) for r in rows], names=[r["name"] for r in rows])
-    t = time.perf_counter()
-    res = fit_chinchilla(runs, n_bootstrap=args.bootstrap)
-    print(f"\n[gadre2024 C4: fit + {args.bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
-    _table("Gadre et al. 2024, trained and evaluated on C4", res,
-           {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28})
+    runs = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
+    runs = runs.subset(np.flatnonzero(runs.D <= runs.U))  # single-epoch runs only
+    _fit_and_print("datablations (Muennighoff et al. 2023), runs without repetition", runs, args.bootstrap,
+                   {"E": 1.869, "A": 520.8, "B": 1487.7, "alpha": 0.353, "beta": 0.353})
+    runs = read_runs([DATA / "gadre2024_overtraining" / "final_losses.csv"],
+                     where=["dataset=c4_original", "val_data=training/eval_data/c4_val/shard-{0000000..0000010}.tar"])
+    _fit_and_print("Gadre et al. 2024, trained and evaluated on C4", runs, args.bootstrap,
+                   {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28})
     for fn in (approach1, approach2):
         try:
             pf = fn(runs, n_bootstrap=args.bootstrap)
