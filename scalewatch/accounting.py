@@ -66,7 +66,7 @@ def _token_tensor_count(ids: Tensor) -> BatchCount:
     return BatchCount(tokens=ids.numel(), samples=samples, seq_len=seq_len)
 
 
-def _mapping_count(batch: Mapping[str, Any]) -> BatchCount:
+def _mapping_count(batch: Mapping[str, Any], use_masks: bool) -> BatchCount:
     ids = batch.get("input_ids")
     if not _is_int_tensor(ids):
         raise ScaleWatchConfigError(
@@ -75,6 +75,8 @@ def _mapping_count(batch: Mapping[str, Any]) -> BatchCount:
             "to count tokens yourself"
         )
     base = _token_tensor_count(ids)
+    if not use_masks:
+        return base
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
     counted: Tensor | None = None
@@ -89,8 +91,11 @@ def _mapping_count(batch: Mapping[str, Any]) -> BatchCount:
     return BatchCount(tokens=counted.sum(), samples=base.samples, seq_len=base.seq_len)
 
 
-def count_batch(batch: Any) -> BatchCount:
+def count_batch(batch: Any, use_masks: bool = True) -> BatchCount:
     """Count the training tokens and samples of a batch, without a host sync.
+
+    With ``use_masks=False`` only the shapes are read (samples and sequence length for a
+    user's ``tokens_fn``), so no device work is launched.
 
     Understood layouts: a token-id tensor ``[B, T]``; a dict with ``input_ids``
     (positions where ``attention_mask`` is 0 or ``labels`` is -100 do not count);
@@ -112,13 +117,13 @@ def count_batch(batch: Any) -> BatchCount:
     if _is_int_tensor(batch):
         return _token_tensor_count(batch)
     if isinstance(batch, Mapping):
-        return _mapping_count(batch)
+        return _mapping_count(batch, use_masks)
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         for item in batch:
             if _is_int_tensor(item) and item.ndim >= 2:
                 return _token_tensor_count(item)
             if isinstance(item, Mapping) and "input_ids" in item:
-                return _mapping_count(item)
+                return _mapping_count(item, use_masks)
     raise ScaleWatchConfigError(
         f"scalewatch: cannot find token ids in a batch of type {type(batch).__name__}; "
         "pass ScaleWatch(tokens_fn=lambda batch: <number of training tokens>) to count them"

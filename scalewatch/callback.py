@@ -309,7 +309,7 @@ class ScaleWatch(Callback):
         else:
             tokens = check_tokens_fn_result(self.tokens_fn(batch), first)
             try:
-                shaped = count_batch(batch)
+                shaped = count_batch(batch, use_masks=False)  # shapes only: tokens come from tokens_fn
                 samples, seq_len = shaped.samples, shaped.seq_len
             except ScaleWatchConfigError:
                 samples, seq_len = 0, 0

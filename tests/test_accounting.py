@@ -32,6 +32,8 @@ def test_attention_mask_and_ignored_labels_do_not_count() -> None:
     c = count_batch({"input_ids": ids, "attention_mask": mask, "labels": labels})
     assert int(c.tokens) == 4 and c.samples == 2 and c.seq_len == 4
     assert isinstance(c.tokens, torch.Tensor)  # stays on the device
+    shapes = count_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, use_masks=False)
+    assert (shapes.tokens, shapes.samples, shapes.seq_len) == (8, 2, 4)  # shapes only, no device work
 
 
 def test_tuple_and_list_batches_use_the_token_id_tensor() -> None:
