@@ -186,7 +186,8 @@ class ScaleWatch(Callback):
         self._host = [0, 0, 0]  # tokens, samples, tokens x seq_len known from shapes
         self._device: torch.device | None = None  # set when training starts
         self._pending_tokens: list[tuple[Tensor, int]] = []  # mask-derived (tokens, seq_len) per batch
-        self._pending_losses: list[Tensor] = []  # detached 0-d losses
+        self._pending_losses: list[Tensor] = []  # detached 0-d losses, as Lightning returned them
+        self._loss_scale = 1  # factor that undoes Lightning's division of the pending losses
         self._folded: Tensor | None = None  # float64[5]: tokens, tokens x seq_len, non-finite, loss sum, n
         self._seen_batches = 0
         self._last_global_step = 0
@@ -291,10 +292,8 @@ class ScaleWatch(Callback):
         self._add_count(count)
         loss = _loss_from_outputs(outputs)
         if loss is not None:
-            if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-                # Lightning hands back loss / accumulate_grad_batches; undo it.
-                loss = loss * trainer.accumulate_grad_batches
-            self._add_loss(loss)
+            # Lightning hands back loss / accumulate_grad_batches; undone when folding, not per batch.
+            self._add_loss(loss, trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
         if self._flop_counter is not None:
             self._finish_flop_measurement(count)
 
@@ -336,7 +335,11 @@ class ScaleWatch(Callback):
             self._host[2] += count.tokens * seq_len
         self._host[1] += count.samples
 
-    def _add_loss(self, loss: Tensor) -> None:
+    def _add_loss(self, loss: Tensor, scale: int) -> None:
+        if scale != self._loss_scale:
+            if self._pending_losses:
+                self._fold()  # the pending losses were divided by the previous factor
+            self._loss_scale = scale
         loss = loss.detach()
         self._pending_losses.append(loss if loss.ndim == 0 else loss.float().mean())
         if len(self._pending_losses) >= _MAX_PENDING:
@@ -354,6 +357,8 @@ class ScaleWatch(Callback):
                                      tokens.new_zeros(()), tokens.new_zeros(())))
         if self._pending_losses:
             losses = torch.stack([x.float() for x in self._pending_losses]).double()
+            if self._loss_scale != 1:
+                losses = losses * self._loss_scale
             finite = torch.isfinite(losses)
             zero = losses.new_zeros(())
             vec = vec + torch.stack((zero, zero, (~finite).sum().double(),
