@@ -285,7 +285,6 @@ class PowerLawFit:
     coefficient: float
     points: list[tuple[float, float]]  # (C, N_opt) used in the regression
     method: str
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def d_exponent(self) -> float:
@@ -296,8 +295,7 @@ class PowerLawFit:
 
     def as_dict(self) -> dict[str, Any]:
         return {"exponent_a": self.exponent, "ci95": list(self.ci95), "d_exponent_b": self.d_exponent,
-                "coefficient": self.coefficient, "n_points": len(self.points), "method": self.method,
-                "warnings": self.warnings}
+                "coefficient": self.coefficient, "n_points": len(self.points), "method": self.method}
 
 
 def _group_by(values: np.ndarray, rel_tol: float) -> list[np.ndarray]:

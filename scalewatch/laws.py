@@ -12,7 +12,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
@@ -481,14 +481,8 @@ def interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple
     return float(np.quantile(arr, q)), float(np.quantile(arr, 1 - q))
 
 
-def law_fields(law: Law) -> list[str]:
-    """Names of a law's parameters (for tables)."""
-    return [f.name for f in fields(law) if f.name != "conventions"]
-
-
 __all__ = [
     "ChinchillaLaw", "KaplanLaw", "DataConstrainedLaw", "LawRecord", "LawFileError", "PlanningError",
     "save_law", "load_law", "law_from_json", "optimal_allocation", "tokens_for_loss", "inference_optimal",
     "data_constrained_plan", "InferencePlan", "DataConstrainedPlan", "effective_repeats", "interval",
-    "asdict",
 ]
