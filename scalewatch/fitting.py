@@ -246,7 +246,7 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
     best = _fit_theta(logN, logD, runs.L, delta)
     theta = best.x
     params = _theta_to_params(theta)
-    law = ChinchillaLaw(*params)
+    law = ChinchillaLaw(*(float(p) for p in params))
     r = _residuals_and_jac(theta, logN, logD, np.log(runs.L))[0]
     logL = np.log(runs.L)
     ss_tot = float(np.sum((logL - logL.mean()) ** 2))

@@ -49,7 +49,7 @@ class ChinchillaLaw:
     Example:
         >>> law = ChinchillaLaw.epoch_refit()
         >>> round(float(law.predict(70e9, 1.4e12)), 3)
-        1.936
+        1.973
     """
 
     E: float
