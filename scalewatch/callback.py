@@ -35,6 +35,8 @@ from scalewatch.accounting import (
     six_n,
     six_n_plus_attention,
 )
+from scalewatch.gns import NoiseScalePlugin
+from scalewatch.gns_capture import DeviceNoiseEMA, ParamGradHooks, PerExampleNorms, grad_sq_norm
 from scalewatch.monitor import Monitor, Observation
 
 log = logging.getLogger("scalewatch")
@@ -44,6 +46,7 @@ _FLOP_MODES = ("6N", "6N+attn", "measured")
 _PARAM_CONVENTIONS = ("total", "non_embedding")
 _LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
 _STATE_VERSION = 1
+_GNS_MODES = ("auto", "ddp", "accumulation", "per_example", "off")
 
 # Per-step device values are only appended to lists (no kernel launch, no sync); past this many
 # they are folded into running device sums, so that memory stays bounded for any log interval.
@@ -68,6 +71,49 @@ def _loss_from_outputs(outputs: Any) -> Tensor | None:
         if isinstance(loss, Tensor):
             return loss
     return None
+
+
+def choose_gns_method(mode: str, strategy: Any, world_size: int, accumulate_grad_batches: int,
+                      automatic_optimization: bool) -> tuple[str | None, str | None]:
+    """Which noise-scale capture applies: ``(method or None, message to say once or None)``.
+
+    Only strategies where each rank holds whole gradients (single device, DDP) can
+    compare a local gradient with the global one; sharded ones (FSDP, DeepSpeed,
+    model parallel) cannot.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+        >>> choose_gns_method("auto", DDPStrategy(), 8, 4, True)
+        ('ddp+accumulation', None)
+        >>> choose_gns_method("auto", FSDPStrategy(), 8, 1, True)[0] is None
+        True
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if mode == "off":
+        return None, None
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return None, (f"off: the {type(strategy).__name__} strategy shards gradients or is not supported, so no "
+                      "rank holds a whole local gradient to compare with the global one; the rest of scalewatch "
+                      "keeps working")
+    ddp = world_size > 1
+    accumulation = accumulate_grad_batches > 1 and automatic_optimization
+    free = "ddp+accumulation" if ddp and accumulation else "ddp" if ddp else "accumulation" if accumulation else None
+    if mode == "auto":
+        if free is None:
+            return None, ("not measured: one device without gradient accumulation gives no second batch size for "
+                          "free; ScaleWatch(gns='per_example') measures it from per-example gradient norms of the "
+                          "Linear/LayerNorm layers, at extra compute")
+        return free, None
+    if mode == "per_example":
+        if free is not None:
+            return free, (f"per_example applies to one device without accumulation; using the free '{free}' "
+                          "method instead")
+        return "per_example", None
+    if free is None or mode not in free:
+        return None, (f"gns={mode!r} cannot apply here (world size {world_size}, accumulate_grad_batches "
+                      f"{accumulate_grad_batches}, automatic optimization {automatic_optimization}); use gns='auto'")
+    return free, None
 
 
 class ScaleWatch(Callback):
@@ -107,6 +153,17 @@ class ScaleWatch(Callback):
         loss_key: name under which the module logs its training loss, used when
             ``training_step`` returns no loss (default: tries ``train_loss``, ``loss``, ...).
         history_size: observations kept in the bounded history.
+        gns: gradient noise scale capture. ``"auto"`` (default) uses what the training
+            already computes: under DDP each rank's local gradient before the all-reduce
+            against the global one, under gradient accumulation each micro-batch's gradient
+            against the step's; with neither it says so once and logs no noise scale.
+            ``"per_example"`` (single device, no accumulation, opt-in: extra compute)
+            takes per-example gradient norms of the Linear/LayerNorm/RMSNorm weights.
+            ``"ddp"`` / ``"accumulation"`` insist on one method; ``"off"`` disables it.
+            Logged under ``scalewatch/gns/``: ``b_simple`` (sequences), ``b_simple_tokens``,
+            ``b_crit`` (tokens), ``batch_size``, ``batch_tokens``, ``steps_factor``,
+            ``compute_factor``, ``g2``, ``trace`` and ``b_crit_kaplan_ref``.
+        gns_decay: EMA decay per optimizer step of the noise-scale estimates.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -130,6 +187,8 @@ class ScaleWatch(Callback):
         log_every_n_steps: int | None = None,
         loss_key: str | None = None,
         history_size: int = 2048,
+        gns: str | None = "auto",
+        gns_decay: float = 0.99,
     ) -> None:
         if n_params is not None and (isinstance(n_params, bool) or not isinstance(n_params, int) or n_params <= 0):
             raise ScaleWatchConfigError(
@@ -154,6 +213,12 @@ class ScaleWatch(Callback):
                             ("log_every_n_steps", log_every_n_steps)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ScaleWatchConfigError(f"scalewatch: {name} must be a positive int, got {value!r}")
+        if gns is None:
+            gns = "off"
+        if gns not in _GNS_MODES:
+            raise ScaleWatchConfigError(f"scalewatch: gns must be one of {_GNS_MODES}, got {gns!r}")
+        if isinstance(gns_decay, bool) or not isinstance(gns_decay, (int, float)) or not (0 < gns_decay < 1):
+            raise ScaleWatchConfigError(f"scalewatch: gns_decay must be in (0, 1), e.g. 0.99, got {gns_decay!r}")
         if peak_flops is not None and not (peak_flops > 0):
             raise ScaleWatchConfigError(f"scalewatch: peak_flops must be positive FLOP/s, got {peak_flops!r}")
 
@@ -169,7 +234,10 @@ class ScaleWatch(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.loss_key = loss_key
 
-        self.monitor = Monitor(history_size=history_size)
+        self.gns_mode = gns
+        self.gns_decay = float(gns_decay)
+
+        self.monitor = Monitor(history_size=history_size, plugins=[NoiseScalePlugin()] if gns != "off" else [])
         self.params: ParamCount | None = None
         self.n_params: int | None = None
         self.convention: FlopConvention | None = None
@@ -199,6 +267,18 @@ class ScaleWatch(Callback):
         self._interval_loss = [0.0, 0.0]  # global (sum, count) of finite losses folded in at a checkpoint
         self._trainer: Trainer | None = None
         self._val_started: float | None = None
+        self._batch_count: BatchCount | None = None
+        self._interval_start = (0, 0, 0)  # step, samples, tokens at the previous log point
+
+        # Gradient noise scale: which capture runs, its hooks, the device EMAs.
+        self.gns_method: str | None = None
+        self._gns_capture: ParamGradHooks | PerExampleNorms | None = None
+        self._gns_ema: DeviceNoiseEMA | None = None
+        self._gns_sizes: list[int] = []  # samples of each micro-batch of the current step
+        self._gns_host: tuple[float, float, float] | None = None  # reduced m_g2, m_trace, weight
+        self._gns_restored: list[float] | None = None
+        self._gns_warned: set[str] = set()
+        self._gns_method_written = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -270,11 +350,17 @@ class ScaleWatch(Callback):
         self._pending_tokens, self._pending_losses, self._folded = [], [], None
         self._host = [0, 0, 0]
         self._last_global_step = trainer.global_step
+        self._interval_start = (trainer.global_step, self.samples, self.tokens)
         self._t0 = time.perf_counter()
         self.monitor.start(self._observation(trainer, loss=math.nan))
+        self._setup_gns(trainer, pl_module)
 
     # --------------------------------------------------------------- hot path
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Counted before the step so that the noise-scale capture knows each micro-batch's size.
+        self._batch_count = self._count(batch, self._seen_batches == 0)
+        if self._gns_capture is not None:
+            self._gns_sizes.append(self._batch_count.samples)
         if self.flops_mode == "measured" and self.convention is None and self._flop_counter is None:
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -286,9 +372,9 @@ class ScaleWatch(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        first = self._seen_batches == 0
+        count = self._batch_count if self._batch_count is not None else self._count(batch, self._seen_batches == 0)
+        self._batch_count = None
         self._seen_batches += 1
-        count = self._count(batch, first)
         self._add_count(count)
         loss = _loss_from_outputs(outputs)
         if loss is not None:
@@ -377,6 +463,131 @@ class ScaleWatch(Callback):
     def _log_every(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
 
+    # ------------------------------------------------------ gradient noise scale
+    def _gns_note(self, trainer: Trainer, key: str, message: str) -> None:
+        """Say a noise-scale message once per run (rank 0)."""
+        if key not in self._gns_warned:
+            self._gns_warned.add(key)
+            if trainer.is_global_zero:
+                log.warning("scalewatch: gradient noise scale: %s", message)
+
+    def _choose_gns_method(self, trainer: Trainer, pl_module: LightningModule) -> str | None:
+        method, message = choose_gns_method(self.gns_mode, trainer.strategy, trainer.world_size,
+                                            trainer.accumulate_grad_batches, pl_module.automatic_optimization)
+        if message is not None:
+            self._gns_note(trainer, "method", message)
+        return method
+
+    def _setup_gns(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_gns_hooks()
+        self._gns_sizes = []
+        if self.gns_mode == "off":
+            return
+        method = self._choose_gns_method(trainer, pl_module)
+        if method is None:
+            return
+        if method == "per_example":
+            capture: ParamGradHooks | PerExampleNorms = PerExampleNorms(pl_module)
+            if capture.n_modules == 0:
+                capture.remove()
+                self._gns_note(trainer, "no_linear", "per_example found no Linear, LayerNorm or RMSNorm layer with "
+                               "its own trainable weights; use gradient accumulation or DDP for a free estimate")
+                return
+        else:
+            capture = ParamGradHooks(pl_module.parameters())
+        self.gns_method = method
+        self._gns_capture = capture
+        self._gns_ema = DeviceNoiseEMA(self.gns_decay, device=self._device or "cpu")
+        if self._gns_restored is not None:
+            self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64, device=self._gns_ema.state.device)
+        if trainer.is_global_zero:
+            log.info("scalewatch: gradient noise scale from %s", self._gns_description())
+
+    def _gns_description(self) -> str:
+        return {
+            "ddp": "each rank's local gradient before the all-reduce vs the global gradient",
+            "accumulation": "each micro-batch's gradient vs the accumulated step gradient",
+            "ddp+accumulation": "each rank's micro-batch gradients vs the global step gradient",
+            "per_example": "per-example gradient norms of Linear/LayerNorm/RMSNorm weights vs their batch gradient",
+        }.get(self.gns_method or "", "not measured")
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._gns_capture is not None:
+            self._gns_capture.end_backward()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
+        sizes, self._gns_sizes = self._gns_sizes, []
+        if self._gns_capture is None or self._gns_ema is None:
+            return
+        try:
+            self._gns_step(trainer, pl_module, optimizer, sizes)
+        except Exception as exc:  # monitoring must never crash the run; the state stays, updates stop
+            self._gns_note(trainer, "error", f"stopped after {type(exc).__name__}: {exc}")
+            self._remove_gns_hooks()
+
+    def _gns_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any, sizes: list[int]) -> None:
+        assert self._gns_capture is not None and self._gns_ema is not None
+        if isinstance(self._gns_capture, PerExampleNorms):
+            per_example, batch, params = self._gns_capture.take_step()
+            for message in self._gns_capture.warnings:
+                self._gns_note(trainer, message, message)
+            self._gns_capture.warnings = []
+            if per_example is None or batch < 2:
+                return
+            big = grad_sq_norm(params)
+            if big is None:
+                return
+            # Example i's own gradient is B x its contribution to the batch-mean gradient.
+            small, b_small, b_big = per_example * batch, 1, batch
+        else:
+            total, backwards = self._gns_capture.take_step()
+            if total is None or backwards == 0:
+                return
+            if not pl_module.automatic_optimization and backwards > 1:
+                self._gns_note(trainer, "manual", "skipped: several backwards per step under manual optimization, "
+                               "and how their losses were scaled is unknown")
+                return
+            if len(set(sizes[-backwards:])) != 1 or len(sizes) < backwards:
+                return  # unequal micro-batches (a short last batch): the two-size estimator does not apply
+            big = grad_sq_norm(self._gns_capture.params)
+            if big is None:
+                return
+            # Lightning divides each micro-batch loss by accumulate_grad_batches (k); the step's
+            # gradient is then (n/k) x the mean of the n micro-batch gradients.
+            k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            small = total * (k * k / backwards)
+            big = big * (k / backwards) ** 2
+            b_small = sizes[-1]
+            if b_small <= 0:
+                self._gns_note(trainer, "samples", "skipped: the batch size in sequences is unknown; pass "
+                               "ScaleWatch(samples_fn=lambda batch: <number of sequences>)")
+                return
+            b_big = b_small * backwards * trainer.world_size
+            if b_big <= b_small:
+                return
+        scale = self._amp_scale(trainer, pl_module, optimizer)
+        if scale is not None:
+            small = small / scale.double().square()  # hook gradients carry the loss scale, .grad does not
+        self._gns_ema.update(small, big, b_small, b_big)
+
+    @staticmethod
+    def _amp_scale(trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> Tensor | None:
+        """The fp16 loss scale (device tensor) when the hooks saw scaled gradients but ``.grad`` is unscaled."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = getattr(scaler, "_scale", None)
+        if not isinstance(scale, Tensor) or not pl_module.automatic_optimization:
+            return None  # manual optimization: Lightning does not unscale before this hook
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        if getattr(raw, "_step_supports_amp_scaling", False):
+            return None  # such optimizers unscale inside step(): .grad is still scaled here
+        return scale
+
+    def _remove_gns_hooks(self) -> None:
+        if self._gns_capture is not None:
+            self._gns_capture.remove()
+        self._gns_capture = None
+
     # -------------------------------------------------------- log interval
     def _reduce_pending(self, trainer: Trainer) -> None:
         """Fold this rank's unreduced counts of all ranks into the global totals (ONE collective).
@@ -392,9 +603,18 @@ class ScaleWatch(Callback):
         # Layout: tokens, samples, tokens x seq_len, non-finite, loss sum, loss count.
         # float64 is exact for any interval's counts below 2**53.
         vec = host + torch.stack((dev[0], dev.new_zeros(()), dev[1], dev[2], dev[3], dev[4]))
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._gns_ema is not None:
+            # The noise-scale EMAs ride along in the same collective (every rank has them or none).
+            vec = torch.cat((vec, self._gns_ema.state.to(vec.device)))
+        world = trainer.world_size
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
+        if self._gns_ema is not None:
+            # Averaging the ranks' EMAs is exact: the estimators are linear in each rank's small norm.
+            self._gns_ema.state = vec[6:9] / world
         values = vec.tolist()  # the one host read of the interval
+        if self._gns_ema is not None:
+            self._gns_host = (values[6] / world, values[7] / world, values[8] / world)
         self._folded = None
         self._host = [0, 0, 0]
         d_tokens, d_samples, d_tok_len, d_nonfinite = (int(round(v)) for v in values[:4])
@@ -442,11 +662,25 @@ class ScaleWatch(Callback):
             else:
                 loss = self._fallback_loss(trainer)
             obs = self._observation(trainer, loss)
+            self._add_interval_extras(trainer, obs)
             scalars = self.monitor.observe(obs)
             if trainer.is_global_zero:
                 self._write(trainer, obs, scalars)
         except Exception as exc:  # monitoring must never crash the run
             log.warning("scalewatch: could not log step %d: %s: %s", trainer.global_step, type(exc).__name__, exc)
+
+    def _add_interval_extras(self, trainer: Trainer, obs: Observation) -> None:
+        """Batch size of the interval and the noise-scale EMAs, for the monitor's plugins."""
+        step0, samples0, tokens0 = self._interval_start
+        self._interval_start = (obs.step, obs.samples, obs.tokens)
+        steps = obs.step - step0
+        if steps > 0 and obs.samples > samples0:
+            obs.extra["batch_samples"] = (obs.samples - samples0) / steps
+            obs.extra["batch_tokens"] = (obs.tokens - tokens0) / steps
+        if self._gns_host is not None and self._gns_host[2] > 0:
+            m_g2, m_tr, weight = self._gns_host
+            obs.extra["gns/g2"] = m_g2 / weight
+            obs.extra["gns/trace"] = m_tr / weight
 
     def _write(self, trainer: Trainer, obs: Observation, scalars: Mapping[str, float]) -> None:
         metrics = {PREFIX + k: v for k, v in scalars.items()}
@@ -456,10 +690,14 @@ class ScaleWatch(Callback):
                 writer = logger.experiment
                 if not self._conventions_written:
                     writer.add_text(PREFIX + "conventions", self.describe(), global_step=obs.step)
+                if not self._gns_method_written and self.gns_mode != "off":
+                    writer.add_text(PREFIX + "gns/method", f"{self.gns_method or 'none'}: {self._gns_description()}",
+                                    global_step=obs.step)
                 # Series whose x-axis is the token count / compute, for loss-vs-tokens plots.
                 writer.add_scalar(PREFIX + "loss_vs_tokens", obs.loss, global_step=obs.tokens)
                 writer.add_scalar(PREFIX + "loss_vs_gflop", obs.loss, global_step=obs.flops // 10**9)
         self._conventions_written = True
+        self._gns_method_written = True
 
     def describe(self) -> str:
         """The conventions behind the logged numbers, in words."""
@@ -467,7 +705,10 @@ class ScaleWatch(Callback):
         if self.params is not None:
             n += f" (trainable: {self.params.total:,}; non-embedding: {self.params.non_embedding:,})"
         flops = self.convention.description if self.convention else f"FLOPs: {self.flops_mode} (pending)"
-        return f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks."
+        gns = f" Gradient noise scale: {self.gns_method or 'none'} ({self._gns_description()})." \
+            if self.gns_mode != "off" else ""
+        return (f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks."
+                + gns)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._val_started = time.perf_counter()
@@ -482,6 +723,10 @@ class ScaleWatch(Callback):
         # All ranks reach here together: flush the tail of the run as a last log point.
         if self._last_logged_step != trainer.global_step and self._device is not None:
             self._log(trainer, pl_module, loss_seen=False)
+        self._remove_gns_hooks()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_gns_hooks()  # also after an exception, so the hooks never outlive the fit
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -503,6 +748,12 @@ class ScaleWatch(Callback):
                 "description": self.convention.description,
             },
             "monitor": self.monitor.state_dict(),
+            "gns": None if self._gns_ema is None and self._gns_restored is None else {
+                "method": self.gns_method,
+                "decay": self.gns_decay,
+                # Reduced over ranks just above: the same on every rank.
+                "state": self._gns_ema.state.tolist() if self._gns_ema is not None else self._gns_restored,
+            },
         }
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -525,3 +776,9 @@ class ScaleWatch(Callback):
             self.convention = FlopConvention(float(conv["per_token"]), int(conv["attention_coeff"]),
                                              str(conv["description"]))
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
+        gns = state_dict.get("gns")
+        if gns and gns.get("state") is not None and len(gns["state"]) == 3:
+            self._gns_restored = [float(v) for v in gns["state"]]  # applied when training starts
+            if self._gns_ema is not None:
+                self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64,
+                                                   device=self._gns_ema.state.device)

@@ -77,3 +77,29 @@ def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 
 def loader(ds: Dataset, batch_size: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+class SyncSpy:
+    """Counts host-sync-prone tensor calls while it is active."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__repr__")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._orig: dict[str, object] = {}
+
+    def __enter__(self) -> SyncSpy:
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+            self._orig[name] = orig
+
+            def wrapper(t, *a, __name=name, __orig=orig, **k):
+                self.calls.append(__name)
+                return __orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, orig in self._orig.items():
+            setattr(torch.Tensor, name, orig)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import TinyLM, VarLenDataset, loader, scalars, trainer
+from helpers import SyncSpy, TinyLM, VarLenDataset, loader, scalars, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from scalewatch import ScaleWatch, ScaleWatchConfigError
@@ -78,32 +78,6 @@ def test_tokens_fn_overrides_counting(tmp_path) -> None:
     assert watch.tokens == 2000 and watch.samples == 8
 
 
-class _SyncSpy:
-    """Counts host-sync-prone tensor calls while it is active."""
-
-    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__repr__")
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self._orig: dict[str, object] = {}
-
-    def __enter__(self) -> _SyncSpy:
-        for name in self.NAMES:
-            orig = getattr(torch.Tensor, name)
-            self._orig[name] = orig
-
-            def wrapper(t, *a, __name=name, __orig=orig, **k):
-                self.calls.append(__name)
-                return __orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapper)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, orig in self._orig.items():
-            setattr(torch.Tensor, name, orig)
-
-
 class _SpiedScaleWatch(ScaleWatch):
     """ScaleWatch whose per-batch hooks record the sync-prone calls they make."""
 
@@ -113,7 +87,7 @@ class _SpiedScaleWatch(ScaleWatch):
 
     def _spied(self, hook, *args) -> None:
         before = self._last_logged_step
-        with _SyncSpy() as spy:
+        with SyncSpy() as spy:
             hook(*args)
         self.records.append((self._seen_batches, self._last_logged_step != before, spy.calls))
 
@@ -204,7 +178,7 @@ def test_unreadable_batch_fails_at_first_batch_naming_tokens_fn(tmp_path) -> Non
     t = trainer(tmp_path, [ScaleWatch()], max_epochs=1)
     with pytest.raises(ScaleWatchConfigError, match="tokens_fn"):
         t.fit(FloatBatches(), torch.utils.data.DataLoader(data, batch_size=None))
-    assert t.global_step == 1  # it stopped at the first batch
+    assert t.global_step == 0  # it stopped at the first batch, before training on it
 
 
 @pytest.mark.parametrize("fn, match", [(lambda b: 12.5, "tokens_fn"), (lambda b: -3, "negative"),

@@ -1,0 +1,291 @@
+"""Capturing the squared gradient norms the noise scale needs, on the device, without a host sync.
+
+Three sources, each giving small-batch and big-batch gradients at the SAME weights:
+
+* :class:`ParamGradHooks`: per-parameter tensor hooks see each backward's gradient
+  contribution before it is accumulated into ``.grad``. Under gradient accumulation
+  that is each micro-batch's gradient; under DDP it is the rank's local gradient
+  before the all-reduce (an equivalent of a communication hook that also sees
+  micro-batches). One norm kernel per parameter per backward; no gradient copies.
+* :class:`PerExampleNorms`: per-example squared gradient norms of ``nn.Linear``,
+  ``nn.LayerNorm`` and ``nn.RMSNorm`` weights from their inputs and output gradients
+  (``|a_i|^2·|delta_i|^2`` for 2-D inputs; for sequences the cheaper of the "ghost
+  norm" Gram form and a per-example ``bmm``). Opt-in: it costs extra compute.
+* :class:`DeviceNoiseEMA`: the bias-corrected EMAs of ``|G|^2`` and ``tr(Sigma)`` kept
+  as a device vector, updated with tensor ops only.
+
+Everything here is torch without Lightning; the callback decides which source applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scalewatch.gns import coefficients
+
+log = logging.getLogger("scalewatch")
+
+
+def _sq_norm(grad: Tensor) -> Tensor:
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    return torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+
+
+def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
+    """Squared L2 norm of the ``.grad`` of ``params`` (float32 0-d device tensor), None if no grads.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
+        >>> float(grad_sq_norm([p]))
+        12.0
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    dense = [g for g in grads if not g.is_sparse]
+    parts = []
+    if dense:
+        norms = torch._foreach_norm(dense, 2)  # one fused kernel per dtype/device group
+        parts.append(torch.stack([n.float() for n in norms]).square().sum())
+    parts.extend(_sq_norm(g) for g in grads if g.is_sparse)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+class ParamGradHooks:
+    """Squared norm of each backward's gradient contribution, summed over ``params``.
+
+    Call :meth:`end_backward` after each backward: it folds the per-parameter norms
+    into the step's sum of squared micro-batch norms (device tensor) and counts the
+    backward. :meth:`take_step` returns ``(sum of squared norms, number of backwards)``
+    and resets.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 1, bias=False)
+        >>> hooks = ParamGradHooks(list(lin.parameters()))
+        >>> for x in (torch.ones(1, 3), 2 * torch.ones(1, 3)):
+        ...     lin(x).sum().backward(); hooks.end_backward()
+        >>> total, n = hooks.take_step(); hooks.remove()
+        >>> float(total), n   # |(1,1,1)|^2 + |(2,2,2)|^2
+        (15.0, 2)
+    """
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self._norms: list[Tensor] = []
+        self._step_sum: Tensor | None = None
+        self._backwards = 0
+        self._handles = [p.register_hook(self._hook) for p in self.params]
+
+    def _hook(self, grad: Tensor) -> None:
+        # Runs inside autograd before accumulation into .grad: the norm must be taken now,
+        # keeping a reference would make AccumulateGrad copy instead of steal the tensor.
+        self._norms.append(_sq_norm(grad.detach()))
+
+    def end_backward(self) -> None:
+        if not self._norms:
+            return
+        total = torch.stack(self._norms).sum()
+        self._norms = []
+        self._step_sum = total if self._step_sum is None else self._step_sum + total
+        self._backwards += 1
+
+    def take_step(self) -> tuple[Tensor | None, int]:
+        out = (self._step_sum, self._backwards)
+        self._step_sum, self._backwards, self._norms = None, 0, []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _linear_sq(x: Tensor, g: Tensor, weight: bool, bias: bool) -> Tensor:
+    """Per-example squared norms of a Linear layer's weight/bias gradients, shape [B]."""
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1]).float()
+    g = g.reshape(b, -1, g.shape[-1]).float()
+    t, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
+    out = x.new_zeros(b)
+    if weight:
+        if t == 1:
+            out = out + x[:, 0].square().sum(1) * g[:, 0].square().sum(1)
+        elif t * (d_in + d_out) < d_in * d_out:
+            # Ghost norm: |sum_t g_t x_t^T|^2 = sum_{t,s} (x_t.x_s)(g_t.g_s), O(B T^2 (d_in + d_out)).
+            out = out + ((x @ x.mT) * (g @ g.mT)).sum((1, 2))
+        else:
+            out = out + torch.bmm(g.mT, x).square().sum((1, 2))
+    if bias:
+        out = out + g.sum(1).square().sum(1)
+    return out
+
+
+def _norm_sq(mod: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool) -> Tensor:
+    """Per-example squared norms of a LayerNorm/RMSNorm's affine gradients, shape [B]."""
+    b = x.shape[0]
+    shape = tuple(mod.normalized_shape)
+    x = x.float()
+    if isinstance(mod, nn.LayerNorm):
+        xhat = torch.nn.functional.layer_norm(x, shape, eps=mod.eps)
+    else:
+        eps = mod.eps if mod.eps is not None else torch.finfo(x.dtype).eps
+        dims = tuple(range(-len(shape), 0))
+        xhat = x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps)
+    n = 1
+    for s in shape:
+        n *= s
+    xhat = xhat.reshape(b, -1, n)
+    g = g.float().reshape(b, -1, n)
+    out = x.new_zeros(b)
+    if weight:
+        out = out + (g * xhat).sum(1).square().sum(1)
+    if bias:
+        out = out + g.sum(1).square().sum(1)
+    return out
+
+
+_SUPPORTED = (nn.Linear, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+class PerExampleNorms:
+    """Per-example squared gradient norms of the Linear / LayerNorm / RMSNorm parameters of a model.
+
+    Covers each parameter that belongs to exactly one supported module (tied weights,
+    such as a GPT head shared with the embedding, are left out, as are embeddings and
+    any other module type). The noise scale is then that of the covered parameters,
+    which tracks the whole model's (Gray et al.). The batch dimension must be dim 0.
+
+    After each backward, :meth:`end_backward` folds the layers' per-example norms;
+    :meth:`take_step` returns ``(sum over examples of |g_i|^2, batch size, covered
+    params)`` where ``g_i`` is example i's contribution to the gradient as computed
+    (1/B of its own gradient when the loss is a batch mean), or ``(None, 0, [])``
+    when the step could not be measured.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1))
+        >>> pe = PerExampleNorms(net)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> net(x).sum().backward(); pe.end_backward()   # per-example grads: (1,0,1) and (0,2,1)
+        >>> s, b, params = pe.take_step(); pe.remove()
+        >>> float(s), b, len(params)
+        (7.0, 2, 2)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        owners: dict[int, int] = {}
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        self._targets: dict[nn.Module, tuple[bool, bool, list[Tensor]]] = {}
+        for mod in model.modules():
+            if not isinstance(mod, _SUPPORTED):
+                continue
+            w = getattr(mod, "weight", None)
+            bias = getattr(mod, "bias", None)
+            use_w = isinstance(w, Tensor) and w.requires_grad and owners.get(id(w)) == 1
+            use_b = isinstance(bias, Tensor) and bias.requires_grad and owners.get(id(bias)) == 1
+            if use_w or use_b:
+                params = ([w] if use_w else []) + ([bias] if use_b else [])
+                self._targets[mod] = (use_w, use_b, params)
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self._targets]
+        self._calls: dict[nn.Module, int] = {}
+        self._pending: list[tuple[nn.Module, Tensor]] = []
+        self._step: dict[nn.Module, Tensor] = {}
+        self._batch = 0
+        self._excluded: set[nn.Module] = set()
+        self.warnings: list[str] = []
+
+    @property
+    def n_modules(self) -> int:
+        return len(self._targets)
+
+    def _forward_hook(self, mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if mod in self._excluded or not torch.is_grad_enabled() or not isinstance(output, Tensor) \
+                or not output.requires_grad or not inputs or not isinstance(inputs[0], Tensor):
+            return
+        x = inputs[0].detach()  # autograd already keeps this input alive for the weight gradient
+        self._calls[mod] = self._calls.get(mod, 0) + 1
+        output.register_hook(lambda g, mod=mod, x=x: self._on_grad(mod, x, g))
+
+    def _on_grad(self, mod: nn.Module, x: Tensor, g: Tensor) -> None:
+        use_w, use_b, _ = self._targets[mod]
+        if x.ndim == 0 or g.shape[0] != x.shape[0]:
+            return
+        if isinstance(mod, nn.Linear):
+            sq = _linear_sq(x, g.detach(), use_w, use_b)
+        else:
+            sq = _norm_sq(mod, x, g.detach(), use_w, use_b)
+        self._pending.append((mod, sq))
+
+    def end_backward(self) -> None:
+        """Fold this backward's per-layer norms into the step (one backward per step is supported)."""
+        for mod, sq in self._pending:
+            if mod in self._step:
+                self._step[mod] = self._step[mod] + sq
+            else:
+                self._step[mod] = sq
+        self._pending = []
+
+    def take_step(self) -> tuple[Tensor | None, int, list[Tensor]]:
+        step, calls = self._step, self._calls
+        self._step, self._calls, self._pending = {}, {}, []
+        usable = []
+        sizes = {int(sq.shape[0]) for sq in step.values()}
+        for mod, sq in step.items():
+            if calls.get(mod, 0) != 1:
+                # A module run twice per step (reuse, activation checkpointing): its per-example
+                # gradient is a sum over calls whose norm the per-call norms do not give.
+                self._exclude(mod, f"{type(mod).__name__} ran {calls.get(mod, 0)} times in one step")
+                continue
+            usable.append((mod, sq))
+        if not usable or len(sizes) != 1:
+            if len(sizes) > 1:
+                self.warnings.append("layers saw different batch sizes in dim 0; per-example norms skipped")
+            return None, 0, []
+        total = torch.stack([sq for _, sq in usable]).sum(0).sum()
+        params = [p for mod, _ in usable for p in self._targets[mod][2]]
+        return total, sizes.pop(), params
+
+    def _exclude(self, mod: nn.Module, why: str) -> None:
+        if mod not in self._excluded:
+            self._excluded.add(mod)
+            self.warnings.append(f"per-example norms: left out a {why}")
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class DeviceNoiseEMA:
+    """Bias-corrected EMAs of ``|G|^2`` and ``tr(Sigma)`` as one float64[3] device vector.
+
+    ``state = [m_g2, m_trace, weight]``; the estimates are ``m / weight``. Updates are
+    tensor ops only: a non-finite step leaves the state untouched without a host read.
+    Under DDP each rank feeds its own small-batch norm; the estimators are linear in
+    it, so averaging the ranks' states at the log step gives exactly the EMA of the
+    rank-averaged estimates (the big-batch norm is the same on every rank).
+    """
+
+    def __init__(self, decay: float, device: torch.device | str = "cpu") -> None:
+        self.decay = decay
+        self.state = torch.zeros(3, dtype=torch.float64, device=device)
+        self.updates = 0  # steps offered (host count); skipped non-finite steps included
+
+    def update(self, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float) -> None:
+        c = coefficients(b_small, b_big)
+        small = small_sq.double()
+        big = big_sq.double()
+        est = torch.stack((c.big * big - c.small * small, c.trace * (small - big), torch.ones_like(big)))
+        new = self.decay * self.state + (1 - self.decay) * est
+        self.state = torch.where(torch.isfinite(est).all(), new, self.state)
+        self.updates += 1
+
+    def to(self, device: torch.device | str) -> None:
+        self.state = self.state.to(device)
