@@ -499,7 +499,8 @@ class ScaleWatch(Callback):
         self._gns_capture = capture
         self._gns_ema = DeviceNoiseEMA(self.gns_decay, device=self._device or "cpu")
         if self._gns_restored is not None:
-            self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64, device=self._gns_ema.state.device)
+            self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64,
+                                               device=self._gns_ema.state.device)
         if trainer.is_global_zero:
             log.info("scalewatch: gradient noise scale from %s", self._gns_description())
 

@@ -66,7 +66,7 @@ def unbiased_estimates(small_sq: float, big_sq: float, b_small: float, b_big: fl
 
 
 def b_simple_from(g2: float, trace: float) -> float:
-    """``tr(Sigma)/|G|^2`` clamped to ``[0, 1e9·...]``: a non-positive ``|G|^2`` means the noise dominates.
+    """``tr(Sigma)/|G|^2`` clamped to ``[0, 1e9]``: a non-positive ``|G|^2`` means the noise dominates.
 
     Example:
         >>> b_simple_from(2.0, 10.0), b_simple_from(-1.0, 10.0) > 1e8, b_simple_from(1.0, -3.0)
