@@ -31,10 +31,17 @@ from scalewatch.gns import coefficients
 log = logging.getLogger("scalewatch")
 
 
-def _sq_norm(grad: Tensor) -> Tensor:
+def _norm(grad: Tensor) -> Tensor:
+    """L2 norm in at least float32: one kernel for float32/float64 gradients."""
     if grad.is_sparse:
         grad = grad.coalesce().values()
-    return torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+    if grad.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(grad)
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+
+def _sq_norm(grad: Tensor) -> Tensor:
+    return _norm(grad).float().square()
 
 
 def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
@@ -85,12 +92,16 @@ class ParamGradHooks:
     def _hook(self, grad: Tensor) -> None:
         # Runs inside autograd before accumulation into .grad: the norm must be taken now,
         # keeping a reference would make AccumulateGrad copy instead of steal the tensor.
-        self._norms.append(_sq_norm(grad.detach()))
+        # One kernel per parameter; squaring and summing wait for end_backward.
+        self._norms.append(_norm(grad))
 
     def end_backward(self) -> None:
         if not self._norms:
             return
-        total = torch.stack(self._norms).sum()
+        norms = self._norms
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.float() for n in norms]
+        total = torch.stack(norms).float().square().sum()
         self._norms = []
         self._step_sum = total if self._step_sum is None else self._step_sum + total
         self._backwards += 1

@@ -1,0 +1,150 @@
+"""Step-time cost of the gradient noise scale: ScaleWatch with the noise scale on vs off, side by side.
+
+    python benchmarks/gns_overhead.py --method accumulation [--accumulate 4] [--rounds 6] [--steps 30]
+    python benchmarks/gns_overhead.py --method per_example
+    python benchmarks/gns_overhead.py --method ddp          # 2 CPU processes (gloo), rank 0 prints
+
+Both arms attach ScaleWatch; only ``gns`` differs ("off" vs the method), so the ratio is
+the noise scale's own cost. Arms alternate in rounds so that drift of the machine hits
+both alike; a step's time is the period between consecutive optimizer steps (all
+micro-batches, hooks, the optimizer and data loading included).
+Targets (issue 4): ratio <= 1.02 for the DDP and accumulation methods; per-example reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
+
+from scalewatch import ScaleWatch  # noqa: E402
+from scalewatch.gns_capture import ParamGradHooks, PerExampleNorms  # noqa: E402
+
+# Seconds spent inside the noise-scale code itself (autograd hooks included): a direct
+# measurement that does not depend on the step-time noise of a shared machine.
+GNS_SECONDS = [0.0]
+
+
+def _timed(fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            GNS_SECONDS[0] += time.perf_counter() - t
+    return wrapper
+
+
+for _cls, _names in ((ParamGradHooks, ("_hook", "end_backward")),
+                     (PerExampleNorms, ("_forward_hook", "_on_grad", "end_backward")),
+                     (ScaleWatch, ("_gns_step",))):
+    for _name in _names:
+        setattr(_cls, _name, _timed(getattr(_cls, _name)))
+
+
+class StepTimer(pl.Callback):
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # timer only: both arms pay it alike
+        self.marks.append(self.clock())
+
+    def periods(self, skip: int = 3) -> list[float]:
+        return [b - a for a, b in zip(self.marks[skip:], self.marks[skip + 1:], strict=False)]
+
+
+def run_chunk(gns: str, args, cfg, loader) -> tuple[list[float], str | None]:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    watch = ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every, gns=gns)
+    ddp = args.method == "ddp"
+    trainer = pl.Trainer(
+        max_steps=args.steps, accelerator=args.device, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
+        callbacks=[watch, timer], logger=False, log_every_n_steps=args.log_every,
+        accumulate_grad_batches=args.accumulate if args.method == "accumulation" else 1,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        precision=args.precision,
+    )
+    trainer.fit(TinyGPTModule(cfg, max_steps=args.steps), loader)
+    return timer.periods(), watch.gns_method
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=("accumulation", "per_example", "ddp"), default="accumulation")
+    p.add_argument("--accumulate", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per rank)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time (CPU device only; robust to a noisy shared host)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = p.parse_args()
+    if args.clock == "cpu":
+        StepTimer.clock = staticmethod(time.process_time)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.method == "ddp":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
+                    n_head=max(1, args.n_embd // 64))
+    per_step = args.batch_size * (args.accumulate if args.method == "accumulation" else 1)
+    loader = make_loaders(cfg, args.batch_size, num_train=args.steps * per_step * (2 if args.method == "ddp" else 1))[0]
+    on_mode = "per_example" if args.method == "per_example" else "auto"
+    off_t: list[float] = []
+    on_t: list[float] = []
+    ratios: list[float] = []
+    inside: list[float] = []  # seconds in the noise-scale code per optimizer step, per "on" chunk
+    method = None
+    for r in range(args.rounds):
+        medians = {}
+        for mode in (("off", on_mode) if r % 2 == 0 else (on_mode, "off")):
+            GNS_SECONDS[0] = 0.0
+            periods, used = run_chunk(mode, args, cfg, loader)
+            if mode != "off":
+                inside.append(GNS_SECONDS[0] / args.steps)
+            (off_t if mode == "off" else on_t).extend(periods)
+            medians[mode] = statistics.median(periods)
+            if mode != "off":
+                method = used
+        ratios.append(medians[on_mode] / medians["off"])
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return 0
+    med_off, med_on = statistics.median(off_t), statistics.median(on_t)
+    print(f"method={method} device={args.device} precision={args.precision} model: n_layer={cfg.n_layer} "
+          f"n_embd={cfg.n_embd} T={cfg.block_size} micro-batch={args.batch_size}"
+          f"{f' x {args.accumulate}' if args.method == 'accumulation' else ''}"
+          f"{' per rank, 2 ranks' if args.method == 'ddp' else ''}; {len(on_t)} steps each way; clock={args.clock}, "
+          f"threads={torch.get_num_threads()}")
+    print(f"median optimizer step: gns off {med_off * 1e3:.2f} ms, gns on {med_on * 1e3:.2f} ms")
+    cost = statistics.median(inside)
+    print(f"time inside the noise-scale code (hooks, folding, EMA update) per optimizer step: {cost * 1e3:.2f} ms "
+          f"= {cost / med_off:.4f} of a step")
+    print(f"per-round ratios: {' '.join(f'{x:.3f}' for x in ratios)}")
+    print(f"pooled median step-time ratio (on / off): {med_on / med_off:.4f}")
+    print(f"median step-time ratio (on / off), median over rounds: {statistics.median(ratios):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
