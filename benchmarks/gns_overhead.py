@@ -1,7 +1,7 @@
 """Step-time cost of the gradient noise scale: ScaleWatch with the noise scale on vs off, side by side.
 
     python benchmarks/gns_overhead.py --method accumulation [--accumulate 4] [--rounds 6] [--steps 30]
-    python benchmarks/gns_overhead.py --method per_example
+    python benchmarks/gns_overhead.py --method per_example      # or per_example_norm
     python benchmarks/gns_overhead.py --method ddp          # 2 CPU processes (gloo), rank 0 prints
 
 Both arms attach ScaleWatch; only ``gns`` differs ("off" vs the method), so the ratio is
@@ -84,7 +84,8 @@ def run_chunk(gns: str, args, cfg, loader) -> tuple[list[float], str | None]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=("accumulation", "per_example", "ddp"), default="accumulation")
+    p.add_argument("--method", choices=("accumulation", "per_example", "per_example_norm", "ddp"),
+                   default="accumulation")
     p.add_argument("--accumulate", type=int, default=4)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=30)
@@ -110,7 +111,7 @@ def main() -> int:
                     n_head=max(1, args.n_embd // 64))
     per_step = args.batch_size * (args.accumulate if args.method == "accumulation" else 1)
     loader = make_loaders(cfg, args.batch_size, num_train=args.steps * per_step * (2 if args.method == "ddp" else 1))[0]
-    on_mode = "per_example" if args.method == "per_example" else "auto"
+    on_mode = args.method if args.method.startswith("per_example") else "auto"
     off_t: list[float] = []
     on_t: list[float] = []
     ratios: list[float] = []

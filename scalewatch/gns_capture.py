@@ -171,6 +171,8 @@ class PerExampleNorms:
     such as a GPT head shared with the embedding, are left out, as are embeddings and
     any other module type). The noise scale is then that of the covered parameters,
     which tracks the whole model's (Gray et al.). The batch dimension must be dim 0.
+    ``layers="norm"`` keeps only the LayerNorm/RMSNorm weights: O(B·T·d) per layer
+    instead of a per-example weight-gradient matmul, for a fraction of the cost.
 
     After each backward, :meth:`end_backward` folds the layers' per-example norms;
     :meth:`take_step` returns ``(sum over examples of |g_i|^2, batch size, covered
@@ -188,14 +190,17 @@ class PerExampleNorms:
         (7.0, 2, 2)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layers: str = "all") -> None:
+        if layers not in ("all", "norm"):
+            raise ValueError(f"layers must be 'all' or 'norm', got {layers!r}")
+        supported = _SUPPORTED if layers == "all" else tuple(t for t in _SUPPORTED if t is not nn.Linear)
         owners: dict[int, int] = {}
         for mod in model.modules():
             for p in mod.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         self._targets: dict[nn.Module, tuple[bool, bool, list[Tensor]]] = {}
         for mod in model.modules():
-            if not isinstance(mod, _SUPPORTED):
+            if not isinstance(mod, supported):
                 continue
             w = getattr(mod, "weight", None)
             bias = getattr(mod, "bias", None)

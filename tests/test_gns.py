@@ -207,6 +207,15 @@ def test_per_example_method_matches_exact_noise_scale(kind, exact) -> None:
     assert _estimate(watch) == pytest.approx(exact[kind], rel=0.10)
 
 
+def test_layernorm_only_per_example_matches_exact_noise_scale_of_those_weights() -> None:
+    net = make_model("mlp")
+    exact = exact_b_simple(net, make_data(), params=["1.weight", "1.bias"])  # the LayerNorm's
+    watch = _watch(gns="per_example_norm")
+    _fit(watch, "mlp", accumulate=1, micro_batch=32)
+    assert watch.gns_method == "per_example_norm"
+    assert _estimate(watch) == pytest.approx(exact, rel=0.10)
+
+
 @pytest.mark.parametrize("method, accumulate, micro_batch", [("accumulation", 4, 8), ("per_example", 1, 32)])
 def test_fp16_loss_scale_is_divided_out(method, accumulate, micro_batch) -> None:
     plain = _watch(gns="per_example" if method == "per_example" else "auto")
