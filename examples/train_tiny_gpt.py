@@ -27,7 +27,9 @@ from scalewatch import ScaleWatch  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--accumulate", type=int, default=2,
+                   help="micro-batches per optimizer step (>1 gives the gradient noise scale for free)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=4)
-    train, val = make_loaders(cfg, args.batch_size, num_train=args.max_steps * args.batch_size)
+    train, val = make_loaders(cfg, args.batch_size, num_train=args.max_steps * args.batch_size * args.accumulate)
     module = TinyGPTModule(cfg, lr=args.lr, warmup_steps=min(40, args.max_steps // 10), max_steps=args.max_steps)
 
     flops = args.flops if args.flops in ("6N", "6N+attn", "measured") else float(args.flops)
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         max_steps=args.max_steps,
         accelerator="auto",
         devices=1,
+        accumulate_grad_batches=args.accumulate,
         callbacks=[watch],
         logger=TensorBoardLogger(args.logdir, name="tiny_gpt"),
         log_every_n_steps=args.log_every,
@@ -65,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nscalewatch: {watch.describe()}")
     print(f"trained {watch.tokens:,} tokens ({watch.tokens / watch.n_params:.2f} tokens/param), "
           f"{watch.flops:.3e} FLOPs in {elapsed:.0f} s; final train loss {last.loss:.3f} nats/byte")
+    s = watch.latest
+    if "gns/b_crit" in s:
+        print(f"gradient noise scale ({watch.gns_method}): B_simple = {s['gns/b_simple']:.1f} sequences = "
+              f"{s['gns/b_crit']:,.0f} tokens (the critical-batch estimate) vs a batch of "
+              f"{s['gns/batch_tokens']:,.0f} tokens: {s['gns/compute_factor']:.2f}x the minimum compute, "
+              f"{s['gns/steps_factor']:.2f}x the minimum steps")
     print(f"TensorBoard logs: {trainer.logger.log_dir}\n  view them with: tensorboard --logdir {args.logdir}")
     return 0
 

@@ -269,6 +269,7 @@ class ScaleWatch(Callback):
         self._interval_loss = [0.0, 0.0]  # global (sum, count) of finite losses folded in at a checkpoint
         self._trainer: Trainer | None = None
         self._val_started: float | None = None
+        self.latest: dict[str, float] = {}  # the scalars of the last log point (names without the prefix)
         self._batch_count: BatchCount | None = None
         self._interval_start = (0, 0, 0)  # step, samples, tokens at the previous log point
 
@@ -671,6 +672,7 @@ class ScaleWatch(Callback):
             obs = self._observation(trainer, loss)
             self._add_interval_extras(trainer, obs)
             scalars = self.monitor.observe(obs)
+            self.latest = scalars
             if trainer.is_global_zero:
                 self._write(trainer, obs, scalars)
         except Exception as exc:  # monitoring must never crash the run

@@ -18,7 +18,7 @@ from gns_problems import Classifier, exact_b_simple, loader, make_data, make_mod
 
 from scalewatch import ScaleWatch  # noqa: E402
 
-STEPS = 300
+STEPS = 600
 MICRO_BATCH = 8
 
 
@@ -27,7 +27,8 @@ def main() -> None:
     torch.set_num_threads(1)
     data = make_data()
     net = make_model(kind)
-    watch = ScaleWatch(tokens_fn=lambda b: b[0].shape[0], samples_fn=lambda b: b[0].shape[0], log_every_n_steps=50)
+    watch = ScaleWatch(tokens_fn=lambda b: b[0].shape[0], samples_fn=lambda b: b[0].shape[0], log_every_n_steps=50,
+                       gns_decay=0.995)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=STEPS,
         accumulate_grad_batches=accum, callbacks=[watch], logger=False, enable_checkpointing=False,
