@@ -10,10 +10,13 @@ logs what the monitor returns, on rank 0 only.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,8 +38,10 @@ from scalewatch.accounting import (
     six_n,
     six_n_plus_attention,
 )
+from scalewatch.curves import CurveError, CurveLaw, CurvePlugin, load_curve_law, schedule_from_csv
 from scalewatch.gns import NoiseScalePlugin
 from scalewatch.gns_capture import DeviceNoiseEMA, ParamGradHooks, PerExampleNorms, grad_sq_norm
+from scalewatch.laws import LawFileError
 from scalewatch.monitor import Monitor, Observation
 
 log = logging.getLogger("scalewatch")
@@ -71,6 +76,55 @@ def _loss_from_outputs(outputs: Any) -> Tensor | None:
         if isinstance(loss, Tensor):
             return loss
     return None
+
+
+# TensorBoard custom-scalars layout: the live loss inside the predicted band (a margin chart).
+CURVE_LAYOUT = {
+    "scalewatch": {
+        "loss vs predicted curve (90% band)": [
+            "Margin", [PREFIX + "loss", PREFIX + "loss_pred_low", PREFIX + "loss_pred_high"]],
+        "final loss forecast (90% band)": [
+            "Margin", [PREFIX + "loss_forecast_final", PREFIX + "loss_forecast_final_low",
+                       PREFIX + "loss_forecast_final_high"]],
+        "loss, predicted, forecast": [
+            "Multiline", [PREFIX + "loss", PREFIX + "loss_pred", PREFIX + "loss_forecast_final"]],
+    }
+}
+
+
+def lookahead_schedule(trainer: Trainer, total: int) -> Any:
+    """The LR of the first parameter group at every step 0..total, by stepping a COPY of the scheduler.
+
+    The copy runs on a stand-in optimizer with the same parameter groups but one tiny
+    parameter each, so neither the model, the real optimizer nor the real scheduler is
+    touched. Without a scheduler the LR is constant.
+    """
+    import numpy as np
+
+    if not trainer.optimizers:
+        raise CurveError("no optimizer to read the learning rate from; pass ScaleWatch(schedule=...)")
+    opt = trainer.optimizers[0]
+    lr0 = float(opt.param_groups[0]["lr"])
+    configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None) is opt]
+    if not configs:
+        return np.full(total + 1, lr0)
+    cfg = configs[0]
+    stand_in = torch.optim.SGD([{**{k: v for k, v in g.items() if k != "params"},
+                                 "params": [torch.zeros(1, requires_grad=True)]} for g in opt.param_groups], lr=lr0)
+    sched = copy.deepcopy(cfg.scheduler, memo={id(opt): stand_in})
+    every = max(int(cfg.frequency or 1), 1)
+    if cfg.interval == "epoch":
+        every *= max(int(trainer.num_training_batches // max(trainer.accumulate_grad_batches, 1)), 1)
+    start = trainer.global_step
+    lrs = np.empty(total + 1)
+    lrs[: start + 1] = lr0  # before the start of this session (a resume without a saved schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": it is a copy
+        for step in range(start + 1, total + 1):
+            if step % every == 0:
+                sched.step()
+            lrs[step] = float(stand_in.param_groups[0]["lr"])
+    return lrs
 
 
 def choose_gns_method(mode: str, strategy: Any, world_size: int, accumulate_grad_batches: int,
@@ -166,6 +220,14 @@ class ScaleWatch(Callback):
             ``b_crit`` (tokens), ``batch_size``, ``batch_tokens``, ``steps_factor``,
             ``compute_factor``, ``g2``, ``trace`` and ``b_crit_kaplan_ref``.
         gns_decay: EMA decay per optimizer step of the noise-scale estimates.
+        curve_law: a curve-law file from ``scalewatch fit --curves --out`` (or a
+            :class:`~scalewatch.curves.CurveLaw`): logs ``loss_pred`` with ``loss_pred_low`` /
+            ``loss_pred_high`` (90% band), ``loss_residual`` (in units of the band's
+            half-width), ``loss_forecast_final`` with its band, and a TensorBoard
+            custom-scalars chart of the live loss inside the predicted band.
+        schedule: the run's LR per optimizer step for the prediction (a sequence, a
+            ``step,lr`` CSV path, or ``fn(step) -> lr``). Default: the configured LR
+            scheduler evaluated ahead on a copy (training state untouched).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -191,6 +253,8 @@ class ScaleWatch(Callback):
         history_size: int = 2048,
         gns: str | None = "auto",
         gns_decay: float = 0.99,
+        curve_law: str | Path | CurveLaw | None = None,
+        schedule: Sequence[float] | str | Path | Callable[[int], float] | None = None,
     ) -> None:
         if n_params is not None and (isinstance(n_params, bool) or not isinstance(n_params, int) or n_params <= 0):
             raise ScaleWatchConfigError(
@@ -238,8 +302,22 @@ class ScaleWatch(Callback):
 
         self.gns_mode = gns
         self.gns_decay = float(gns_decay)
+        if curve_law is not None and not isinstance(curve_law, CurveLaw):
+            try:
+                curve_law = load_curve_law(curve_law)
+            except LawFileError as exc:
+                raise ScaleWatchConfigError(f"scalewatch: curve_law: {exc}") from None
+        self.curve_law: CurveLaw | None = curve_law
+        self.schedule_arg = schedule
+        self.schedule: Any = None  # per-step LR the prediction uses (numpy array), set when training starts
+        self._schedule_saved: list[float] | None = None
 
-        self.monitor = Monitor(history_size=history_size, plugins=[NoiseScalePlugin()] if gns != "off" else [])
+        plugins: list[Any] = [NoiseScalePlugin()] if gns != "off" else []
+        self.curve_plugin = CurvePlugin(curve_law) if curve_law is not None else None
+        if self.curve_plugin is not None:
+            plugins.append(self.curve_plugin)
+        self.monitor = Monitor(history_size=history_size, plugins=plugins)
+        self._layout_written = False
         self.params: ParamCount | None = None
         self.n_params: int | None = None
         self.convention: FlopConvention | None = None
@@ -311,6 +389,12 @@ class ScaleWatch(Callback):
                 )
         self.convention = self._resolve_convention(pl_module, n_label)
         self.monitor.n_params = self.n_params
+        if self.curve_plugin is not None and self.curve_law is not None:
+            self.curve_plugin.n_params = self.n_params
+            law_conv = self.curve_law.conventions.get("n_params")
+            if law_conv and law_conv != self.param_convention and trainer.is_global_zero:
+                log.warning("scalewatch: the curve law was fitted with N counted as %r, this run counts N as %r; "
+                            "pass ScaleWatch(param_convention=%r) or refit", law_conv, self.param_convention, law_conv)
         self.monitor.peak_flops = self._resolve_peak_flops(trainer, pl_module)
         if trainer.is_global_zero:
             log.info("scalewatch: %s = %s; FLOPs: %s", n_label, f"{self.n_params:,}",
@@ -357,6 +441,45 @@ class ScaleWatch(Callback):
         self._t0 = time.perf_counter()
         self.monitor.start(self._observation(trainer, loss=math.nan))
         self._setup_gns(trainer, pl_module)
+        self._setup_schedule(trainer)
+
+    # ------------------------------------------------------- predicted curve
+    def _total_steps(self, trainer: Trainer) -> int:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        return int(trainer.estimated_stepping_batches)
+
+    def _setup_schedule(self, trainer: Trainer) -> None:
+        if self.curve_plugin is None:
+            return
+        try:
+            total = self._total_steps(trainer)
+            schedule = self._resolve_schedule(trainer, total)
+            if len(schedule) - 1 < total and trainer.is_global_zero:
+                log.warning("scalewatch: the LR schedule covers steps 0..%d but the run goes to step %d; the "
+                            "predicted curve stops at step %d", len(schedule) - 1, total, len(schedule) - 1)
+            self.curve_plugin.set_schedule(schedule)
+            self.schedule = self.curve_plugin.schedule
+            self._schedule_saved = [float(x) for x in schedule]
+        except (CurveError, ValueError, TypeError, RuntimeError) as exc:
+            # A schedule we cannot read must not stop the run: no prediction, everything else works.
+            self.curve_plugin.schedule = None
+            if trainer.is_global_zero:
+                log.warning("scalewatch: no predicted curve: %s", exc)
+
+    def _resolve_schedule(self, trainer: Trainer, total: int) -> Any:
+        import numpy as np
+
+        arg = self.schedule_arg
+        if isinstance(arg, (str, Path)):
+            return schedule_from_csv(arg)
+        if callable(arg):
+            return np.array([float(arg(s)) for s in range(total + 1)])
+        if arg is not None:
+            return np.asarray(arg, dtype=float)
+        if self._schedule_saved is not None:
+            return np.asarray(self._schedule_saved, dtype=float)  # resumed: the schedule seen at the start
+        return lookahead_schedule(trainer, total)
 
     # --------------------------------------------------------------- hot path
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -699,6 +822,9 @@ class ScaleWatch(Callback):
                 writer = logger.experiment
                 if not self._conventions_written:
                     writer.add_text(PREFIX + "conventions", self.describe(), global_step=obs.step)
+                if self.curve_plugin is not None and not self._layout_written and hasattr(writer, "add_custom_scalars"):
+                    writer.add_custom_scalars(CURVE_LAYOUT)
+                    self._layout_written = True
                 if not self._gns_method_written and self.gns_mode != "off":
                     writer.add_text(PREFIX + "gns/method", f"{self.gns_method or 'none'}: {self._gns_description()}",
                                     global_step=obs.step)
@@ -757,6 +883,7 @@ class ScaleWatch(Callback):
                 "description": self.convention.description,
             },
             "monitor": self.monitor.state_dict(),
+            "curve_schedule": self._schedule_saved,
             "gns": None if self._gns_ema is None and self._gns_restored is None else {
                 "method": self.gns_method,
                 "decay": self.gns_decay,
@@ -785,6 +912,9 @@ class ScaleWatch(Callback):
             self.convention = FlopConvention(float(conv["per_token"]), int(conv["attention_coeff"]),
                                              str(conv["description"]))
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
+        saved = state_dict.get("curve_schedule")
+        if isinstance(saved, list) and saved:
+            self._schedule_saved = [float(x) for x in saved]
         gns = state_dict.get("gns")
         if gns and gns.get("state") is not None and len(gns["state"]) == 3:
             self._gns_restored = [float(v) for v in gns["state"]]  # applied when training starts

@@ -46,7 +46,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from scalewatch.laws import save_law
 
     if args.curves:
-        raise CLIError("--curves (schedule-aware curve laws) is not available yet; fit final points with RUNS")
+        if args.runs:
+            raise CLIError("give either RUNS (final points, a law L(N, D)) or --curves FILES (loss curves), not both")
+        return _cmd_fit_curves(args)
     if not args.runs:
         raise CLIError("give one or more CSV/JSON files of pilot runs")
     with warnings.catch_warnings(record=True) as caught:
@@ -101,6 +103,103 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if not result.converged:
         print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_fit_curves(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from scalewatch.curves import CurveError, fit_curves, read_curves, save_curve_law
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            curves = read_curves(args.curves, loss_column=args.loss_column)
+            result = fit_curves(curves, loss_name=args.loss_name or args.loss_column or "loss",
+                                n_convention=args.n_convention or "total")
+        except CurveError as exc:
+            raise CLIError(str(exc)) from None
+    for w in caught:
+        print(f"scalewatch fit: warning: {w.message}", file=sys.stderr)
+    law = result.law
+    if args.out:
+        save_curve_law(law, args.out)
+    sizes = law.fitted_on.get("sizes") or []
+    payload = {"family": law.family, "params": {k: list(v) for k, v in law.coef.items()}, "n_ref": law.n_ref,
+               "band_rel_90": law.band_rel, "in_sample_mean_rel_error": result.in_sample,
+               "held_out_mean_rel_error": result.held_out, "sizes": sizes, "out": args.out}
+    lines = [f"curve law (Tissue et al. momentum law) from {len(curves)} curves"
+             + (f" at {len(sizes)} sizes" if sizes else "")]
+    for n in (sizes or [None]):
+        m = law.at(n)
+        lines.append(f"  {'N=' + _fmt(n) if n else 'one size'}: L0={m.L0:.4f} A={m.A:.4g} alpha={m.alpha:.4f} "
+                     f"C={m.C:.4g} (lambda={law.lam})")
+    lines.append(f"  fit error: mean {np.mean(list(result.in_sample.values())):.3%} per curve; "
+                 f"90% band +-{law.band_rel:.2%} (from held-out errors)")
+    if args.out:
+        lines.append(f"law file written to {args.out}")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from scalewatch.curves import CurveError, load_curve_law, per_step_lr
+    from scalewatch.laws import LawFileError
+
+    try:
+        law = load_curve_law(args.law)
+    except LawFileError as exc:
+        raise CLIError(str(exc)) from None
+    if args.n_params is not None and not args.n_params > 0:
+        raise CLIError(f"--n-params must be positive, got {args.n_params}")
+    if law.n_range is not None and args.n_params is None:
+        raise CLIError("this law was fitted on several sizes: give --n-params N for the run to predict")
+    try:
+        import csv
+
+        with open(args.schedule, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "step" not in rows[0] or "lr" not in rows[0]:
+            raise CLIError(f"{args.schedule}: a schedule CSV needs columns step,lr")
+        steps = [float(r["step"]) for r in rows]
+        lrs = [float(r["lr"]) for r in rows]
+        schedule = per_step_lr(steps, lrs)
+        every = max(1, int(steps[-1]) // max(args.points - 1, 1))
+        at = sorted(set(list(range(every, int(steps[-1]) + 1, every)) + [int(steps[-1])]))
+        pred = law.predict(schedule, n_params=args.n_params, steps=at)
+    except OSError as exc:
+        raise CLIError(f"{args.schedule}: cannot read ({exc.strerror})") from None
+    except (ValueError, KeyError) as exc:
+        raise CLIError(f"{args.schedule}: {exc}") from None
+    except CurveError as exc:
+        raise CLIError(str(exc)) from None
+    if args.n_params is not None and law.n_range is not None:
+        lo, hi = law.n_range
+        if not lo <= args.n_params <= hi:
+            print(f"scalewatch predict: warning: N={_fmt(args.n_params)} is outside the pilot sizes "
+                  f"{_fmt(lo)}..{_fmt(hi)}; the band is widened for the extrapolation", file=sys.stderr)
+    rows_out = [{"step": int(s), "loss": float(v), "low": float(lo_), "high": float(hi_)}
+                for s, v, lo_, hi_ in zip(pred.steps, pred.loss, pred.low, pred.high, strict=True)]
+    text = [f"predicted loss ({law.conventions.get('loss', 'loss')}), {int(pred.level * 100)}% band:",
+            f"{'step':>10} {'loss':>9} {'low':>9} {'high':>9}"]
+    text += [f"{r['step']:>10} {r['loss']:9.4f} {r['low']:9.4f} {r['high']:9.4f}" for r in rows_out]
+    _emit(args, {"law": args.law, "n_params": args.n_params, "level": pred.level, "points": rows_out},
+          "\n".join(text))
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]'") from None
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.fill_between(pred.steps, pred.low, pred.high, alpha=0.3, label=f"{int(pred.level * 100)}% band")
+        ax.plot(pred.steps, pred.loss, label="predicted")
+        ax.set_xlabel("step")
+        ax.set_ylabel(law.conventions.get("loss", "loss"))
+        ax.legend()
+        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
     return 0
 
 
@@ -222,8 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-convention", choices=("total", "non_embedding"),
                      help="how N was counted in the runs (recorded in the law file)")
     fit.add_argument("--loss-name", help="what the loss is (recorded in the law file), e.g. 'c4 val nats/token'")
-    fit.add_argument("--curves", nargs="+", help=argparse.SUPPRESS)
+    fit.add_argument("--curves", nargs="+", metavar="FILE",
+                     help="fit a schedule-aware curve law instead: loss-curve CSVs (step,lr,loss[,n_params]) "
+                          "or TensorBoard event directories")
     fit.set_defaults(func=_cmd_fit)
+
+    pred = sub.add_parser("predict", help="predict a run's loss curve from a curve law and its LR schedule")
+    pred.add_argument("--law", required=True, help="curve-law file from `scalewatch fit --curves --out`")
+    pred.add_argument("--schedule", required=True, help="CSV with columns step,lr covering the whole run")
+    pred.add_argument("--n-params", type=float, help="N of the run (needed for laws fitted on several sizes)")
+    pred.add_argument("--points", type=int, default=21, help="how many steps to print (default 21)")
+    pred.add_argument("--plot", help="draw the predicted curve and band to this image (needs matplotlib)")
+    pred.add_argument("--json", action="store_true", help="machine-readable output")
+    pred.set_defaults(func=_cmd_predict)
 
     plan = sub.add_parser("plan", help="compute-optimal, inference-aware and data-constrained plans")
     plan.add_argument("--flops", type=float, help="training compute budget C in FLOPs")

@@ -35,6 +35,9 @@ FAMILY = "momentum_curve"
 LAMBDA = 0.999
 PARAM_NAMES = ("L0", "lnA", "alpha", "lnC")
 BAND_LEVEL = 0.90
+# The band is never narrower than this (relative): curves measured on a finite evaluation set
+# are not known better, and a law that fits its pilots perfectly is not perfect elsewhere.
+BAND_FLOOR_REL = 0.002
 # Points before this fraction of a curve's last step are left out of fits: the warmup and
 # the first steep drop are not what the law describes (and not what a forecast is about).
 SKIP_FRACTION = 0.1
@@ -179,7 +182,7 @@ def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: f
         raise CurveError(f"{p}: a value is not a number ({exc})") from None
     if n_params is None and nk is not None and rows and rows[0].get(nk):
         n_params = float(rows[0][nk])
-    return validate_curve(Curve(p.stem, steps, lr, loss, n_params))
+    return validate_curve(Curve(str(p), steps, lr, loss, n_params))
 
 
 def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_params: float | None = None) -> Curve:
@@ -506,6 +509,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         band = _weighted_quantile(np.concatenate(errs), np.concatenate(wts), BAND_LEVEL)
     else:
         band = 3 * max(in_sample.values())
+    band = max(band, BAND_FLOOR_REL)
     law = CurveLaw(
         coef=coef, n_ref=n_ref, lam=lam, band_rel=band,
         n_range=(sizes[0], sizes[-1]) if sizes else None,
@@ -587,3 +591,81 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     # Where the prefix pulled the forecast away from the pilots, the band spans both: an early
     # prefix can pull hard in the wrong direction.
     return Forecast(end, final, min(final, prior_final) - half, max(final, prior_final) + half, prior_final, len(st))
+
+
+# ------------------------------------------------------------------ the monitor plugin
+class CurvePlugin:
+    """Monitor plugin: the live loss against the curve law's prediction for this run, and a forecast.
+
+    Needs the run's per-step LR (``schedule``, index = step, covering the whole run) and N.
+    Scalars: ``loss_pred``, ``loss_pred_low``, ``loss_pred_high`` (90% band at this step),
+    ``loss_residual`` ((loss - pred) / half-width of the band: beyond +-1 the run is off its
+    predicted curve), ``loss_forecast_final`` with ``_low`` / ``_high`` (the final loss
+    forecast from the history so far with the law as prior) and ``loss_pred_final``.
+
+    Example:
+        >>> from scalewatch.monitor import Monitor, Observation
+        >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
+        ...                 "lnC": (math.log(100.0), 0.0)}, n_ref=1e8, band_rel=0.01)
+        >>> m = Monitor(plugins=[CurvePlugin(law, np.full(1001, 1e-3))])
+        >>> s = m.observe(Observation(step=400, tokens=0, samples=0, flops=0, loss=3.60))
+        >>> round(s["loss_pred"], 3), round(s["loss_residual"], 2)
+        (3.579, 0.58)
+    """
+
+    name = "curve"
+
+    def __init__(self, law: CurveLaw, schedule: np.ndarray | None = None, n_params: float | None = None) -> None:
+        self.law = law
+        self.n_params = n_params
+        self.schedule: np.ndarray | None = None
+        self._S: tuple[np.ndarray, np.ndarray] | None = None
+        if schedule is not None:
+            self.set_schedule(schedule)
+
+    def set_schedule(self, schedule: np.ndarray) -> None:
+        schedule = np.asarray(schedule, dtype=float)
+        if schedule.ndim != 1 or len(schedule) < 2 or not np.all(np.isfinite(schedule)):
+            raise CurveError("schedule: need the LR at every step as a 1-D array of finite numbers")
+        if not np.any(schedule > 0):
+            raise CurveError("schedule: the learning rate is zero or negative throughout")
+        self.schedule = schedule
+        self._S = schedule_features(schedule, self.law.lam)
+
+    def on_observation(self, obs: Any, monitor: Any) -> dict[str, float]:
+        if self.schedule is None or self._S is None or obs.step < 1:
+            return {}
+        end = len(self.schedule) - 1
+        if obs.step > end:
+            return {}  # past the schedule: nothing to compare with (said once by the callback)
+        S1, S2 = self._S
+        model = self.law.at(self.n_params)
+        pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
+        half = self.law.band_at(self.n_params) * pred
+        out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
+               "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
+        if math.isfinite(obs.loss):
+            out["loss_residual"] = (obs.loss - pred) / half if half > 0 else math.nan
+        hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
+        if hist:
+            steps, losses = zip(*hist, strict=True)
+            fc = forecast_final(self.law, self.schedule, steps, losses, n_params=self.n_params)
+            out.update({"loss_forecast_final": fc.loss, "loss_forecast_final_low": fc.low,
+                        "loss_forecast_final_high": fc.high})
+        return out
+
+
+def schedule_from_csv(path: str | Path) -> np.ndarray:
+    """A per-step LR array from a ``step,lr`` CSV."""
+    p = Path(path)
+    try:
+        with p.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
+    if not rows or "step" not in rows[0] or "lr" not in rows[0]:
+        raise CurveError(f"{p}: a schedule CSV needs columns step,lr")
+    try:
+        return per_step_lr([float(r["step"]) for r in rows], [float(r["lr"]) for r in rows])
+    except ValueError as exc:
+        raise CurveError(f"{p}: {exc}") from None

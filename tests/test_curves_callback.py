@@ -1,0 +1,93 @@
+"""The predicted curve inside real Lightning training: series, look-ahead schedule, layout, bad input."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import TinyLM, VarLenDataset, scalars, trainer
+
+from scalewatch import ScaleWatch, ScaleWatchConfigError
+from scalewatch.curves import CurveLaw
+from scalewatch.laws import ChinchillaLaw, LawRecord, save_law
+
+STEPS = 24
+
+
+def _lambda(step: int) -> float:
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / STEPS, 1.0)))
+
+
+class Scheduled(TinyLM):
+    def configure_optimizers(self):  # type: ignore[override]
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+LAW = CurveLaw({"L0": (3.0, 0.0), "lnA": (math.log(0.05), 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(2.0), 0.0)},
+               n_ref=1e3, band_rel=0.02)
+
+
+def _fit(tmp_path, watch, seed=0):
+    torch.manual_seed(seed)
+    model = Scheduled()
+    trainer(tmp_path, [watch], max_steps=STEPS, log_every_n_steps=4).fit(
+        model, torch.utils.data.DataLoader(VarLenDataset(n=200), batch_size=4))
+    return model
+
+
+def test_predicted_series_follow_the_runs_own_schedule_without_touching_training(tmp_path) -> None:
+    watch = ScaleWatch(curve_law=LAW)
+    model = _fit(tmp_path / "with", watch)
+    expected = np.array([0.05 * _lambda(s) for s in range(STEPS + 1)])
+    assert watch.schedule == pytest.approx(expected)  # read ahead from a copy of the scheduler
+    plain = _fit(tmp_path / "without", ScaleWatch(gns="off"))
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)  # the look-ahead changed nothing in the run
+
+    s = scalars(tmp_path / "with" / "tb" / "version_0")
+    pred = LAW.predict(expected, steps=[4, 8, 12, 16, 20, 24])
+    assert [v for _, v in s["scalewatch/loss_pred"]] == pytest.approx(pred.loss.tolist(), rel=1e-5)
+    assert [v for _, v in s["scalewatch/loss_pred_high"]] == pytest.approx(pred.high.tolist(), rel=1e-5)
+    losses = dict(s["scalewatch/loss"])
+    for step, r in s["scalewatch/loss_residual"]:
+        p = LAW.predict(expected, steps=[step])
+        assert r == pytest.approx((losses[step] - p.loss[0]) / (p.high[0] - p.loss[0]), rel=1e-4)
+    for tag in ("loss_forecast_final", "loss_forecast_final_low", "loss_forecast_final_high", "loss_pred_final"):
+        assert len(s[f"scalewatch/{tag}"]) == 6
+    low, fc, high = (s[f"scalewatch/loss_forecast_final{t}"][-1][1] for t in ("_low", "", "_high"))
+    assert low < fc < high
+    events = b"".join(p.read_bytes() for p in (tmp_path / "with" / "tb" / "version_0").glob("events.*"))
+    assert b"custom_scalars" in events and b"loss vs predicted curve" in events
+
+
+def test_a_schedule_that_cannot_be_used_is_reported_and_training_goes_on(tmp_path, caplog) -> None:
+    watch = ScaleWatch(curve_law=LAW, schedule=[0.0] * (STEPS + 1))
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        _fit(tmp_path, watch)
+    assert any("zero or negative" in r.getMessage() for r in caplog.records)
+    s = scalars(tmp_path / "tb" / "version_0")
+    assert "scalewatch/loss_pred" not in s and len(s["scalewatch/loss"]) == 6
+
+
+def test_short_schedule_warns_and_predicts_what_it_covers(tmp_path, caplog) -> None:
+    watch = ScaleWatch(curve_law=LAW, schedule=lambda step: 0.05)
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        _fit(tmp_path, watch)
+    assert len(watch.schedule) == STEPS + 1
+    watch2 = ScaleWatch(curve_law=LAW, schedule=[0.05] * 13)
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        _fit(tmp_path / "short", watch2)
+    assert any("covers steps 0..12" in r.getMessage() for r in caplog.records)
+    steps = [st for st, _ in scalars(tmp_path / "short" / "tb" / "version_0")["scalewatch/loss_pred"]]
+    assert steps == [4, 8, 12]
+
+
+def test_a_law_file_of_the_wrong_kind_fails_at_construction(tmp_path) -> None:
+    save_law(LawRecord(ChinchillaLaw.epoch_refit()), tmp_path / "chinchilla.json")
+    with pytest.raises(ScaleWatchConfigError, match="curve law is needed"):
+        ScaleWatch(curve_law=tmp_path / "chinchilla.json")
