@@ -202,7 +202,7 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     if n_params is None and "scalewatch/n_params" in tags:
         n_params = float(ea.Scalars("scalewatch/n_params")[-1].value)
     arr = np.array(sorted(pts), dtype=float).reshape(-1, 3)
-    return validate_curve(Curve(Path(path).name, arr[:, 0], arr[:, 1], arr[:, 2], n_params))
+    return validate_curve(Curve(str(path), arr[:, 0], arr[:, 1], arr[:, 2], n_params))
 
 
 def read_curves(paths: Sequence[str | Path], loss_column: str | None = None) -> list[Curve]:

@@ -11,7 +11,7 @@ import torch
 from helpers import TinyLM, VarLenDataset, scalars, trainer
 
 from scalewatch import ScaleWatch, ScaleWatchConfigError
-from scalewatch.curves import CurveLaw
+from scalewatch.curves import CurveLaw, read_curve_tensorboard
 from scalewatch.laws import ChinchillaLaw, LawRecord, save_law
 
 STEPS = 24
@@ -63,6 +63,10 @@ def test_predicted_series_follow_the_runs_own_schedule_without_touching_training
     assert low < fc < high
     events = b"".join(p.read_bytes() for p in (tmp_path / "with" / "tb" / "version_0").glob("events.*"))
     assert b"custom_scalars" in events and b"loss vs predicted curve" in events
+    # the run's own TensorBoard directory is a curve `scalewatch fit --curves` can read
+    curve = read_curve_tensorboard(tmp_path / "with" / "tb" / "version_0")
+    assert curve.steps.tolist() == [4, 8, 12, 16, 20, 24] and curve.n_params == watch.n_params
+    assert curve.loss.tolist() == pytest.approx([losses[s] for s in curve.steps.tolist()])
 
 
 def test_a_schedule_that_cannot_be_used_is_reported_and_training_goes_on(tmp_path, caplog) -> None:
