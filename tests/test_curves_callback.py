@@ -95,3 +95,10 @@ def test_a_law_file_of_the_wrong_kind_fails_at_construction(tmp_path) -> None:
     save_law(LawRecord(ChinchillaLaw.epoch_refit()), tmp_path / "chinchilla.json")
     with pytest.raises(ScaleWatchConfigError, match="curve law is needed"):
         ScaleWatch(curve_law=tmp_path / "chinchilla.json")
+
+
+def test_law_fitted_with_another_n_convention_is_flagged(tmp_path, caplog) -> None:
+    law = CurveLaw(dict(LAW.coef), n_ref=LAW.n_ref, band_rel=LAW.band_rel, conventions={"n_params": "non_embedding"})
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        _fit(tmp_path, ScaleWatch(curve_law=law))
+    assert any("param_convention='non_embedding'" in r.getMessage() for r in caplog.records)
