@@ -391,6 +391,11 @@ class ScaleWatch(Callback):
         self.monitor.n_params = self.n_params
         if self.curve_plugin is not None and self.curve_law is not None:
             self.curve_plugin.n_params = self.n_params
+            law_loss = self.curve_law.conventions.get("loss", "")
+            if any(k in law_loss.lower() for k in ("val", "eval", "test")) and trainer.is_global_zero:
+                log.warning("scalewatch: the curve law predicts %r, a held-out loss, but scalewatch compares it with "
+                            "the training loss; expect an offset, or fit the law on training-loss curves (e.g. the "
+                            "TensorBoard directories of earlier ScaleWatch runs)", law_loss)
             law_conv = self.curve_law.conventions.get("n_params")
             if law_conv and law_conv != self.param_convention and trainer.is_global_zero:
                 log.warning("scalewatch: the curve law was fitted with N counted as %r, this run counts N as %r; "

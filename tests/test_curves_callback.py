@@ -97,8 +97,38 @@ def test_a_law_file_of_the_wrong_kind_fails_at_construction(tmp_path) -> None:
         ScaleWatch(curve_law=tmp_path / "chinchilla.json")
 
 
-def test_law_fitted_with_another_n_convention_is_flagged(tmp_path, caplog) -> None:
-    law = CurveLaw(dict(LAW.coef), n_ref=LAW.n_ref, band_rel=LAW.band_rel, conventions={"n_params": "non_embedding"})
+def test_law_fitted_on_another_n_convention_or_loss_is_flagged(tmp_path, caplog) -> None:
+    law = CurveLaw(dict(LAW.coef), n_ref=LAW.n_ref, band_rel=LAW.band_rel,
+                   conventions={"n_params": "non_embedding", "loss": "eval/c4_en-validation/CrossEntropyLoss"})
     with caplog.at_level(logging.WARNING, logger="scalewatch"):
         _fit(tmp_path, ScaleWatch(curve_law=law))
-    assert any("param_convention='non_embedding'" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("param_convention='non_embedding'" in m for m in messages)
+    assert any("a held-out loss" in m and "c4_en-validation" in m for m in messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        _fit(tmp_path / "same", ScaleWatch(curve_law=LAW))  # a law without such conventions: silent
+    assert not [r for r in caplog.records if "curve law" in r.getMessage()]
+
+
+def test_resumed_run_keeps_the_schedule_it_started_with(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = VarLenDataset(n=48)  # 12 steps per epoch: the checkpoint falls at step 12 of 24
+
+    def run(logdir, watch, ckpt_path=None, **kw):
+        torch.manual_seed(0)
+        t = trainer(logdir, [watch, *kw.pop("extra", [])], max_steps=STEPS, log_every_n_steps=4, **kw)
+        t.fit(Scheduled(), torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+
+    whole = ScaleWatch(curve_law=LAW)
+    run(tmp_path / "whole", whole)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+    run(tmp_path / "a", ScaleWatch(curve_law=LAW), max_epochs=1, enable_checkpointing=True, extra=[ckpt])
+    resumed = ScaleWatch(curve_law=LAW)
+    run(tmp_path / "b", resumed, ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    assert resumed.schedule == pytest.approx(whole.schedule)  # not the LR at the resume step held backwards
+    pred_whole = dict(scalars(tmp_path / "whole" / "tb" / "version_0")["scalewatch/loss_pred"])
+    pred_resumed = dict(scalars(tmp_path / "b" / "tb" / "version_0")["scalewatch/loss_pred"])
+    assert sorted(pred_resumed) == [16, 20, 24]
+    assert [pred_resumed[s] for s in (16, 20, 24)] == pytest.approx([pred_whole[s] for s in (16, 20, 24)])
