@@ -143,7 +143,7 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from scalewatch.curves import CurveError, load_curve_law, per_step_lr
+    from scalewatch.curves import CurveError, load_curve_law, schedule_from_csv
     from scalewatch.laws import LawFileError
 
     try:
@@ -155,22 +155,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if law.n_range is not None and args.n_params is None:
         raise CLIError("this law was fitted on several sizes: give --n-params N for the run to predict")
     try:
-        import csv
-
-        with open(args.schedule, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "step" not in rows[0] or "lr" not in rows[0]:
-            raise CLIError(f"{args.schedule}: a schedule CSV needs columns step,lr")
-        steps = [float(r["step"]) for r in rows]
-        lrs = [float(r["lr"]) for r in rows]
-        schedule = per_step_lr(steps, lrs)
-        every = max(1, int(steps[-1]) // max(args.points - 1, 1))
-        at = sorted(set(list(range(every, int(steps[-1]) + 1, every)) + [int(steps[-1])]))
-        pred = law.predict(schedule, n_params=args.n_params, steps=at)
-    except OSError as exc:
-        raise CLIError(f"{args.schedule}: cannot read ({exc.strerror})") from None
-    except (ValueError, KeyError) as exc:
-        raise CLIError(f"{args.schedule}: {exc}") from None
+        schedule = schedule_from_csv(args.schedule)
+        last = len(schedule) - 1
+        every = max(1, last // max(args.points - 1, 1))
+        pred = law.predict(schedule, n_params=args.n_params, steps=sorted({*range(every, last + 1, every), last}))
     except CurveError as exc:
         raise CLIError(str(exc)) from None
     if args.n_params is not None and law.n_range is not None:
