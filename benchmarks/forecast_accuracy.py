@@ -63,6 +63,32 @@ def coverage(pred, y) -> float:
     return float(np.mean((y >= pred.low) & (y <= pred.high)))
 
 
+def multipowerlaw_prefix(root: Path) -> None:
+    """Forecasts on a second data set the settings were not chosen on (no target in the issue)."""
+    print("== multipowerlaw: forecast each held-out schedule's final loss from its prefix "
+          "(prior: the cosine_24000 + constant_24000 law of the same size)")
+    errs: dict[float, list[float]] = {f: [] for f in FRACS}
+    inside: dict[float, list[bool]] = {f: [] for f in FRACS}
+    prior = []
+    for size in ("25", "100"):
+        curves = {f.stem.split("__")[1]: read_curve_csv(f) for f in sorted(root.glob(f"csv_{size}__*.csv"))}
+        law = fit_curves([curves["cosine_24000"], curves["constant_24000"]]).law
+        for name, c in curves.items():
+            if name in ("cosine_24000", "constant_24000"):
+                continue
+            end = int(c.steps[-1])
+            for f in FRACS:
+                m = c.steps <= f * end
+                fc = forecast_final(law, c.per_step_lr(), c.steps[m], c.loss[m])
+                errs[f].append(abs(fc.loss - c.loss[-1]) / c.loss[-1])
+                inside[f].append(fc.low <= c.loss[-1] <= fc.high)
+            prior.append(abs(fc.prior_loss - c.loss[-1]) / c.loss[-1])
+    print(f"  prior alone: mean final-loss error {np.mean(prior):.2%}")
+    for f in FRACS:
+        print(f"  from {f:.0%}: mean {np.mean(errs[f]):.2%} worst {np.max(errs[f]):.2%}; "
+              f"90% band holds the truth in {np.mean(inside[f]):.0%} of {len(errs[f])} runs")
+
+
 def multipowerlaw(root: Path) -> bool:
     print("== multipowerlaw: fit on cosine_24000 + constant_24000, predict the other schedules")
     ok = True
@@ -197,6 +223,7 @@ def main() -> int:
     curves = olmo_curves(root / "olmo_ladder" / "loss_curves.csv")
     results["olmo sizes"] = olmo_sizes(curves)
     results["prefix"] = prefix_forecasts(curves)
+    multipowerlaw_prefix(root / "multipowerlaw")
     print("targets met: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in results.items()))
     return 0
 

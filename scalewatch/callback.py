@@ -228,6 +228,9 @@ class ScaleWatch(Callback):
         schedule: the run's LR per optimizer step for the prediction (a sequence, a
             ``step,lr`` CSV path, or ``fn(step) -> lr``). Default: the configured LR
             scheduler evaluated ahead on a copy (training state untouched).
+        forecast_in_background: run the final-loss forecast (a small fit, milliseconds) on a
+            worker thread, off the training loop; each log point then reports the latest
+            finished forecast and the step it was based on (``loss_forecast_at_step``).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -255,6 +258,7 @@ class ScaleWatch(Callback):
         gns_decay: float = 0.99,
         curve_law: str | Path | CurveLaw | None = None,
         schedule: Sequence[float] | str | Path | Callable[[int], float] | None = None,
+        forecast_in_background: bool = True,
     ) -> None:
         if n_params is not None and (isinstance(n_params, bool) or not isinstance(n_params, int) or n_params <= 0):
             raise ScaleWatchConfigError(
@@ -313,7 +317,8 @@ class ScaleWatch(Callback):
         self._schedule_saved: list[float] | None = None
 
         plugins: list[Any] = [NoiseScalePlugin()] if gns != "off" else []
-        self.curve_plugin = CurvePlugin(curve_law) if curve_law is not None else None
+        self.curve_plugin = CurvePlugin(curve_law, background=forecast_in_background) \
+            if curve_law is not None else None
         if self.curve_plugin is not None:
             plugins.append(self.curve_plugin)
         self.monitor = Monitor(history_size=history_size, plugins=plugins)
@@ -864,9 +869,26 @@ class ScaleWatch(Callback):
         if self._last_logged_step != trainer.global_step and self._device is not None:
             self._log(trainer, pl_module, loss_seen=False)
         self._remove_gns_hooks()
+        if self.curve_plugin is not None:
+            self._write_final_forecast(trainer)
+
+    def _write_final_forecast(self, trainer: Trainer) -> None:
+        """Log the forecast still in flight at the end, at the last step."""
+        assert self.curve_plugin is not None
+        try:
+            latest = self.curve_plugin.finish()
+            if latest and trainer.is_global_zero and self.latest.get("loss_forecast_at_step") != \
+                    latest.get("loss_forecast_at_step"):
+                self.latest.update(latest)
+                for logger in trainer.loggers:
+                    logger.log_metrics({PREFIX + k: v for k, v in latest.items()}, step=trainer.global_step)
+        except Exception as exc:  # monitoring must never crash the run
+            log.warning("scalewatch: could not write the final forecast: %s", exc)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_gns_hooks()  # also after an exception, so the hooks never outlive the fit
+        if self.curve_plugin is not None:
+            self.curve_plugin.finish()  # no worker thread outlives the fit
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

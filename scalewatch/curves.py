@@ -601,7 +601,9 @@ class CurvePlugin:
     Scalars: ``loss_pred``, ``loss_pred_low``, ``loss_pred_high`` (90% band at this step),
     ``loss_residual`` ((loss - pred) / half-width of the band: beyond +-1 the run is off its
     predicted curve), ``loss_forecast_final`` with ``_low`` / ``_high`` (the final loss
-    forecast from the history so far with the law as prior) and ``loss_pred_final``.
+    forecast from the history so far with the law as prior; ``loss_forecast_at_step`` is the last
+    step it saw) and ``loss_pred_final``. With ``background=True`` the forecast runs on a worker
+    thread and each log point reports the latest finished one.
 
     Example:
         >>> from scalewatch.monitor import Monitor, Observation
@@ -615,11 +617,19 @@ class CurvePlugin:
 
     name = "curve"
 
-    def __init__(self, law: CurveLaw, schedule: np.ndarray | None = None, n_params: float | None = None) -> None:
+    def __init__(self, law: CurveLaw, schedule: np.ndarray | None = None, n_params: float | None = None,
+                 background: bool = False) -> None:
         self.law = law
         self.n_params = n_params
         self.schedule: np.ndarray | None = None
         self._S: tuple[np.ndarray, np.ndarray] | None = None
+        # In the background the forecast runs on a worker thread: the log step only hands it the
+        # history and picks up the latest finished forecast (based on the history up to some
+        # earlier log point, reported as loss_forecast_at_step).
+        self.background = background
+        self._executor: Any = None
+        self._pending: Any = None
+        self._latest: dict[str, float] = {}
         if schedule is not None:
             self.set_schedule(schedule)
 
@@ -649,10 +659,40 @@ class CurvePlugin:
         hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
         if hist:
             steps, losses = zip(*hist, strict=True)
-            fc = forecast_final(self.law, self.schedule, steps, losses, n_params=self.n_params)
-            out.update({"loss_forecast_final": fc.loss, "loss_forecast_final_low": fc.low,
-                        "loss_forecast_final_high": fc.high})
+            if self.background:
+                self._collect(wait=False)
+                if self._pending is None:
+                    if self._executor is None:
+                        from concurrent.futures import ThreadPoolExecutor
+
+                        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalewatch-forecast")
+                    self._pending = self._executor.submit(self._forecast, steps, losses)
+            else:
+                self._latest = self._forecast(steps, losses)
+        out.update(self._latest)
         return out
+
+    def _forecast(self, steps: Sequence[int], losses: Sequence[float]) -> dict[str, float]:
+        assert self.schedule is not None
+        fc = forecast_final(self.law, self.schedule, steps, losses, n_params=self.n_params)
+        return {"loss_forecast_final": fc.loss, "loss_forecast_final_low": fc.low,
+                "loss_forecast_final_high": fc.high, "loss_forecast_at_step": float(steps[-1])}
+
+    def _collect(self, wait: bool) -> None:
+        if self._pending is not None and (wait or self._pending.done()):
+            try:
+                self._latest = self._pending.result()
+            except Exception:  # a failed forecast must not reach the training loop
+                self._latest = {}
+            self._pending = None
+
+    def finish(self) -> dict[str, float]:
+        """Wait for the forecast in flight and stop the worker; returns the latest forecast."""
+        self._collect(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        return dict(self._latest)
 
 
 def schedule_from_csv(path: str | Path) -> np.ndarray:

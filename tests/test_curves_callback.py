@@ -41,7 +41,7 @@ def _fit(tmp_path, watch, seed=0):
 
 
 def test_predicted_series_follow_the_runs_own_schedule_without_touching_training(tmp_path) -> None:
-    watch = ScaleWatch(curve_law=LAW)
+    watch = ScaleWatch(curve_law=LAW, forecast_in_background=False)
     model = _fit(tmp_path / "with", watch)
     expected = np.array([0.05 * _lambda(s) for s in range(STEPS + 1)])
     assert watch.schedule == pytest.approx(expected)  # read ahead from a copy of the scheduler
@@ -132,3 +132,21 @@ def test_resumed_run_keeps_the_schedule_it_started_with(tmp_path) -> None:
     pred_resumed = dict(scalars(tmp_path / "b" / "tb" / "version_0")["scalewatch/loss_pred"])
     assert sorted(pred_resumed) == [16, 20, 24]
     assert [pred_resumed[s] for s in (16, 20, 24)] == pytest.approx([pred_whole[s] for s in (16, 20, 24)])
+
+
+def test_background_forecast_reports_the_latest_finished_one_and_the_step_it_saw(tmp_path) -> None:
+    from scalewatch.curves import forecast_final
+
+    watch = ScaleWatch(curve_law=LAW)  # forecast_in_background=True is the default
+    _fit(tmp_path, watch)
+    s = scalars(tmp_path / "tb" / "version_0")
+    losses = dict(s["scalewatch/loss"])
+    at_steps = dict(s["scalewatch/loss_forecast_at_step"])
+    finals = dict(s["scalewatch/loss_forecast_final"])
+    assert at_steps and max(at_steps.values()) == STEPS  # the last forecast saw the whole run
+    for logged_at, based_on in at_steps.items():
+        assert based_on <= logged_at
+        steps = [st for st in sorted(losses) if st <= based_on]
+        expected = forecast_final(LAW, watch.schedule, steps, [losses[st] for st in steps], n_params=watch.n_params)
+        assert finals[logged_at] == pytest.approx(expected.loss, rel=1e-4)
+    assert watch.curve_plugin._executor is None  # the worker is gone after the fit
