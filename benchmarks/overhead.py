@@ -81,6 +81,47 @@ class TimedScaleWatch(ScaleWatch):
             TimedScaleWatch.hook_seconds.append(self._t_hook + time.perf_counter() - t)
 
 
+class ToggledScaleWatch(TimedScaleWatch):
+    """ScaleWatch whose per-batch hooks run only in alternate blocks of two optimizer steps.
+
+    For the interleaved design: both arms share one run, one process and every drift of the
+    machine. Counting is wrong in the off blocks, which is fine for timing.
+    """
+
+    @staticmethod
+    def on_for(step: int) -> bool:
+        return (step // 2) % 2 == 1
+
+    def on_train_batch_start(self, trainer, *a) -> None:
+        if self.on_for(trainer.global_step):
+            super().on_train_batch_start(trainer, *a)
+
+    def on_train_batch_end(self, trainer, *a) -> None:
+        if self.on_for(trainer.global_step - 1 if trainer.global_step else 0):
+            super().on_train_batch_end(trainer, *a)
+
+
+def run_interleaved(args, cfg, loaders, logdir: str) -> tuple[list[float], list[float]]:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    steps = args.steps * args.rounds
+    watch = ToggledScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every)
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator=args.device, devices=1, callbacks=[watch, timer],
+        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=args.log_every,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        precision=args.precision,
+    )
+    trainer.fit(TinyGPTModule(cfg, max_steps=steps), loaders[0])
+    # starts[i] is taken at the start of step i; the period to starts[i + 1] is step i plus the
+    # next step's batch-start hooks, so only the first step of each 2-step block is clean.
+    on, off = [], []
+    for i in range(4, len(timer.starts) - 1):
+        if i % 2 == 0 and (i + 1) % args.log_every != 0:
+            (on if ToggledScaleWatch.on_for(i) else off).append(timer.starts[i + 1] - timer.starts[i])
+    return on, off
+
+
 def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[float]:
     torch.manual_seed(0)
     timer = StepTimer()
@@ -116,6 +157,8 @@ def main() -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: process CPU time (CPU device only; robust to a noisy host)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="one run, the callback's hooks on and off in alternate blocks of 2 steps (non-logging steps)")
     p.add_argument("--aa", action="store_true",
                    help="A/A run: both arms WITHOUT the callback, to show the measurement's own noise")
     args = p.parse_args()
@@ -128,6 +171,20 @@ def main() -> int:
 
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
                     n_head=max(1, args.n_embd // 64))
+    if args.interleaved:
+        loaders = make_loaders(cfg, args.batch_size, num_train=args.steps * args.rounds * args.batch_size)
+        with TemporaryDirectory() as logdir:
+            on, off = run_interleaved(args, cfg, loaders, logdir)
+        pairs = [b / a for a, b in zip(off, on, strict=False)]
+        print(f"interleaved: one run of {args.steps * args.rounds} steps, hooks on/off in blocks of 2 "
+              f"({len(on)} clean non-logging steps on, {len(off)} off); clock={args.clock}, "
+              f"threads={torch.get_num_threads()}")
+        print(f"median step: hooks off {statistics.median(off) * 1e3:.2f} ms, on {statistics.median(on) * 1e3:.2f} ms; "
+              f"pooled ratio {statistics.median(on) / statistics.median(off):.4f}; "
+              f"median of paired ratios {statistics.median(pairs):.4f}")
+        hook = statistics.median(TimedScaleWatch.hook_seconds)
+        print(f"time inside ScaleWatch's hooks on a non-logging step: median {hook * 1e6:.0f} us")
+        return 0
     loaders = make_loaders(cfg, args.batch_size, num_train=args.steps * args.batch_size)
     off: list[float] = []
     on: list[float] = []
