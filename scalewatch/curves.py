@@ -46,7 +46,7 @@ SKIP_FRACTION = 0.1
 # Forecast settings, chosen on the OLMo ladder cosine runs (benchmarks/forecast_accuracy.py):
 _CORR_POINTS = 1.0  # prefix points per independent error (1: each logged point counts fully)
 _SIGMA_LNA = 0.3  # prior sd of the amplitude's log around the pilot law
-_BAND_FLOOR = 0.5  # the forecast band never shrinks below this share of the prior band
+_BAND_FLOOR = 1.0  # the forecast band never shrinks below the prior band (shrinking cost coverage)
 
 
 class CurveError(ValueError):
