@@ -38,6 +38,8 @@ BAND_LEVEL = 0.90
 # The band is never narrower than this (relative): curves measured on a finite evaluation set
 # are not known better, and a law that fits its pilots perfectly is not perfect elsewhere.
 BAND_FLOOR_REL = 0.002
+# Stretches of a run (step / last step) with their own band width.
+PROGRESS_EDGES = (0.0, 0.3, 0.6, 1.0)
 # Points before this fraction of a curve's last step are left out of fits: the warmup and
 # the first steep drop are not what the law describes (and not what a forecast is about).
 SKIP_FRACTION = 0.1
@@ -254,7 +256,9 @@ class CurveLaw:
         n_ref: the reference size (geometric mean of the pilot sizes).
         lam: the momentum decay.
         band_rel: half-width of the 90% band, relative to the predicted loss (from
-            leave-one-curve-out errors on the pilot curves).
+            held-out errors on the pilot curves).
+        band_by_progress: ``(from, to, half-width)`` per stretch of the run (step / last
+            step), where the held-out errors allow; ``band_rel`` elsewhere.
         n_range: smallest and largest pilot N (None for a single unknown size).
         fitted_on: provenance (curves, sizes, errors).
         conventions: loss name, N convention, step unit.
@@ -264,6 +268,7 @@ class CurveLaw:
     n_ref: float
     lam: float = LAMBDA
     band_rel: float = 0.01
+    band_by_progress: list[tuple[float, float, float]] = field(default_factory=list)
     n_range: tuple[float, float] | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
     conventions: dict[str, str] = field(default_factory=dict)
@@ -275,13 +280,24 @@ class CurveLaw:
         v = {k: a + b * x for k, (a, b) in self.coef.items()}
         return MomentumLaw(L0=v["L0"], A=math.exp(v["lnA"]), alpha=v["alpha"], C=math.exp(v["lnC"]), lam=self.lam)
 
-    def band_at(self, n_params: float | None) -> float:
-        """The relative band half-width at N: wider outside the pilot sizes (extrapolation)."""
+    def band_at(self, n_params: float | None, progress: float | np.ndarray | None = None) -> Any:
+        """The relative band half-width at N and at ``progress`` = step / last step of the run.
+
+        Wider outside the pilot sizes (extrapolation in N).
+        """
+        width: Any = self.band_rel
+        if progress is not None and self.band_by_progress:
+            prog = np.asarray(progress, dtype=float)
+            width = np.full(prog.shape, self.band_rel)
+            for lo, hi, w in self.band_by_progress:
+                width = np.where((prog > lo) & (prog <= hi), w, width)
+            width = np.where(prog <= self.band_by_progress[0][0], self.band_by_progress[0][2], width)
+            width = width if width.ndim else float(width)
         if n_params is None or self.n_range is None:
-            return self.band_rel
+            return width
         lo, hi = self.n_range
         out = max(math.log(lo / n_params), math.log(n_params / hi), 0.0)
-        return self.band_rel * (1.0 + out)
+        return width * (1.0 + out)
 
     def predict(self, schedule: np.ndarray, n_params: float | None = None,
                 steps: Sequence[int] | None = None) -> CurvePrediction:
@@ -305,7 +321,7 @@ class CurveLaw:
                              "give a schedule that covers the whole run")
         S1, S2 = schedule_features(schedule, self.lam)
         loss = self.at(n_params).loss(S1[idx], S2[idx])
-        half = self.band_at(n_params) * loss
+        half = self.band_at(n_params, idx / (len(schedule) - 1)) * loss
         return CurvePrediction(idx, loss, loss - half, loss + half)
 
     # ------------------------------------------------------------ files
@@ -317,7 +333,8 @@ class CurveLaw:
             "params": {k: [float(a), float(b)] for k, (a, b) in self.coef.items()},
             "n_ref": float(self.n_ref),
             "lam": float(self.lam),
-            "band": {"level": BAND_LEVEL, "relative_half_width": float(self.band_rel)},
+            "band": {"level": BAND_LEVEL, "relative_half_width": float(self.band_rel),
+                     "by_progress": [[float(a), float(b), float(w)] for a, b, w in self.band_by_progress]},
             "n_range": None if self.n_range is None else [float(x) for x in self.n_range],
             "fitted_on": self.fitted_on,
             "conventions": dict(self.conventions),
@@ -351,7 +368,12 @@ class CurveLaw:
                                         and all(_finite(x) and x > 0 for x in n_range)):
             raise LawFileError(f"{source}: n_range must be [smallest N, largest N] or null")
         conv = doc.get("conventions", {}) or {}
+        by_progress = band.get("by_progress", []) or []
+        if not (isinstance(by_progress, Sequence) and all(
+                isinstance(r, Sequence) and len(r) == 3 and all(_finite(x) for x in r) for r in by_progress)):
+            raise LawFileError(f"{source}: band.by_progress must be a list of [from, to, half-width]")
         return cls(coef=coef, n_ref=float(n_ref), lam=float(lam), band_rel=float(width),
+                   band_by_progress=[(float(a), float(b), float(w)) for a, b, w in by_progress],
                    n_range=None if n_range is None else (float(n_range[0]), float(n_range[1])),
                    fitted_on=dict(doc.get("fitted_on", {}) or {}),
                    conventions={str(k): str(v) for k, v in conv.items()})
@@ -390,6 +412,7 @@ class _Prepared:
     S2: np.ndarray
     y: np.ndarray
     x: float  # ln(N / n_ref)
+    frac: np.ndarray | None = None  # step / the curve's last step
 
 
 def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepared]:
@@ -398,7 +421,7 @@ def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepare
         S1, S2 = c.features(lam)
         keep = c.steps >= SKIP_FRACTION * c.steps.max()
         x = 0.0 if c.n_params is None else math.log(c.n_params / n_ref)
-        out.append(_Prepared(c.name, S1[keep], S2[keep], c.loss[keep], x))
+        out.append(_Prepared(c.name, S1[keep], S2[keep], c.loss[keep], x, c.steps[keep] / c.steps.max()))
     return out
 
 
@@ -477,12 +500,13 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
 
     in_sample = {p.name: float(mean_err(coef, p).mean()) for p in prepared}
     held_out: dict[str, float] = {}
-    errs, wts = [], []
+    errs, wts, fracs = [], [], []
 
-    def add(e: np.ndarray) -> None:
+    def add(e: np.ndarray, frac: np.ndarray) -> None:
         if len(e) and np.all(np.isfinite(e)):
             errs.append(e)
             wts.append(np.full(len(e), 1.0 / len(e)))
+            fracs.append(frac)
 
     # (a) Leave one curve out, when the rest can still identify the law (>= 2 curves per fit).
     if len(prepared) >= 3:
@@ -494,7 +518,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                 continue
             e = mean_err(c_i, p)
             held_out[p.name] = float(e.mean())
-            add(e)
+            add(e, p.frac)
     # (b) Forward in time: fit every curve's first 60%, predict the rest (always possible).
     early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
@@ -502,16 +526,23 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         c_t, _ = _fit_coef(early, multi)
         for p in prepared:
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
-            add(mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x)))
+            add(mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x)), p.frac[late])
     except CurveError:
         pass
+    by_progress: list[tuple[float, float, float]] = []
     if errs:
-        band = _weighted_quantile(np.concatenate(errs), np.concatenate(wts), BAND_LEVEL)
+        e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
+        band = max(_weighted_quantile(e_all, w_all, BAND_LEVEL), BAND_FLOOR_REL)
+        # The error is larger early in a run than near its end: one width per stretch of the run.
+        for lo, hi in zip(PROGRESS_EDGES[:-1], PROGRESS_EDGES[1:], strict=True):
+            m = (f_all > lo) & (f_all <= hi)
+            if m.sum() >= 10:
+                by_progress.append((lo, hi, max(_weighted_quantile(e_all[m], w_all[m], BAND_LEVEL),
+                                                BAND_FLOOR_REL)))
     else:
-        band = 3 * max(in_sample.values())
-    band = max(band, BAND_FLOOR_REL)
+        band = max(3 * max(in_sample.values()), BAND_FLOOR_REL)
     law = CurveLaw(
-        coef=coef, n_ref=n_ref, lam=lam, band_rel=band,
+        coef=coef, n_ref=n_ref, lam=lam, band_rel=band, band_by_progress=by_progress,
         n_range=(sizes[0], sizes[-1]) if sizes else None,
         fitted_on={"curves": [c.name for c in curves], "sizes": sizes, "n_points": int(sum(len(p.y) for p in prepared)),
                    "in_sample_mean_rel_error": in_sample, "held_out_mean_rel_error": held_out,
@@ -564,7 +595,7 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     y = np.asarray(prefix_loss, dtype=float)
     ok = np.isfinite(y) & (st >= 1) & (st <= end) & (st >= SKIP_FRACTION * end)
     st, y = st[ok], y[ok]
-    band = law.band_at(n_params)
+    band = law.band_at(n_params, 1.0)
     prior_final = float(base.loss(S1[end:end + 1], S2[end:end + 1])[0])
     if len(st) < 3:
         return Forecast(end, prior_final, prior_final * (1 - band), prior_final * (1 + band), prior_final, len(st))
@@ -651,7 +682,7 @@ class CurvePlugin:
         S1, S2 = self._S
         model = self.law.at(self.n_params)
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
-        half = self.law.band_at(self.n_params) * pred
+        half = self.law.band_at(self.n_params, obs.step / end) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
         if math.isfinite(obs.loss):
