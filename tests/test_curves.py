@@ -156,3 +156,17 @@ def test_cli_fit_curves_then_predict(tmp_path, capsys) -> None:
     assert cli(["predict", "--law", str(law), "--schedule", str(tmp_path / "zero.csv")]) == 2
     assert "zero or negative" in capsys.readouterr().err
     assert cli(["predict", "--law", str(tmp_path / "cos.csv"), "--schedule", str(tmp_path / "s.csv")]) == 2
+
+
+def test_band_width_follows_the_stretch_of_the_run_and_survives_the_file(tmp_path) -> None:
+    law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (0.0, 0.0)}, n_ref=1.0,
+                   band_rel=0.03, band_by_progress=[(0.0, 0.3, 0.05), (0.3, 0.6, 0.02), (0.6, 1.0, 0.01)])
+    p = law.predict(np.full(101, 1e-3), steps=[10, 50, 100])
+    assert ((p.high - p.loss) / p.loss).tolist() == pytest.approx([0.05, 0.02, 0.01])
+    save_curve_law(law, tmp_path / "law.json")
+    assert load_curve_law(tmp_path / "law.json").band_by_progress == law.band_by_progress
+    doc = json.loads((tmp_path / "law.json").read_text())
+    doc["band"]["by_progress"] = [[0, 0.3]]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(LawFileError, match="by_progress"):
+        load_curve_law(tmp_path / "bad.json")
