@@ -471,8 +471,9 @@ class ScaleWatch(Callback):
             self.curve_plugin.set_schedule(schedule)
             self.schedule = self.curve_plugin.schedule
             self._schedule_saved = [float(x) for x in schedule]
-        except (CurveError, ValueError, TypeError, RuntimeError) as exc:
-            # A schedule we cannot read must not stop the run: no prediction, everything else works.
+        except Exception as exc:
+            # A schedule we cannot read (a bad file, an endless run, a scheduler that cannot be
+            # copied) must not stop the run: no prediction, everything else works.
             self.curve_plugin.schedule = None
             if trainer.is_global_zero:
                 log.warning("scalewatch: no predicted curve: %s", exc)
