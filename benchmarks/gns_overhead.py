@@ -23,6 +23,7 @@ methods; per-example reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
 
 from scalewatch import ScaleWatch  # noqa: E402
-from scalewatch.gns_capture import ParamGradHooks, PerExampleNorms  # noqa: E402
+from scalewatch.gns_capture import DDPCommHookCapture, ParamGradHooks, PerExampleNorms  # noqa: E402
 
 # Seconds spent inside the noise-scale code itself (autograd hooks included): a direct
 # measurement that does not depend on the step-time noise of a shared machine.
@@ -44,6 +45,7 @@ GNS_SECONDS = [0.0]
 
 
 def _timed(fn):
+    @functools.wraps(fn)  # keeps the signature DDP inspects on a comm hook
     def wrapper(*a, **k):
         t = time.perf_counter()
         try:
@@ -53,7 +55,7 @@ def _timed(fn):
     return wrapper
 
 
-for _cls, _names in ((ParamGradHooks, ("_hook", "end_backward")),
+for _cls, _names in ((ParamGradHooks, ("_hook", "end_backward")), (DDPCommHookCapture, ("_hook", "end_backward")),
                      (PerExampleNorms, ("_forward_hook", "_on_grad", "end_backward")),
                      (ScaleWatch, ("_gns_step",))):
     for _name in _names:
@@ -91,7 +93,10 @@ class Toggle(pl.Callback):
             self._capture = self.watch._gns_capture  # the capture ScaleWatch chose
         on = step % 2 == 1
         if on and self.watch._gns_capture is None:
-            self._capture.__init__(*self._init_args(pl_module))  # re-register its hooks
+            if hasattr(self._capture, "reactivate"):
+                self._capture.reactivate()  # a DDP comm hook stays registered: switch it back on
+            else:
+                self._capture.__init__(*self._init_args(pl_module))  # re-register its hooks
             self.watch._gns_capture = self._capture
         elif not on and self.watch._gns_capture is not None:
             self.watch._gns_capture.remove()

@@ -40,7 +40,13 @@ from scalewatch.accounting import (
 )
 from scalewatch.curves import CurveError, CurveLaw, CurvePlugin, load_curve_law, schedule_from_csv
 from scalewatch.gns import NoiseScalePlugin
-from scalewatch.gns_capture import DeviceNoiseEMA, ParamGradHooks, PerExampleNorms, grad_sq_norm
+from scalewatch.gns_capture import (
+    DDPCommHookCapture,
+    DeviceNoiseEMA,
+    ParamGradHooks,
+    PerExampleNorms,
+    grad_sq_norm,
+)
 from scalewatch.laws import LawFileError
 from scalewatch.monitor import Monitor, Observation
 
@@ -365,6 +371,8 @@ class ScaleWatch(Callback):
         self._gns_restored: list[float] | None = None
         self._gns_warned: set[str] = set()
         self._gns_method_written = False
+        self._ddp_hook: DDPCommHookCapture | None = None
+        self._ddp_hook_model: Any = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -632,6 +640,8 @@ class ScaleWatch(Callback):
                 self._gns_note(trainer, "no_linear", f"{method} found no {kinds} layer with its own trainable "
                                "weights; use gradient accumulation or DDP for a free estimate")
                 return
+        elif method == "ddp":
+            capture = self._ddp_capture(trainer, pl_module)
         else:
             capture = ParamGradHooks(pl_module.parameters())
         self.gns_method = method
@@ -643,9 +653,27 @@ class ScaleWatch(Callback):
         if trainer.is_global_zero:
             log.info("scalewatch: gradient noise scale from %s", self._gns_description())
 
+    def _ddp_capture(self, trainer: Trainer, pl_module: LightningModule) -> ParamGradHooks | DDPCommHookCapture:
+        """A DDP communication hook (one norm per bucket); per-parameter hooks if one cannot be registered."""
+        model = getattr(trainer.strategy, "model", None)
+        if self._ddp_hook is not None and self._ddp_hook_model is model:
+            self._ddp_hook.reactivate()  # registered on this very model by an earlier setup
+            return self._ddp_hook
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            try:
+                self._ddp_hook = DDPCommHookCapture(model, pl_module.parameters(),
+                                                    getattr(trainer.strategy, "process_group", None))
+                self._ddp_hook_model = model
+                return self._ddp_hook
+            except RuntimeError as exc:  # e.g. the run already registered its own comm hook
+                self._gns_note(trainer, "comm_hook", f"no DDP communication hook ({exc}); using per-parameter "
+                               "hooks, which cost one norm per parameter")
+        return ParamGradHooks(pl_module.parameters())
+
     def _gns_description(self) -> str:
         return {
-            "ddp": "each rank's local gradient before the all-reduce vs the global gradient",
+            "ddp": "each rank's local gradient before the all-reduce (a DDP communication hook) vs the global "
+                   "gradient",
             "accumulation": "each micro-batch's gradient vs the accumulated step gradient",
             "ddp+accumulation": "each rank's micro-batch gradients vs the global step gradient",
             "per_example": "per-example gradient norms of Linear/LayerNorm/RMSNorm weights vs their batch gradient",

@@ -36,7 +36,7 @@ def main() -> None:
     )
     trainer.fit(Classifier(net), loader(data, MICRO_BATCH))
     m_g2, m_tr, weight = watch._gns_host
-    record = {"method": watch.gns_method, "g2": m_g2 / weight, "trace": m_tr / weight,
+    record = {"method": watch.gns_method, "comm_hook": watch._ddp_hook is not None, "g2": m_g2 / weight, "trace": m_tr / weight,
               "exact": exact_b_simple(net, data), "world_size": trainer.world_size,
               "global_step": trainer.global_step}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

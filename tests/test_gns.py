@@ -247,6 +247,7 @@ def test_two_process_ddp_matches_exact_noise_scale(tmp_path, accumulate, kind, m
     assert sorted(ranks) == [0, 1]
     r0, r1 = ranks[0], ranks[1]
     assert r0["world_size"] == 2 and r0["method"] == method
+    assert r0["comm_hook"] == (method == "ddp")  # a DDP comm hook without accumulation, param hooks with it
     assert (r0["g2"], r0["trace"]) == (r1["g2"], r1["trace"])  # every rank holds the global EMAs
     assert r0["trace"] / r0["g2"] == pytest.approx(r0["exact"], rel=0.10)
 
