@@ -169,7 +169,7 @@ def _score(res) -> float:
 def prefix_forecasts(curves: dict[str, list[Curve]]) -> bool:
     print("== OLMo cosine runs: forecast the final loss from a prefix, priors from the other runs")
     cases = []  # (run, law fitted without it)
-    for size, cs in curves.items():
+    for cs in curves.values():
         for target in cs[:5]:  # the cosine runs
             # leave the run out, and the cooldown branched at the same multiple (it shares its prefix)
             mult = target.name.split("/")[1]

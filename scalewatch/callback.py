@@ -15,8 +15,8 @@ import logging
 import math
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +38,13 @@ from scalewatch.accounting import (
     six_n,
     six_n_plus_attention,
 )
-from scalewatch.curves import CurveError, CurveLaw, CurvePlugin, load_curve_law, schedule_from_csv
+from scalewatch.curves import (
+    CurveError,
+    CurveLaw,
+    CurvePlugin,
+    load_curve_law,
+    schedule_from_csv,
+)
 from scalewatch.gns import NoiseScalePlugin
 from scalewatch.gns_capture import (
     DDPCommHookCapture,
@@ -364,7 +370,7 @@ class ScaleWatch(Callback):
 
         # Gradient noise scale: which capture runs, its hooks, the device EMAs.
         self.gns_method: str | None = None
-        self._gns_capture: ParamGradHooks | PerExampleNorms | None = None
+        self._gns_capture: ParamGradHooks | DDPCommHookCapture | PerExampleNorms | None = None
         self._gns_ema: DeviceNoiseEMA | None = None
         self._gns_sizes: list[int] = []  # samples of each micro-batch of the current step
         self._gns_host: tuple[float, float, float] | None = None  # reduced m_g2, m_trace, weight
@@ -633,7 +639,7 @@ class ScaleWatch(Callback):
             return
         if method in ("per_example", "per_example_norm"):
             layers = "all" if method == "per_example" else "norm"
-            capture: ParamGradHooks | PerExampleNorms = PerExampleNorms(pl_module, layers=layers)
+            capture: ParamGradHooks | DDPCommHookCapture | PerExampleNorms = PerExampleNorms(pl_module, layers=layers)
             if capture.n_modules == 0:
                 capture.remove()
                 kinds = "Linear, LayerNorm or RMSNorm" if layers == "all" else "LayerNorm or RMSNorm"

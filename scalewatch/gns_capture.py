@@ -64,7 +64,35 @@ def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
-class ParamGradHooks:
+class _BackwardNorms:
+    """Norms collected during one backward, folded into the step's sum of squared norms."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self._norms: list[Tensor] = []
+        self._step_sum: Tensor | None = None
+        self._backwards = 0
+
+    def end_backward(self) -> None:
+        """Fold this backward's norms into the step (squared, summed) and count the backward."""
+        if not self._norms:
+            return
+        norms = self._norms
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.float() for n in norms]
+        total = torch.stack(norms).float().square().sum()
+        self._norms = []
+        self._step_sum = total if self._step_sum is None else self._step_sum + total
+        self._backwards += 1
+
+    def take_step(self) -> tuple[Tensor | None, int]:
+        """``(sum of squared norms, number of backwards)`` of the step, and reset."""
+        out = (self._step_sum, self._backwards)
+        self._step_sum, self._backwards, self._norms = None, 0, []
+        return out
+
+
+class ParamGradHooks(_BackwardNorms):
     """Squared norm of each backward's gradient contribution, summed over ``params``.
 
     Call :meth:`end_backward` after each backward: it folds the per-parameter norms
@@ -83,10 +111,7 @@ class ParamGradHooks:
     """
 
     def __init__(self, params: Iterable[Tensor]) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self._norms: list[Tensor] = []
-        self._step_sum: Tensor | None = None
-        self._backwards = 0
+        super().__init__(params)
         self._handles = [p.register_hook(self._hook) for p in self.params]
 
     def _hook(self, grad: Tensor) -> None:
@@ -95,29 +120,13 @@ class ParamGradHooks:
         # One kernel per parameter; squaring and summing wait for end_backward.
         self._norms.append(_norm(grad))
 
-    def end_backward(self) -> None:
-        if not self._norms:
-            return
-        norms = self._norms
-        if len({n.dtype for n in norms}) > 1:
-            norms = [n.float() for n in norms]
-        total = torch.stack(norms).float().square().sum()
-        self._norms = []
-        self._step_sum = total if self._step_sum is None else self._step_sum + total
-        self._backwards += 1
-
-    def take_step(self) -> tuple[Tensor | None, int]:
-        out = (self._step_sum, self._backwards)
-        self._step_sum, self._backwards, self._norms = None, 0, []
-        return out
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
 
-class DDPCommHookCapture:
+class DDPCommHookCapture(_BackwardNorms):
     """DDP: each rank's local gradient norm from a communication hook, one norm per bucket.
 
     The hook sees each gradient bucket before the all-reduce (the flattened local
@@ -133,11 +142,8 @@ class DDPCommHookCapture:
     def __init__(self, ddp_model: Any, params: Iterable[Tensor], process_group: Any = None) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        self.params = [p for p in params if p.requires_grad]
+        super().__init__(params)
         self.active = True
-        self._norms: list[Tensor] = []
-        self._step_sum: Tensor | None = None
-        self._backwards = 0
         self._allreduce = default_hooks.allreduce_hook
         self._group = process_group
         ddp_model.register_comm_hook(self, DDPCommHookCapture._hook)
@@ -147,19 +153,6 @@ class DDPCommHookCapture:
         if state.active:
             state._norms.append(_norm(bucket.buffer()))
         return state._allreduce(state._group, bucket)
-
-    def end_backward(self) -> None:
-        if not self._norms:
-            return
-        total = torch.stack(self._norms).float().square().sum()
-        self._norms = []
-        self._step_sum = total if self._step_sum is None else self._step_sum + total
-        self._backwards += 1
-
-    def take_step(self) -> tuple[Tensor | None, int]:
-        out = (self._step_sum, self._backwards)
-        self._step_sum, self._backwards, self._norms = None, 0, []
-        return out
 
     def remove(self) -> None:
         self.active = False
