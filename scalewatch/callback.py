@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -111,8 +112,6 @@ def lookahead_schedule(trainer: Trainer, total: int) -> Any:
     parameter each, so neither the model, the real optimizer nor the real scheduler is
     touched. Without a scheduler the LR is constant.
     """
-    import numpy as np
-
     if not trainer.optimizers:
         raise CurveError("no optimizer to read the learning rate from; pass ScaleWatch(schedule=...)")
     opt = trainer.optimizers[0]
@@ -326,7 +325,7 @@ class ScaleWatch(Callback):
         self.curve_law: CurveLaw | None = curve_law
         self.schedule_arg = schedule
         self.schedule: Any = None  # per-step LR the prediction uses (numpy array), set when training starts
-        self._schedule_saved: list[float] | None = None
+        self._schedule_saved: np.ndarray | None = None  # the schedule of this run, kept for resume
 
         plugins: list[Any] = [NoiseScalePlugin()] if gns != "off" else []
         self.curve_plugin = CurvePlugin(curve_law, background=forecast_in_background) \
@@ -484,7 +483,7 @@ class ScaleWatch(Callback):
                             "predicted curve stops at step %d", len(schedule) - 1, total, len(schedule) - 1)
             self.curve_plugin.set_schedule(schedule)
             self.schedule = self.curve_plugin.schedule
-            self._schedule_saved = [float(x) for x in schedule]
+            self._schedule_saved = self.schedule
         except Exception as exc:
             # A schedule we cannot read (a bad file, an endless run, a scheduler that cannot be
             # copied) must not stop the run: no prediction, everything else works.
@@ -493,8 +492,6 @@ class ScaleWatch(Callback):
                 log.warning("scalewatch: no predicted curve: %s", exc)
 
     def _resolve_schedule(self, trainer: Trainer, total: int) -> Any:
-        import numpy as np
-
         arg = self.schedule_arg
         if isinstance(arg, (str, Path)):
             return schedule_from_csv(arg)
@@ -503,7 +500,7 @@ class ScaleWatch(Callback):
         if arg is not None:
             return np.asarray(arg, dtype=float)
         if self._schedule_saved is not None:
-            return np.asarray(self._schedule_saved, dtype=float)  # resumed: the schedule seen at the start
+            return self._schedule_saved  # resumed: the schedule seen at the start
         return lookahead_schedule(trainer, total)
 
     # --------------------------------------------------------------- hot path
@@ -653,9 +650,7 @@ class ScaleWatch(Callback):
         self.gns_method = method
         self._gns_capture = capture
         self._gns_ema = DeviceNoiseEMA(self.gns_decay, device=self._device or "cpu")
-        if self._gns_restored is not None:
-            self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64,
-                                               device=self._gns_ema.state.device)
+        self._apply_gns_restored()
         if trainer.is_global_zero:
             log.info("scalewatch: gradient noise scale from %s", self._gns_description())
 
@@ -945,7 +940,7 @@ class ScaleWatch(Callback):
                 "description": self.convention.description,
             },
             "monitor": self.monitor.state_dict(),
-            "curve_schedule": self._schedule_saved,
+            "curve_schedule": None if self._schedule_saved is None else self._schedule_saved.tolist(),
             "gns": None if self._gns_ema is None and self._gns_restored is None else {
                 "method": self.gns_method,
                 "decay": self.gns_decay,
@@ -976,10 +971,13 @@ class ScaleWatch(Callback):
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
         saved = state_dict.get("curve_schedule")
         if isinstance(saved, list) and saved:
-            self._schedule_saved = [float(x) for x in saved]
+            self._schedule_saved = np.asarray(saved, dtype=float)
         gns = state_dict.get("gns")
         if gns and gns.get("state") is not None and len(gns["state"]) == 3:
             self._gns_restored = [float(v) for v in gns["state"]]  # applied when training starts
-            if self._gns_ema is not None:
-                self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64,
-                                                   device=self._gns_ema.state.device)
+            self._apply_gns_restored()
+
+    def _apply_gns_restored(self) -> None:
+        if self._gns_ema is not None and self._gns_restored is not None:
+            self._gns_ema.state = torch.tensor(self._gns_restored, dtype=torch.float64,
+                                               device=self._gns_ema.state.device)

@@ -29,7 +29,8 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.signal import lfilter
 
-from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError
+from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, read_law_json, write_law_json
+from scalewatch.laws import _finite_number as _finite
 
 FAMILY = "momentum_curve"
 LAMBDA = 0.999
@@ -379,29 +380,13 @@ class CurveLaw:
                    conventions={str(k): str(v) for k, v in conv.items()})
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def save_curve_law(law: CurveLaw, path: str | Path) -> None:
-    import json
-
-    Path(path).write_text(json.dumps(law.to_json(), indent=2, allow_nan=False) + "\n")
+    write_law_json(law.to_json(), path)
 
 
 def load_curve_law(path: str | Path) -> CurveLaw:
     """Read a curve-law file; malformed or wrong-family files raise :class:`LawFileError`."""
-    import json
-
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except OSError as exc:
-        raise LawFileError(f"{p}: cannot read law file ({exc.strerror})") from None
-    except json.JSONDecodeError as exc:
-        raise LawFileError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg}); "
-                           "write it with `scalewatch fit --curves --out`") from None
-    return CurveLaw.from_json(doc, source=str(p))
+    return CurveLaw.from_json(read_law_json(path, "`scalewatch fit --curves --out`"), source=str(path))
 
 
 # ------------------------------------------------------------------ fitting

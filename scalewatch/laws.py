@@ -242,7 +242,26 @@ def save_law(record: LawRecord, path: str | Path) -> None:
         >>> load_law(p).law.alpha
         0.348
     """
-    Path(path).write_text(json.dumps(record.to_json(), indent=2, allow_nan=False) + "\n")
+    write_law_json(record.to_json(), path)
+
+
+def write_law_json(doc: Mapping[str, Any], path: str | Path) -> None:
+    """Write a law document as JSON; non-finite numbers are refused, never written as NaN."""
+    Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def read_law_json(path: str | Path, how_to_write: str = "`scalewatch fit --out`") -> Any:
+    """Parse a law file's JSON; an unreadable or invalid file raises :class:`LawFileError` naming the fix."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise LawFileError(f"{p}: cannot read law file ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LawFileError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg}); "
+                           f"write it with {how_to_write}") from None
 
 
 def _finite_number(x: Any) -> bool:
@@ -296,17 +315,7 @@ def law_from_json(doc: Any, source: str = "law file", family: str | None = None)
 
 def load_law(path: str | Path, family: str | None = None) -> LawRecord:
     """Read a law file. Malformed, unknown-version or wrong-family files raise :class:`LawFileError`."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise LawFileError(f"{p}: cannot read law file ({exc.strerror})") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LawFileError(f"{p}: not valid JSON (line {exc.lineno}: {exc.msg}); "
-                           "write it with `scalewatch fit --out`") from None
-    return law_from_json(doc, source=str(p), family=family)
+    return law_from_json(read_law_json(path), source=str(path), family=family)
 
 
 # ------------------------------------------------------------------- planning
