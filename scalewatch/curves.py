@@ -645,6 +645,7 @@ class CurvePlugin:
         self.background = background
         self._executor: Any = None
         self._pending: Any = None
+        self._history: tuple[Sequence[int], Sequence[float]] | None = None  # the newest history seen
         self._latest: dict[str, float] = {}
         if schedule is not None:
             self.set_schedule(schedule)
@@ -675,6 +676,7 @@ class CurvePlugin:
         hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
         if hist:
             steps, losses = zip(*hist, strict=True)
+            self._history = (steps, losses)
             if self.background:
                 self._collect(wait=False)
                 if self._pending is None:
@@ -703,8 +705,18 @@ class CurvePlugin:
             self._pending = None
 
     def finish(self) -> dict[str, float]:
-        """Wait for the forecast in flight and stop the worker; returns the latest forecast."""
+        """Wait for the forecast in flight and stop the worker; returns the forecast from the newest history.
+
+        When the worker was still busy at the last log point, the newest history was never
+        handed over: it is forecast here, so the run's last forecast always saw its last step.
+        """
         self._collect(wait=True)
+        if self._history is not None and self.schedule is not None and \
+                self._latest.get("loss_forecast_at_step") != float(self._history[0][-1]):
+            try:
+                self._latest = self._forecast(*self._history)
+            except Exception:  # a failed forecast must not reach the training loop
+                pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

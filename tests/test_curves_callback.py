@@ -150,3 +150,22 @@ def test_background_forecast_reports_the_latest_finished_one_and_the_step_it_saw
         expected = forecast_final(LAW, watch.schedule, steps, [losses[st] for st in steps], n_params=watch.n_params)
         assert finals[logged_at] == pytest.approx(expected.loss, rel=1e-4)
     assert watch.curve_plugin._executor is None  # the worker is gone after the fit
+
+
+def test_last_forecast_sees_the_last_step_even_when_the_worker_lags(tmp_path, monkeypatch) -> None:
+    import time
+
+    import scalewatch.curves as curves
+
+    fast = curves.forecast_final
+
+    def slow(*a, **k):
+        time.sleep(0.3)  # longer than the training between two log points here
+        return fast(*a, **k)
+
+    monkeypatch.setattr(curves, "forecast_final", slow)
+    watch = ScaleWatch(curve_law=LAW)
+    _fit(tmp_path, watch)
+    assert watch.latest["loss_forecast_at_step"] == STEPS
+    at_steps = [v for _, v in scalars(tmp_path / "tb" / "version_0")["scalewatch/loss_forecast_at_step"]]
+    assert len(at_steps) < 6 and at_steps[-1] == STEPS  # the worker skipped log points, the end caught up
