@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scalewatch.curves import Curve, fit_curves, forecast_final, read_curve_csv, validate_curve  # noqa: E402
+from scalewatch.curve_fit import fit_curves  # noqa: E402
+from scalewatch.curves import Curve, read_curve_csv, validate_curve  # noqa: E402
+from scalewatch.forecast import ForecastSettings, forecast_final  # noqa: E402
 
 OLMO_LOSS = "eval/c4_en-validation/CrossEntropyLoss"
 MULTS = ("0.5", "1", "2", "5", "10")
@@ -137,28 +139,22 @@ def olmo_sizes(curves: dict[str, list[Curve]]) -> bool:
 
 FRACS = (0.2, 0.4, 0.6)
 BASELINE = {0.2: 0.027, 0.4: 0.016, 0.6: 0.006}  # prefix-only fits (science.md, 25 OLMo runs)
-GRID = [(c, a, f) for c in (1.0, 2.0, 4.0) for a in (0.1, 0.3, 1.0) for f in (0.5, 1.0)]
+# The forecast settings tried when choosing them out of sample (ForecastSettings' fields).
+GRID = [ForecastSettings(sigma_lnA=a) for a in (0.1, 0.3, 1.0)]
 
 
-def _forecast_all(cases, setting=None) -> dict[float, list[tuple[float, bool]]]:
+def _forecast_all(cases, settings: ForecastSettings | None = None) -> dict[float, list[tuple[float, bool]]]:
     """(relative error, truth inside the band) per prefix fraction, for every (run, law) case."""
-    import scalewatch.curves as cv
-
-    saved = (cv._CORR_POINTS, cv._SIGMA_LNA, cv._BAND_FLOOR)
-    if setting is not None:
-        cv._CORR_POINTS, cv._SIGMA_LNA, cv._BAND_FLOOR = setting
-    try:
-        out: dict[float, list[tuple[float, bool]]] = {f: [] for f in FRACS}
-        for target, law in cases:
-            sched = target.per_step_lr()
-            end = int(target.steps[-1])
-            for f in FRACS:
-                m = target.steps <= f * end
-                fc = forecast_final(law, sched, target.steps[m], target.loss[m], n_params=target.n_params)
-                out[f].append((abs(fc.loss - target.loss[-1]) / target.loss[-1], fc.low <= target.loss[-1] <= fc.high))
-        return out
-    finally:
-        cv._CORR_POINTS, cv._SIGMA_LNA, cv._BAND_FLOOR = saved
+    out: dict[float, list[tuple[float, bool]]] = {f: [] for f in FRACS}
+    for target, law in cases:
+        sched = target.per_step_lr()
+        end = int(target.steps[-1])
+        for f in FRACS:
+            m = target.steps <= f * end
+            fc = forecast_final(law, sched, target.steps[m], target.loss[m], n_params=target.n_params,
+                                settings=settings)
+            out[f].append((abs(fc.loss - target.loss[-1]) / target.loss[-1], fc.low <= target.loss[-1] <= fc.high))
+    return out
 
 
 def _score(res) -> float:
@@ -195,7 +191,7 @@ def prefix_forecasts(curves: dict[str, list[Curve]]) -> bool:
                   f"(target >= 85%)")
         return ok
 
-    ok = report("library defaults (chosen on these 15 runs: in-sample for the 3 settings):", res)
+    ok = report("library defaults (chosen on these 15 runs: in-sample for the settings):", res)
     # Out of sample for the settings too: choose them on two sizes, forecast the third.
     pooled: dict[float, list[tuple[float, bool]]] = {f: [] for f in FRACS}
     chosen = {}
@@ -208,7 +204,7 @@ def prefix_forecasts(curves: dict[str, list[Curve]]) -> bool:
         for f in FRACS:
             pooled[f].extend(held[f])
     report("settings chosen on the other two sizes, forecasting the third (out of sample): "
-           + ", ".join(f"{k}: {v}" for k, v in chosen.items()), pooled)
+           + ", ".join(f"{k}: sigma_lnA={v.sigma_lnA}" for k, v in chosen.items()), pooled)
     print(f"  forecast time: {per_forecast * 1e3:.1f} ms each")
     return ok
 

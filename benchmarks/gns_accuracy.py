@@ -40,7 +40,7 @@ def single(kind: str, gns: str, accumulate: int, micro_batch: int, steps: int) -
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    accelerator="cpu")
     t.fit(Classifier(make_model(kind)), loader(make_data(), micro_batch))
-    m_g2, m_tr, _ = watch._gns_host
+    m_g2, m_tr, _ = watch.noise_scale.reduced
     return str(watch.gns_method), m_tr / m_g2
 
 

@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["ScaleWatch", "Monitor", "Observation", "ScaleWatchConfigError", "__version__"]
+__all__ = ["ScaleWatch", "ScaleWatchConfig", "build_monitor", "Monitor", "Observation", "Report", "Alert",
+           "ScaleWatchConfigError", "__version__"]
 
 if TYPE_CHECKING:
-    from scalewatch.accounting import ScaleWatchConfigError
+    from scalewatch.alerts import Alert
     from scalewatch.callback import ScaleWatch
-    from scalewatch.monitor import Monitor, Observation
+    from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
+    from scalewatch.monitor import Monitor, Observation, Report
 
 
 def __getattr__(name: str) -> Any:
@@ -24,12 +26,16 @@ def __getattr__(name: str) -> Any:
         from scalewatch.callback import ScaleWatch
 
         return ScaleWatch
-    if name in ("Monitor", "Observation"):
+    if name in ("Monitor", "Observation", "Report"):
         from scalewatch import monitor
 
         return getattr(monitor, name)
-    if name == "ScaleWatchConfigError":
-        from scalewatch.accounting import ScaleWatchConfigError
+    if name in ("ScaleWatchConfig", "ScaleWatchConfigError", "build_monitor"):
+        from scalewatch import config  # torch-free: the CLI and `watch` import it without paying for torch
 
-        return ScaleWatchConfigError
+        return getattr(config, name)
+    if name == "Alert":
+        from scalewatch.alerts import Alert
+
+        return Alert
     raise AttributeError(f"module 'scalewatch' has no attribute {name!r}")

@@ -26,14 +26,12 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from scalewatch.config import ScaleWatchConfigError  # noqa: F401  (re-exported: raised here, defined torch-free)
+
 IGNORE_INDEX = -100
 
 Count = Union[int, Tensor]
 """A count that is either known on the host (from shapes) or lives on the device."""
-
-
-class ScaleWatchConfigError(ValueError):
-    """A configuration error: raised at set-up or at the first batch, naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -322,3 +320,70 @@ def measure_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------ what a configuration means for a module
+def choose_n_params(params: ParamCount, n_params: int | None, convention: str) -> tuple[int, str]:
+    """``(N, how it was counted)`` under the configuration; a module with nothing to count is an error.
+
+    Example:
+        >>> choose_n_params(ParamCount(total=90, embedding=40), None, "non_embedding")
+        (50, 'N (non-embedding trainable parameters, Kaplan)')
+    """
+    if n_params is not None:
+        return n_params, "N (user-given n_params)"
+    if params.total == 0:
+        raise ScaleWatchConfigError("scalewatch: the module has no trainable parameters; pass "
+                                    "ScaleWatch(n_params=...) with the model's parameter count")
+    if convention == "total":
+        return params.total, "N (all trainable parameters, Chinchilla)"
+    if params.non_embedding <= 0:
+        raise ScaleWatchConfigError("scalewatch: the module has no non-embedding trainable parameters; use "
+                                    "param_convention='total' or pass n_params=...")
+    return params.non_embedding, "N (non-embedding trainable parameters, Kaplan)"
+
+
+def choose_flop_convention(flops: str | float, n_params: int, module: nn.Module, n_layer: int | None = None,
+                           d_model: int | None = None) -> FlopConvention | None:
+    """The FLOP convention a ``flops=`` setting gives for this module; None for ``"measured"`` (first batch).
+
+    Example:
+        >>> choose_flop_convention("6N+attn", 1000, nn.Linear(2, 2), n_layer=2, d_model=8).attention_coeff
+        192
+    """
+    if not isinstance(flops, str):
+        return fixed_flops_per_token(float(flops))
+    if flops == "6N":
+        return six_n(n_params)
+    if flops == "measured":
+        return None
+    if n_layer is None or d_model is None:
+        found_layers, found_width = infer_architecture(module)
+        n_layer, d_model = n_layer or found_layers, d_model or found_width
+    if n_layer is None or d_model is None:
+        raise ScaleWatchConfigError(
+            "scalewatch: flops='6N+attn' needs the architecture; pass ScaleWatch(n_layer=..., d_model=...)")
+    return six_n_plus_attention(n_params, n_layer, d_model)
+
+
+def count_with(batch: Any, tokens_fn: Callable[[Any], Any] | None, samples_fn: Callable[[Any], int] | None,
+               first: bool) -> BatchCount:
+    """One micro-batch's counts, with the user's ``tokens_fn`` / ``samples_fn`` where given.
+
+    Example:
+        >>> count_with(torch.zeros(4, 8, dtype=torch.long), lambda b: 30, None, first=True)
+        BatchCount(tokens=30, samples=4, seq_len=8)
+    """
+    if tokens_fn is None:
+        count = count_batch(batch)
+    else:
+        tokens = check_tokens_fn_result(tokens_fn(batch), first)
+        try:
+            shaped = count_batch(batch, use_masks=False)  # shapes only: tokens come from tokens_fn
+            samples, seq_len = shaped.samples, shaped.seq_len
+        except ScaleWatchConfigError:
+            samples, seq_len = 0, 0
+        count = BatchCount(tokens=tokens, samples=samples, seq_len=seq_len)
+    if samples_fn is not None:
+        count = BatchCount(tokens=count.tokens, samples=int(samples_fn(batch)), seq_len=count.seq_len)
+    return count

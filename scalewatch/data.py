@@ -52,16 +52,42 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return list(csv.DictReader(text.splitlines()))
 
 
-def _column(header: Sequence[str], key: str, override: str | None) -> str | None:
-    if override:
-        if override not in header:
-            raise FitError(f"column {override!r} not found; columns are {', '.join(header)}")
-        return override
-    lower = {h.lower().strip(): h for h in header}
-    for alias in ALIASES[key]:
-        if alias in lower:
-            return lower[alias]
-    return None
+def pick_column(header: Sequence[str], aliases: Sequence[str], what: str | None = None, where: str = "",
+                given: str | None = None, error: type[Exception] = FitError) -> str | None:
+    """The header's column for one quantity: ``given`` if set, else the first alias present.
+
+    Matching ignores case and surrounding spaces (``Loss`` and ``loss `` are ``loss``); an exact
+    match wins when a header has both. ``given`` must be there: a name the user typed that is
+    missing is an error, never a silent fallback to an alias. With no alias present the
+    column is optional (None) unless ``what`` names it, then ``error`` says what was looked for.
+    Shared by the pilot-run tables here and the loss-curve CSVs of :mod:`scalewatch.curves`.
+
+    Example:
+        >>> pick_column(["Step", "LR", "Loss"], ("loss", "val_loss"))
+        'Loss'
+        >>> pick_column(["step", "loss"], ("lr",)) is None
+        True
+        >>> pick_column(["step", "loss"], ("lr",), what="learning-rate", where="run.csv")
+        Traceback (most recent call last):
+        ...
+        scalewatch.fitting.FitError: run.csv: no learning-rate column (looked for lr); columns are step, loss
+    """
+    prefix = f"{where}: " if where else ""
+    lower = {h.lower().strip(): h for h in reversed(header)}  # reversed: the first of equal names wins
+    if given:
+        if given in header:
+            return given
+        if given.lower().strip() in lower:
+            return lower[given.lower().strip()]
+        raise error(f"{prefix}column {given!r} not found; columns are {', '.join(header)}")
+    for alias in aliases:
+        if alias in header:
+            return alias
+        if alias.lower() in lower:
+            return lower[alias.lower()]
+    if what is None:
+        return None
+    raise error(f"{prefix}no {what} column (looked for {', '.join(aliases)}); columns are {', '.join(header)}")
 
 
 def _number(row: Mapping[str, Any], col: str, where: str) -> float:
@@ -101,7 +127,8 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
         if not rows:
             raise FitError(f"{path}: no runs in the file")
         header = list(rows[0].keys())
-        cols = {k: _column(header, k, loss_column if k == "loss" else None) for k in ALIASES}
+        cols = {k: pick_column(header, ALIASES[k], where=str(path), given=loss_column if k == "loss" else None)
+                for k in ALIASES}
         missing = [k for k in ("N", "loss") if cols[k] is None]
         if cols["D"] is None and cols["C"] is None:
             missing.append("D (or compute C)")

@@ -80,67 +80,6 @@ def b_simple_from(g2: float, trace: float) -> float:
     return trace / max(g2, trace / _MAX_RATIO)
 
 
-class NoiseScaleEMA:
-    """Separate bias-corrected EMAs of ``|G|^2`` and ``tr(Sigma)``; their ratio is B_simple.
-
-    Non-finite steps are skipped (neither EMA nor the bias correction moves).
-    The Lightning callback keeps the same three numbers on the device; this is the
-    host-side reference with the same arithmetic.
-
-    Args:
-        decay: EMA decay per optimizer step (0.99 averages about the last 100 steps).
-
-    Example:
-        >>> ema = NoiseScaleEMA(decay=0.9)
-        >>> for _ in range(50): _ = ema.update(small_sq=5.0, big_sq=2.0, b_small=1, b_big=4)
-        >>> round(ema.g2, 6), round(ema.trace, 6), round(ema.b_simple, 6)
-        (1.0, 4.0, 4.0)
-    """
-
-    def __init__(self, decay: float = 0.99) -> None:
-        if not (0.0 < decay < 1.0):
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
-        self.decay = decay
-        self.m_g2 = 0.0
-        self.m_trace = 0.0
-        self.weight = 0.0  # 1 - decay**updates: the bias correction
-        self.updates = 0
-
-    def update(self, small_sq: float, big_sq: float, b_small: float, b_big: float) -> bool:
-        """Fold in one step; returns False (and changes nothing) when the step is non-finite."""
-        g2, tr = unbiased_estimates(small_sq, big_sq, b_small, b_big)
-        if not (math.isfinite(g2) and math.isfinite(tr)):
-            return False
-        d = self.decay
-        self.m_g2 = d * self.m_g2 + (1 - d) * g2
-        self.m_trace = d * self.m_trace + (1 - d) * tr
-        self.weight = d * self.weight + (1 - d)
-        self.updates += 1
-        return True
-
-    @property
-    def g2(self) -> float:
-        return self.m_g2 / self.weight if self.weight > 0 else math.nan
-
-    @property
-    def trace(self) -> float:
-        return self.m_trace / self.weight if self.weight > 0 else math.nan
-
-    @property
-    def b_simple(self) -> float:
-        return b_simple_from(self.g2, self.trace) if self.weight > 0 else math.nan
-
-    def state_dict(self) -> dict[str, float]:
-        return {"decay": self.decay, "m_g2": self.m_g2, "m_trace": self.m_trace, "weight": self.weight,
-                "updates": self.updates}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.m_g2 = float(state["m_g2"])
-        self.m_trace = float(state["m_trace"])
-        self.weight = float(state["weight"])
-        self.updates = int(state.get("updates", 0))
-
-
 def kaplan_b_crit(loss: float, b_star: float = KAPLAN_B_STAR, alpha_b: float = KAPLAN_ALPHA_B) -> float:
     """Kaplan et al.'s reference critical batch in tokens, ``B_* / L^(1/alpha_B)``.
 
@@ -183,7 +122,7 @@ def batch_tradeoff(batch: float, b_crit: float) -> BatchTradeoff:
 class NoiseScalePlugin:
     """Monitor plugin: turns the noise-scale EMAs an observation carries into the logged scalars.
 
-    Reads ``obs.extra``: ``gns/g2`` and ``gns/trace`` (bias-corrected EMAs, per-sequence
+    Reads the observation's ``gns_g2`` and ``gns_trace`` (bias-corrected EMAs, per-sequence
     units), ``batch_samples`` and ``batch_tokens`` (the global batch of one optimizer step).
     Returns ``gns/b_simple`` (sequences), ``gns/b_simple_tokens``, ``gns/b_crit``
     (tokens; B_simple taken as the estimate of the critical batch), ``gns/batch_size``,
@@ -195,7 +134,7 @@ class NoiseScalePlugin:
         >>> from scalewatch.monitor import Monitor, Observation
         >>> m = Monitor(plugins=[NoiseScalePlugin()])
         >>> s = m.observe(Observation(step=10, tokens=40960, samples=80, flops=0, loss=3.0,
-        ...     extra={"gns/g2": 0.5, "gns/trace": 16.0, "batch_samples": 8, "batch_tokens": 4096}))
+        ...     gns_g2=0.5, gns_trace=16.0, batch_samples=8, batch_tokens=4096)).scalars
         >>> s["gns/b_simple"], s["gns/b_crit"], s["gns/compute_factor"]
         (32.0, 16384.0, 1.25)
     """
@@ -203,10 +142,9 @@ class NoiseScalePlugin:
     name = "gns"
 
     def on_observation(self, obs: Any, monitor: Any) -> dict[str, float]:
-        extra = obs.extra
         out: dict[str, float] = {}
-        batch = extra.get("batch_samples")
-        batch_tokens = extra.get("batch_tokens")
+        batch = obs.batch_samples
+        batch_tokens = obs.batch_tokens
         if batch:
             out["gns/batch_size"] = float(batch)
         if batch_tokens:
@@ -214,9 +152,9 @@ class NoiseScalePlugin:
         ref = kaplan_b_crit(obs.loss)
         if math.isfinite(ref):
             out["gns/b_crit_kaplan_ref"] = ref
-        if "gns/g2" not in extra or "gns/trace" not in extra:
+        if obs.gns_g2 is None or obs.gns_trace is None:
             return out
-        g2, tr = float(extra["gns/g2"]), float(extra["gns/trace"])
+        g2, tr = float(obs.gns_g2), float(obs.gns_trace)
         b_simple = b_simple_from(g2, tr)
         if not math.isfinite(b_simple):
             return out

@@ -14,21 +14,19 @@ Three sources, each giving small-batch and big-batch gradients at the SAME weigh
 * :class:`DeviceNoiseEMA`: the bias-corrected EMAs of ``|G|^2`` and ``tr(Sigma)`` kept
   as a device vector, updated with tensor ops only.
 
-Everything here is torch without Lightning; the callback decides which source applies.
+Everything here is torch without Lightning: :class:`NoiseScaleTracker` runs one run's capture from
+plain numbers the callback reads off the trainer (method, accumulation, world size, AMP scale).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from scalewatch.gns import coefficients
-
-log = logging.getLogger("scalewatch")
 
 
 def _norm(grad: Tensor) -> Tensor:
@@ -337,7 +335,6 @@ class DeviceNoiseEMA:
     def __init__(self, decay: float, device: torch.device | str = "cpu") -> None:
         self.decay = decay
         self.state = torch.zeros(3, dtype=torch.float64, device=device)
-        self.updates = 0  # steps offered (host count); skipped non-finite steps included
 
     def update(self, small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float) -> None:
         c = coefficients(b_small, b_big)
@@ -346,7 +343,222 @@ class DeviceNoiseEMA:
         est = torch.stack((c.big * big - c.small * small, c.trace * (small - big), torch.ones_like(big)))
         new = self.decay * self.state + (1 - self.decay) * est
         self.state = torch.where(torch.isfinite(est).all(), new, self.state)
-        self.updates += 1
 
-    def to(self, device: torch.device | str) -> None:
-        self.state = self.state.to(device)
+
+METHOD_DESCRIPTIONS = {
+    "ddp": "each rank's local gradient before the all-reduce (a DDP communication hook) vs the global gradient",
+    "accumulation": "each micro-batch's gradient vs the accumulated step gradient",
+    "ddp+accumulation": "each rank's micro-batch gradients vs the global step gradient",
+    "per_example": "per-example gradient norms of Linear/LayerNorm/RMSNorm weights vs their batch gradient",
+    "per_example_norm": "per-example gradient norms of LayerNorm/RMSNorm weights only (Gray et al.) vs "
+                        "their batch gradient",
+}
+
+
+def choose_gns_method(mode: str, strategy: Any, world_size: int, accumulate_grad_batches: int,
+                      automatic_optimization: bool) -> tuple[str | None, str | None]:
+    """Which noise-scale capture applies: ``(method or None, message to say once or None)``.
+
+    Only strategies where each rank holds whole gradients (single device, DDP) can
+    compare a local gradient with the global one; sharded ones (FSDP, DeepSpeed,
+    model parallel) cannot.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+        >>> choose_gns_method("auto", DDPStrategy(), 8, 4, True)
+        ('ddp+accumulation', None)
+        >>> choose_gns_method("auto", FSDPStrategy(), 8, 1, True)[0] is None
+        True
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if mode == "off":
+        return None, None
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return None, (f"off: the {type(strategy).__name__} strategy shards gradients or is not supported, so no "
+                      "rank holds a whole local gradient to compare with the global one; the rest of scalewatch "
+                      "keeps working")
+    ddp = world_size > 1
+    accumulation = accumulate_grad_batches > 1 and automatic_optimization
+    free = "ddp+accumulation" if ddp and accumulation else "ddp" if ddp else "accumulation" if accumulation else None
+    if mode == "auto":
+        if free is None:
+            return None, ("not measured: one device without gradient accumulation gives no second batch size for "
+                          "free; ScaleWatch(gns='per_example') measures it from per-example gradient norms of the "
+                          "Linear/LayerNorm layers, at extra compute")
+        return free, None
+    if mode in ("per_example", "per_example_norm"):
+        if free is not None:
+            return free, (f"{mode} applies to one device without accumulation; using the free '{free}' "
+                          "method instead")
+        return mode, None
+    if free is None or mode not in free:
+        return None, (f"gns={mode!r} cannot apply here (world size {world_size}, accumulate_grad_batches "
+                      f"{accumulate_grad_batches}, automatic optimization {automatic_optimization}); use gns='auto'")
+    return free, None
+
+
+Capture = ParamGradHooks | DDPCommHookCapture | PerExampleNorms
+
+
+class NoiseScaleTracker:
+    """One run's noise-scale measurement: the capture, the sizes of the step's micro-batches, the device EMAs.
+
+    The callback calls :meth:`start` when training starts, :meth:`add_batch` per micro-batch,
+    :meth:`end_backward` per backward and :meth:`step` before each optimizer step; the EMAs
+    (``ema.state``) ride along in the callback's one collective per log interval and come back
+    through :meth:`set_reduced`. Messages worth saying once go to ``note(key, message)``.
+
+    Args:
+        decay: EMA decay per optimizer step.
+        note: called with ``(key, message)``; the caller says each key once.
+    """
+
+    def __init__(self, decay: float, note: Callable[[str, str], None] = lambda key, message: None) -> None:
+        self.decay = decay
+        self.note = note
+        self.method: str | None = None
+        self.capture: Capture | None = None
+        self.ema: DeviceNoiseEMA | None = None
+        self.reduced: tuple[float, float, float] | None = None  # m_g2, m_trace, weight averaged over ranks
+        self.restored: list[float] | None = None  # EMA state from a checkpoint, applied at start
+        self.ddp_hook: DDPCommHookCapture | None = None
+        self._ddp_hook_model: Any = None
+        self._sizes: list[int] = []  # samples of each micro-batch of the current step
+
+    @property
+    def description(self) -> str:
+        return METHOD_DESCRIPTIONS.get(self.method or "", "not measured")
+
+    def start(self, method: str, model: nn.Module, device: torch.device | str, ddp_model: Any = None,
+              process_group: Any = None) -> bool:
+        """Install the capture for ``method``; False (with a note) when it finds nothing to measure."""
+        self.remove()
+        self._sizes = []
+        if method in ("per_example", "per_example_norm"):
+            layers = "all" if method == "per_example" else "norm"
+            capture: Capture = PerExampleNorms(model, layers=layers)
+            if capture.n_modules == 0:
+                capture.remove()
+                kinds = "Linear, LayerNorm or RMSNorm" if layers == "all" else "LayerNorm or RMSNorm"
+                self.note("no_linear", f"{method} found no {kinds} layer with its own trainable weights; use "
+                          "gradient accumulation or DDP for a free estimate")
+                return False
+        elif method == "ddp":
+            capture = self._ddp_capture(model, ddp_model, process_group)
+        else:
+            capture = ParamGradHooks(model.parameters())
+        self.method = method
+        self.capture = capture
+        self.ema = DeviceNoiseEMA(self.decay, device=device)
+        self._apply_restored()
+        return True
+
+    def _ddp_capture(self, model: nn.Module, ddp_model: Any, process_group: Any) -> Capture:
+        """A DDP communication hook (one norm per bucket); per-parameter hooks if one cannot be registered."""
+        if self.ddp_hook is not None and self._ddp_hook_model is ddp_model:
+            self.ddp_hook.reactivate()  # registered on this very model by an earlier start
+            return self.ddp_hook
+        if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+            try:
+                self.ddp_hook = DDPCommHookCapture(ddp_model, model.parameters(), process_group)
+                self._ddp_hook_model = ddp_model
+                return self.ddp_hook
+            except RuntimeError as exc:  # e.g. the run already registered its own comm hook
+                self.note("comm_hook", f"no DDP communication hook ({exc}); using per-parameter hooks, which cost "
+                          "one norm per parameter")
+        return ParamGradHooks(model.parameters())
+
+    def add_batch(self, samples: int) -> None:
+        if self.capture is not None:
+            self._sizes.append(samples)
+
+    def end_backward(self) -> None:
+        if self.capture is not None:
+            self.capture.end_backward()
+
+    def step(self, accumulate: int, automatic: bool, world_size: int, amp_scale: Tensor | None) -> None:
+        """Fold this optimizer step's norms into the EMAs (tensor ops only; no host read).
+
+        Args:
+            accumulate: the factor Lightning divided each micro-batch loss by (1 under manual optimization).
+            automatic: whether Lightning runs the optimization (how the losses were scaled is known).
+            world_size: number of data-parallel ranks.
+            amp_scale: the fp16 loss scale when the hooks saw scaled gradients but ``.grad`` is unscaled.
+        """
+        sizes, self._sizes = self._sizes, []
+        if self.capture is None or self.ema is None:
+            return
+        if isinstance(self.capture, PerExampleNorms):
+            per_example, batch, params = self.capture.take_step()
+            for message in self.capture.warnings:
+                self.note(message, message)
+            self.capture.warnings = []
+            if per_example is None or batch < 2:
+                return
+            big = grad_sq_norm(params)
+            if big is None:
+                return
+            # Example i's own gradient is B x its contribution to the batch-mean gradient.
+            small, b_small, b_big = per_example * batch, 1, batch
+        else:
+            total, backwards = self.capture.take_step()
+            if total is None or backwards == 0:
+                return
+            if not automatic and backwards > 1:
+                self.note("manual", "skipped: several backwards per step under manual optimization, and how their "
+                          "losses were scaled is unknown")
+                return
+            if len(set(sizes[-backwards:])) != 1 or len(sizes) < backwards:
+                return  # unequal micro-batches (a short last batch): the two-size estimator does not apply
+            big = grad_sq_norm(self.capture.params)
+            if big is None:
+                return
+            # Lightning divides each micro-batch loss by accumulate (k); the step's gradient is
+            # then (n/k) x the mean of the n micro-batch gradients.
+            small = total * (accumulate * accumulate / backwards)
+            big = big * (accumulate / backwards) ** 2
+            b_small = sizes[-1]
+            if b_small <= 0:
+                self.note("samples", "skipped: the batch size in sequences is unknown; pass "
+                          "ScaleWatch(samples_fn=lambda batch: <number of sequences>)")
+                return
+            b_big = b_small * backwards * world_size
+            if b_big <= b_small:
+                return
+        if amp_scale is not None:
+            small = small / amp_scale.double().square()  # hook gradients carry the loss scale, .grad does not
+        self.ema.update(small, big, b_small, b_big)
+
+    def set_reduced(self, summed: Tensor, summed_values: Sequence[float], world_size: int) -> None:
+        """Take the EMAs summed over ranks by the log collective (``summed_values``: the same, already on
+        the host). Averaging the ranks' EMAs is exact: the estimators are linear in each rank's small norm."""
+        if self.ema is None:
+            return
+        self.ema.state = summed / world_size
+        m_g2, m_tr, weight = (v / world_size for v in summed_values)
+        self.reduced = (m_g2, m_tr, weight)
+
+    def estimates(self) -> tuple[float, float] | None:
+        """``(|G|^2, tr(Sigma))`` of the last reduction, None before the first measured step."""
+        if self.reduced is None or self.reduced[2] <= 0:
+            return None
+        m_g2, m_tr, weight = self.reduced
+        return m_g2 / weight, m_tr / weight
+
+    def remove(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+        self.capture = None
+
+    def state_dict(self) -> list[float] | None:
+        return self.ema.state.tolist() if self.ema is not None else self.restored
+
+    def load_state_dict(self, state: Sequence[float] | None) -> None:
+        if state is not None and len(state) == 3:
+            self.restored = [float(v) for v in state]
+            self._apply_restored()
+
+    def _apply_restored(self) -> None:
+        if self.ema is not None and self.restored is not None:
+            self.ema.state = torch.tensor(self.restored, dtype=torch.float64, device=self.ema.state.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -268,22 +268,53 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def law_from_json(doc: Any, source: str = "law file", family: str | None = None) -> LawRecord:
-    """Validate a parsed law file; raise :class:`LawFileError` naming the problem."""
+def check_law_header(doc: Any, source: str = "law file", family: str | None = None,
+                     how_to_write: str = "`scalewatch fit --out`", known: Collection[str] | None = None,
+                     needed: str | None = None) -> Mapping[str, Any]:
+    """Check a parsed law file's header (a JSON object, schema, version, family) and return it.
+
+    Every kind of law file (the L(N, D) families here, curve laws in :mod:`scalewatch.curves`)
+    starts with the same header, so it is checked in one place with one set of messages.
+
+    Args:
+        doc: the parsed JSON.
+        source: what to call the file in messages (its path).
+        family: the family needed here, or None for any.
+        how_to_write: the command that writes a good file, named in the messages.
+        known: when given, a family outside it is refused as unknown (checked before ``family``).
+        needed: how to say the family needed in the wrong-family message (default ``a 'family' law``).
+
+    Example:
+        >>> doc = {"schema": SCHEMA, "version": SCHEMA_VERSION, "family": "kaplan"}
+        >>> check_law_header(doc, family="kaplan")["family"]
+        'kaplan'
+        >>> try:
+        ...     check_law_header(doc, "k.json", family="chinchilla")
+        ... except LawFileError as exc:
+        ...     print(str(exc).split(";")[0])
+        k.json: this is a 'kaplan' law, but a 'chinchilla' law is needed here
+    """
     if not isinstance(doc, Mapping):
-        raise LawFileError(f"{source}: expected a JSON object, got {type(doc).__name__}; "
-                           "write it with `scalewatch fit --out`")
+        raise LawFileError(f"{source}: expected a JSON object, got {type(doc).__name__}; write it with {how_to_write}")
     if doc.get("schema") != SCHEMA:
         raise LawFileError(f"{source}: not a scalewatch law file (schema {doc.get('schema')!r}, "
-                           f"expected {SCHEMA!r}); write it with `scalewatch fit --out`")
+                           f"expected {SCHEMA!r}); write it with {how_to_write}")
     if doc.get("version") != SCHEMA_VERSION:
         raise LawFileError(f"{source}: law file version {doc.get('version')!r} is not supported "
                            f"(this scalewatch reads version {SCHEMA_VERSION}); refit or upgrade scalewatch")
     fam = doc.get("family")
-    if fam not in FAMILIES:
-        raise LawFileError(f"{source}: unknown law family {fam!r}; expected one of {sorted(FAMILIES)}")
+    if known is not None and fam not in known:
+        raise LawFileError(f"{source}: unknown law family {fam!r}; expected one of {sorted(known)}")
     if family is not None and fam != family:
-        raise LawFileError(f"{source}: this is a {fam!r} law, but a {family!r} law is needed here")
+        raise LawFileError(f"{source}: this is a {fam!r} law, but {needed or f'a {family!r} law'} is needed here; "
+                           f"write one with {how_to_write}")
+    return doc
+
+
+def law_from_json(doc: Any, source: str = "law file", family: str | None = None) -> LawRecord:
+    """Validate a parsed law file; raise :class:`LawFileError` naming the problem."""
+    doc = check_law_header(doc, source, family=family, known=FAMILIES)
+    fam = doc["family"]
     cls = FAMILIES[fam]
     params = doc.get("params")
     if not isinstance(params, Mapping):

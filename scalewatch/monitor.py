@@ -1,17 +1,29 @@
-"""The framework-free core: observations in, scalars (and later alerts) out.
+"""The framework-free pipeline: observations in, a :class:`Report` (scalars, forecasts, alerts) out.
 
-The Lightning callback, an offline ``watch`` over TensorBoard logs, or a plain
-training loop all feed :class:`Observation` records to one :class:`Monitor`.
-Forecasters and detectors plug in as :class:`Plugin` objects and see the same
-stream and the same bounded history.
+The Lightning callback, ``scalewatch watch`` over logs, or a plain training loop all feed
+:class:`Observation` records to one :class:`Monitor`. Inside it, stages run in a fixed order::
+
+    derived quantities (rates, batch size) -> forecasters -> detectors -> alert book -> sinks
+
+Each stage sees the observation, the bounded :class:`History` and the report built so far
+(``monitor.report``: a detector reads ``loss_pred`` and its band from it). Each is isolated: an
+exception inside one becomes an ``internal_error`` alert and a log line, never a lost log point.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from scalewatch.alerts import Alert, AlertBook, Finding
+
+log = logging.getLogger("scalewatch")
+
+#: Stage kinds, in the order they run.
+STAGE_KINDS = ("forecaster", "detector")
 
 
 @dataclass
@@ -28,6 +40,12 @@ class Observation:
         time: wall-clock seconds since this process started training (resets on resume).
         lr: learning rate of the first parameter group, if known.
         nonfinite: number of non-finite micro-batch losses since the start.
+        loss_max: the largest finite micro-batch loss of the interval (``nan`` if unknown).
+        all_finite: whether every micro-batch loss of the interval was finite.
+        grad_norm: global gradient norm before clipping, if measured.
+        batch_samples, batch_tokens: the global batch of one optimizer step over the interval
+            (filled by the Monitor from the counts when not given).
+        gns_g2, gns_trace: the noise-scale EMAs (|G|^2 and tr(Sigma), per-sequence units), if measured.
         extra: any other named numbers (for plugins).
     """
 
@@ -39,6 +57,13 @@ class Observation:
     time: float = math.nan
     lr: float | None = None
     nonfinite: int = 0
+    loss_max: float = math.nan
+    all_finite: bool = True
+    grad_norm: float | None = None
+    batch_samples: float | None = None
+    batch_tokens: float | None = None
+    gns_g2: float | None = None
+    gns_trace: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,6 +72,64 @@ class Observation:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Observation:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class ForecastBand:
+    """A predicted value with its band: ``name`` is the scalar it is logged as (e.g. ``loss_pred``)."""
+
+    name: str
+    value: float
+    low: float
+    high: float
+    level: float = 0.90
+    at_step: int | None = None
+
+
+@dataclass
+class Report:
+    """What one log point produced: the scalars to log (names without the ``scalewatch/`` prefix), the
+    forecasts with their bands, the alerts that changed state, texts to (re)write, and health levels."""
+
+    step: int
+    tokens: int
+    scalars: dict[str, float] = field(default_factory=dict)
+    forecasts: dict[str, ForecastBand] = field(default_factory=dict)
+    alerts: list[Alert] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)
+    health: dict[str, int] = field(default_factory=dict)
+    observation: Observation | None = None
+
+
+@dataclass
+class StageOutput:
+    """What a stage may return instead of a plain mapping of scalars."""
+
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    forecasts: Iterable[ForecastBand] = ()
+    findings: Iterable[Finding] = ()
+
+
+class Plugin(Protocol):
+    """A stage: a forecaster or a detector.
+
+    ``on_observation(obs, monitor)`` returns scalars to log (name -> value) or a
+    :class:`StageOutput`. ``kind`` (``"forecaster"`` by default, or ``"detector"``) sets where it
+    runs. Optional: ``state_dict`` / ``load_state_dict`` (resume), ``finish()`` returning the
+    scalars of work still in flight at the end of training (e.g. a background forecast).
+    """
+
+    name: str
+
+    def on_observation(self, obs: Observation, monitor: Monitor) -> Mapping[str, float] | StageOutput: ...
+
+
+class Sink(Protocol):
+    """Where reports go (TensorBoard, a log, a JSON-lines file, a webhook). Only rank 0 has sinks."""
+
+    name: str
+
+    def write(self, report: Report) -> None: ...
 
 
 class History:
@@ -73,9 +156,7 @@ class History:
         self._items.append(obs)
         if len(self._items) > self.capacity:
             half = len(self._items) // 2
-            older = self._items[:half]
-            thinned = older[::2]
-            self._items = thinned + self._items[half:]
+            self._items = self._items[:half][::2] + self._items[half:]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -94,19 +175,7 @@ class History:
         self._items = [Observation.from_dict(d) for d in state.get("items", [])]
 
 
-class Plugin(Protocol):
-    """Anything that watches the stream: a forecaster, a detector.
-
-    ``on_observation`` returns extra scalars to log (name -> value, without the
-    ``scalewatch/`` prefix). Plugins with state implement ``state_dict`` /
-    ``load_state_dict`` too.
-    """
-
-    name: str
-
-    def on_observation(self, obs: Observation, monitor: Monitor) -> Mapping[str, float]: ...
-
-
+# ------------------------------------------------------------------ derived quantities
 @dataclass
 class Rates:
     """Throughput between two observations."""
@@ -128,21 +197,64 @@ def rates_between(prev: Observation, cur: Observation) -> Rates | None:
     )
 
 
+def fill_batch_size(prev: Observation | None, obs: Observation) -> None:
+    """Set ``obs.batch_samples`` / ``batch_tokens`` (per optimizer step) from the counts, unless given."""
+    if prev is None or obs.batch_samples is not None:
+        return
+    steps = obs.step - prev.step
+    if steps > 0 and obs.samples > prev.samples:
+        obs.batch_samples = (obs.samples - prev.samples) / steps
+        obs.batch_tokens = (obs.tokens - prev.tokens) / steps
+
+
+def base_scalars(obs: Observation, prev: Observation | None, n_params: int | None,
+                 peak_flops: float | None) -> dict[str, float]:
+    """Counts, tokens per parameter, rates and MFU at one observation."""
+    scalars: dict[str, float] = {
+        "tokens": float(obs.tokens),
+        "samples": float(obs.samples),
+        "flops": float(obs.flops),
+        "loss": float(obs.loss),
+        "nonfinite_losses": float(obs.nonfinite),
+    }
+    if n_params:
+        scalars["n_params"] = float(n_params)
+        scalars["tokens_per_param"] = obs.tokens / n_params
+    if obs.lr is not None:
+        scalars["lr"] = float(obs.lr)
+    if math.isfinite(obs.loss_max):
+        scalars["loss_max"] = float(obs.loss_max)
+    if obs.grad_norm is not None:
+        scalars["grad_norm"] = float(obs.grad_norm)
+    r = rates_between(prev, obs) if prev is not None else None
+    if r is not None:
+        scalars["tokens_per_sec"] = r.tokens_per_sec
+        scalars["samples_per_sec"] = r.samples_per_sec
+        scalars["flops_per_sec"] = r.flops_per_sec
+        if peak_flops:
+            scalars["mfu"] = r.flops_per_sec / peak_flops
+    return scalars
+
+
+# ------------------------------------------------------------------ the pipeline
 class Monitor:
-    """Consumes observations, keeps a bounded history, returns the scalars to log.
+    """Consumes observations, keeps a bounded history, runs the stages, returns a :class:`Report`.
 
     Args:
         n_params: N under the run's convention, for ``tokens_per_param``.
         peak_flops: the peak FLOP/s of all devices together, for MFU; None when unknown.
         history_size: maximum number of observations kept.
-        plugins: forecasters and detectors that see each observation.
+        plugins: forecasters and detectors (run forecasters first, then detectors, each group in
+            the order given).
+        sinks: where each report goes (rank 0 only in distributed runs).
+        run: the run's name in alerts.
 
     Example:
         >>> m = Monitor(n_params=1000)
         >>> m.start(Observation(step=0, tokens=0, samples=0, flops=0, time=0.0))
-        >>> s = m.observe(Observation(step=10, tokens=20_000, samples=10, flops=6_000 * 20_000,
+        >>> r = m.observe(Observation(step=10, tokens=20_000, samples=10, flops=6_000 * 20_000,
         ...                           loss=3.5, time=2.0))
-        >>> s["tokens_per_param"], s["tokens_per_sec"]
+        >>> r.scalars["tokens_per_param"], r.scalars["tokens_per_sec"]
         (20.0, 10000.0)
     """
 
@@ -152,12 +264,26 @@ class Monitor:
         peak_flops: float | None = None,
         history_size: int = 2048,
         plugins: Iterable[Plugin] = (),
+        sinks: Iterable[Sink] = (),
+        run: str = "run",
     ) -> None:
         self.n_params = n_params
         self.peak_flops = peak_flops
         self.history = History(history_size)
         self.plugins: list[Plugin] = list(plugins)
+        self.sinks: list[Sink] = list(sinks)
+        self.alerts = AlertBook(run=run)
+        self.texts: dict[str, str] = {}  # descriptions (conventions, methods) sinks write once per change
+        self.report: Report | None = None  # the report of the observation being processed (or the last one)
+        self._texts_sent: dict[str, str] = {}
         self._prev: Observation | None = None  # last observation of this session (for rates)
+        self._failing: set[str] = set()  # stages whose last run raised
+        self._broken_sinks: set[str] = set()
+
+    @property
+    def stages(self) -> list[Plugin]:
+        """The plugins in the order they run: forecasters, then detectors."""
+        return sorted(self.plugins, key=lambda p: STAGE_KINDS.index(getattr(p, "kind", "forecaster")))
 
     def start(self, obs: Observation) -> None:
         """Mark where this session starts (counts restored on resume, time zero), for rates."""
@@ -167,37 +293,94 @@ class Monitor:
     def last(self) -> Observation | None:
         return self.history[-1] if len(self.history) else None
 
-    def observe(self, obs: Observation) -> dict[str, float]:
-        """Record an observation; return scalars (names without the ``scalewatch/`` prefix)."""
-        scalars: dict[str, float] = {
-            "tokens": float(obs.tokens),
-            "samples": float(obs.samples),
-            "flops": float(obs.flops),
-            "loss": float(obs.loss),
-            "nonfinite_losses": float(obs.nonfinite),
-        }
-        if self.n_params:
-            scalars["n_params"] = float(self.n_params)
-            scalars["tokens_per_param"] = obs.tokens / self.n_params
-        if obs.lr is not None:
-            scalars["lr"] = float(obs.lr)
-        if self._prev is not None:
-            r = rates_between(self._prev, obs)
-            if r is not None:
-                scalars["tokens_per_sec"] = r.tokens_per_sec
-                scalars["samples_per_sec"] = r.samples_per_sec
-                scalars["flops_per_sec"] = r.flops_per_sec
-                if self.peak_flops:
-                    scalars["mfu"] = r.flops_per_sec / self.peak_flops
+    def observe(self, obs: Observation) -> Report:
+        """Run one observation through every stage and the sinks; return its report."""
+        fill_batch_size(self._prev, obs)
+        report = Report(step=obs.step, tokens=obs.tokens, observation=obs,
+                        scalars=base_scalars(obs, self._prev, self.n_params, self.peak_flops))
         self._prev = obs
         self.history.append(obs)
-        for plugin in self.plugins:
-            for k, v in plugin.on_observation(obs, self).items():
-                scalars[k] = float(v)
-        return scalars
+        self.report = report
+        findings: list[Finding] = []
+        for stage in self.stages:
+            findings.extend(self._run_stage(stage, report, lambda s=stage: s.on_observation(obs, self)))
+        self._finish_report(report, findings)
+        return report
+
+    def finish(self) -> Report | None:
+        """End of training: collect what stages still had in flight (``finish()``), send it to the sinks.
+
+        Returns the report, or None when no stage had anything new.
+        """
+        last = self.last
+        if last is None:
+            self._finish_stages()
+            return None
+        report = Report(step=last.step, tokens=last.tokens, observation=last)
+        findings: list[Finding] = []
+        for stage in self.stages:
+            if hasattr(stage, "finish"):
+                findings.extend(self._run_stage(stage, report, stage.finish))  # type: ignore[attr-defined]
+        if not report.scalars and not findings:
+            return None
+        self.report = report
+        self._finish_report(report, findings)
+        return report
+
+    def close(self) -> None:
+        """Stop background work (no worker thread outlives the run); safe to call twice."""
+        self._finish_stages()
+
+    def _finish_stages(self) -> None:
+        for stage in self.plugins:
+            if hasattr(stage, "finish"):
+                try:
+                    stage.finish()  # type: ignore[attr-defined]
+                except Exception as exc:  # noqa: BLE001 - monitoring must never crash the run
+                    log.warning("scalewatch: stage %r failed to finish: %s", stage.name, exc)
+
+    def _run_stage(self, stage: Plugin, report: Report, call: Any) -> list[Finding]:
+        name = getattr(stage, "name", type(stage).__name__)
+        try:
+            out = call()
+        except Exception as exc:  # noqa: BLE001 - one failing stage must not lose the log point
+            log.warning("scalewatch: stage %r failed at step %d: %s: %s", name, report.step, type(exc).__name__, exc)
+            self._failing.add(name)
+            return [Finding("internal_error", True, "warning", key=name,
+                            message=f"scalewatch's {name!r} stage failed: {type(exc).__name__}: {exc}; its numbers "
+                                    "are missing at this step, training goes on")]
+        found: list[Finding] = []
+        if name in self._failing:
+            self._failing.discard(name)
+            found.append(Finding("internal_error", False, "warning", key=name, message=f"{name!r} stage works again"))
+        if isinstance(out, StageOutput):
+            report.scalars.update({k: float(v) for k, v in out.scalars.items()})
+            report.forecasts.update({f.name: f for f in out.forecasts})
+            found.extend(out.findings)
+        elif out:
+            report.scalars.update({k: float(v) for k, v in out.items()})
+        return found
+
+    def _finish_report(self, report: Report, findings: list[Finding]) -> None:
+        report.alerts = self.alerts.update(findings, report.step, report.tokens)
+        report.health = self.alerts.health()
+        for kind, level in report.health.items():
+            report.scalars[f"health/{kind}"] = float(level)
+        report.texts = {k: v for k, v in self.texts.items() if self._texts_sent.get(k) != v}
+        for sink in self.sinks:
+            name = getattr(sink, "name", type(sink).__name__)
+            try:
+                sink.write(report)
+            except Exception as exc:  # noqa: BLE001 - a sink that is down loses nothing else
+                if name not in self._broken_sinks:
+                    log.warning("scalewatch: the %r sink failed (said once; scalewatch keeps trying): %s: %s",
+                                name, type(exc).__name__, exc)
+                self._broken_sinks.add(name)
+        self._texts_sent.update(report.texts)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"history": self.history.state_dict(), "plugins": {}}
+        state: dict[str, Any] = {"history": self.history.state_dict(), "plugins": {},
+                                 "alerts": self.alerts.state_dict()}
         for p in self.plugins:
             if hasattr(p, "state_dict"):
                 state["plugins"][p.name] = p.state_dict()
@@ -205,6 +388,7 @@ class Monitor:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history.load_state_dict(state.get("history", {}))
+        self.alerts.load_state_dict(state.get("alerts", {}))
         for p in self.plugins:
             if p.name in state.get("plugins", {}) and hasattr(p, "load_state_dict"):
                 p.load_state_dict(state["plugins"][p.name])

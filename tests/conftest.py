@@ -15,7 +15,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (multi-process DDP, the example script); CI does")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
+    config.addinivalue_line("markers", "slow: a real multi-process or whole-script run (seconds each); "
+                                       "skipped unless --run-slow or the CI variable is set")
+
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI runs everything)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

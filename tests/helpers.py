@@ -103,3 +103,22 @@ class SyncSpy:
     def __exit__(self, *exc) -> None:
         for name, orig in self._orig.items():
             setattr(torch.Tensor, name, orig)
+
+
+def run_ddp(kind: str, out, devices: int, *args: str) -> dict[int, dict]:
+    """Run ``ddp_run.py KIND OUT DEVICES ARGS...`` as real processes; rank -> the record it wrote."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
+    env.pop("MASTER_PORT", None)
+    script = Path(__file__).resolve().parent / "ddp_run.py"
+    proc = subprocess.run([sys.executable, str(script), kind, str(out), str(devices), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}

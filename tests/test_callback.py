@@ -102,7 +102,7 @@ class _SpiedScaleWatch(ScaleWatch):
                                                      (None, 3)])
 def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch, tokens_fn, max_pending) -> None:
     # max_pending=3 makes the callback fold its pending device values on quiet steps too
-    monkeypatch.setattr("scalewatch.callback._MAX_PENDING", max_pending)
+    monkeypatch.setattr("scalewatch.accumulators.MAX_PENDING", max_pending)
     ds = VarLenDataset(n=40)
     watch = _SpiedScaleWatch(log_every_n_steps=4, tokens_fn=tokens_fn)
     trainer(tmp_path, [watch], max_epochs=1, accumulate_grad_batches=2).fit(TinyLM(), loader(ds, 2))

@@ -44,7 +44,7 @@ def test_predicted_series_follow_the_runs_own_schedule_without_touching_training
     watch = ScaleWatch(curve_law=LAW, forecast_in_background=False)
     model = _fit(tmp_path / "with", watch)
     expected = np.array([0.05 * _lambda(s) for s in range(STEPS + 1)])
-    assert watch.schedule == pytest.approx(expected)  # read ahead from a copy of the scheduler
+    assert watch.curve_plugin.schedule == pytest.approx(expected)  # read ahead from a copy of the scheduler
     plain = _fit(tmp_path / "without", ScaleWatch(gns="off"))
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)  # the look-ahead changed nothing in the run
@@ -82,7 +82,7 @@ def test_short_schedule_warns_and_predicts_what_it_covers(tmp_path, caplog) -> N
     watch = ScaleWatch(curve_law=LAW, schedule=lambda step: 0.05)
     with caplog.at_level(logging.WARNING, logger="scalewatch"):
         _fit(tmp_path, watch)
-    assert len(watch.schedule) == STEPS + 1
+    assert len(watch.curve_plugin.schedule) == STEPS + 1
     watch2 = ScaleWatch(curve_law=LAW, schedule=[0.05] * 13)
     with caplog.at_level(logging.WARNING, logger="scalewatch"):
         _fit(tmp_path / "short", watch2)
@@ -127,7 +127,7 @@ def test_resumed_run_keeps_the_schedule_it_started_with(tmp_path) -> None:
     run(tmp_path / "a", ScaleWatch(curve_law=LAW), max_epochs=1, enable_checkpointing=True, extra=[ckpt])
     resumed = ScaleWatch(curve_law=LAW)
     run(tmp_path / "b", resumed, ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
-    assert resumed.schedule == pytest.approx(whole.schedule)  # not the LR at the resume step held backwards
+    assert resumed.curve_plugin.schedule == pytest.approx(whole.curve_plugin.schedule)  # not the LR at the resume step held backwards
     pred_whole = dict(scalars(tmp_path / "whole" / "tb" / "version_0")["scalewatch/loss_pred"])
     pred_resumed = dict(scalars(tmp_path / "b" / "tb" / "version_0")["scalewatch/loss_pred"])
     assert sorted(pred_resumed) == [16, 20, 24]
@@ -135,7 +135,7 @@ def test_resumed_run_keeps_the_schedule_it_started_with(tmp_path) -> None:
 
 
 def test_background_forecast_reports_the_latest_finished_one_and_the_step_it_saw(tmp_path) -> None:
-    from scalewatch.curves import forecast_final
+    from scalewatch.forecast import forecast_final
 
     watch = ScaleWatch(curve_law=LAW)  # forecast_in_background=True is the default
     _fit(tmp_path, watch)
@@ -147,7 +147,7 @@ def test_background_forecast_reports_the_latest_finished_one_and_the_step_it_saw
     for logged_at, based_on in at_steps.items():
         assert based_on <= logged_at
         steps = [st for st in sorted(losses) if st <= based_on]
-        expected = forecast_final(LAW, watch.schedule, steps, [losses[st] for st in steps], n_params=watch.n_params)
+        expected = forecast_final(LAW, watch.curve_plugin.schedule, steps, [losses[st] for st in steps], n_params=watch.n_params)
         assert finals[logged_at] == pytest.approx(expected.loss, rel=1e-4)
     assert watch.curve_plugin._executor is None  # the worker is gone after the fit
 
@@ -155,15 +155,15 @@ def test_background_forecast_reports_the_latest_finished_one_and_the_step_it_saw
 def test_last_forecast_sees_the_last_step_even_when_the_worker_lags(tmp_path, monkeypatch) -> None:
     import time
 
-    import scalewatch.curves as curves
+    import scalewatch.forecast as forecast
 
-    fast = curves.forecast_final
+    fast = forecast.forecast_final
 
     def slow(*a, **k):
         time.sleep(0.3)  # longer than the training between two log points here
         return fast(*a, **k)
 
-    monkeypatch.setattr(curves, "forecast_final", slow)
+    monkeypatch.setattr(forecast, "forecast_final", slow)
     watch = ScaleWatch(curve_law=LAW)
     _fit(tmp_path, watch)
     assert watch.latest["loss_forecast_at_step"] == STEPS

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import scalars
+from helpers import run_ddp, scalars
 
-SCRIPT = Path(__file__).resolve().parent / "ddp_run.py"
+pytestmark = pytest.mark.slow  # real multi-process runs
 
 
 def _run(out: Path, devices: int, *extra: str) -> dict[int, dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1")
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), *extra], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {int(p.stem[4:]): json.loads(p.read_text()) for p in out.glob("rank*.json")}
+    return run_ddp("counts", out, devices, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def test_history_stays_bounded_and_keeps_first_and_recent_points() -> None:
 def test_monitor_scalars_rates_and_mfu() -> None:
     m = Monitor(n_params=1000, peak_flops=24e6)
     m.start(_obs(0))
-    s = m.observe(_obs(4, lr=1e-3))
+    s = m.observe(_obs(4, lr=1e-3)).scalars
     assert s["tokens"] == 4000 and s["tokens_per_param"] == 4.0
     assert s["tokens_per_sec"] == pytest.approx(4000 / 2.0)
     assert s["flops_per_sec"] == pytest.approx(24e6 / 2.0)
@@ -40,7 +40,7 @@ def test_monitor_scalars_rates_and_mfu() -> None:
 
 def test_monitor_without_time_gives_no_rates_and_nan_loss_passes_through() -> None:
     m = Monitor(n_params=10)
-    s = m.observe(Observation(step=1, tokens=5, samples=1, flops=300, loss=math.nan))
+    s = m.observe(Observation(step=1, tokens=5, samples=1, flops=300, loss=math.nan)).scalars
     assert "tokens_per_sec" not in s and math.isnan(s["loss"])
 
 
@@ -63,7 +63,7 @@ def test_plugins_see_observations_and_their_state_survives() -> None:
 
     m = Monitor(plugins=[Counter()])
     for s in range(3):
-        out = m.observe(_obs(s))
+        out = m.observe(_obs(s)).scalars
     assert out["counter/n"] == 3
     fresh = Monitor(plugins=[Counter()])
     fresh.load_state_dict(m.state_dict())

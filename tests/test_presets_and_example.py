@@ -25,6 +25,7 @@ def test_preset_builds_the_callback(preset) -> None:
     assert type(instance).__name__ == "ScaleWatch"
 
 
+@pytest.mark.slow
 def test_main_example_trains_and_writes_tensorboard(tmp_path) -> None:
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_gpt.py"), "--max-steps", "6",
                         "--log-every", "3", "--n-layer", "1", "--n-embd", "32", "--block-size", "32",

@@ -1,0 +1,162 @@
+"""ScaleWatch's configuration: one validated record, and ``build_monitor`` that turns it into a pipeline.
+
+Importing this module does not import torch or Lightning, so ``ScaleWatchConfigError`` and the
+configuration can be used by the command line and by ``scalewatch watch`` without paying for them.
+The Lightning callback, ``watch`` and a plain training loop all build their Monitor here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scalewatch.curves import CurveLaw
+    from scalewatch.monitor import Monitor, Sink
+
+FLOP_MODES = ("6N", "6N+attn", "measured")
+PARAM_CONVENTIONS = ("total", "non_embedding")
+GNS_MODES = ("auto", "ddp", "accumulation", "per_example", "per_example_norm", "off")
+
+
+class ScaleWatchConfigError(ValueError):
+    """A configuration or input that scalewatch cannot work with; the message names the fix."""
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ScaleWatchConfigError(f"scalewatch: {name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class ScaleWatchConfig:
+    """Everything ScaleWatch is told, validated once when it is made (see :class:`ScaleWatch` for each field).
+
+    A curve law given as a path is read here, so a malformed law file fails at construction.
+
+    Example:
+        >>> ScaleWatchConfig(flops="6N+attn", n_layer=12, d_model=768).flops
+        '6N+attn'
+        >>> ScaleWatchConfig(flops="7N")
+        Traceback (most recent call last):
+        ...
+        scalewatch.config.ScaleWatchConfigError: scalewatch: flops must be one of ('6N', '6N+attn', 'measured') \
+or a positive number of FLOPs per token, got '7N'
+    """
+
+    tokens_fn: Callable[[Any], Any] | None = None
+    samples_fn: Callable[[Any], int] | None = None
+    n_params: int | None = None
+    param_convention: str = "total"
+    flops: str | float = "6N"
+    n_layer: int | None = None
+    d_model: int | None = None
+    context_length: int | None = None
+    peak_flops: float | None = None
+    log_every_n_steps: int | None = None
+    loss_key: str | None = None
+    history_size: int = 2048
+    gns: str = "auto"
+    gns_decay: float = 0.99
+    curve_law: CurveLaw | None = None
+    schedule: Sequence[float] | str | Path | Callable[[int], float] | None = None
+    forecast_in_background: bool = True
+    run_name: str = "run"
+    alerts_jsonl: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        n = self.n_params
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ScaleWatchConfigError(f"scalewatch: n_params must be a positive int, got {n!r}; "
+                                        "leave it out to count the module's trainable parameters")
+        if self.param_convention not in PARAM_CONVENTIONS:
+            raise ScaleWatchConfigError(f"scalewatch: param_convention must be one of {PARAM_CONVENTIONS}, "
+                                        f"got {self.param_convention!r}")
+        f = self.flops
+        bad_number = not isinstance(f, str) and (isinstance(f, bool) or not isinstance(f, (int, float))
+                                                 or not (f > 0) or math.isinf(f))
+        if (isinstance(f, str) and f not in FLOP_MODES) or bad_number:
+            raise ScaleWatchConfigError(f"scalewatch: flops must be one of {FLOP_MODES} or a positive number of "
+                                        f"FLOPs per token, got {f!r}")
+        for name in ("n_layer", "d_model", "context_length", "log_every_n_steps"):
+            _positive_int(name, getattr(self, name))
+        if self.gns is None:
+            self.gns = "off"
+        if self.gns not in GNS_MODES:
+            raise ScaleWatchConfigError(f"scalewatch: gns must be one of {GNS_MODES}, got {self.gns!r}")
+        d = self.gns_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d < 1):
+            raise ScaleWatchConfigError(f"scalewatch: gns_decay must be in (0, 1), e.g. 0.99, got {d!r}")
+        self.gns_decay = float(d)
+        if self.peak_flops is not None and not (self.peak_flops > 0):
+            raise ScaleWatchConfigError(f"scalewatch: peak_flops must be positive FLOP/s, got {self.peak_flops!r}")
+        if isinstance(self.history_size, bool) or not isinstance(self.history_size, int) or self.history_size < 4:
+            raise ScaleWatchConfigError(f"scalewatch: history_size must be an int >= 4, got {self.history_size!r}")
+        self.curve_law = _load_curve_law(self.curve_law)
+
+
+def _load_curve_law(law: Any) -> CurveLaw | None:
+    from scalewatch.curves import CurveLaw, load_curve_law
+    from scalewatch.laws import LawFileError
+
+    if law is None or isinstance(law, CurveLaw):
+        return law
+    try:
+        return load_curve_law(law)
+    except LawFileError as exc:
+        raise ScaleWatchConfigError(f"scalewatch: curve_law: {exc}") from None
+
+
+def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
+    """What a user should know when this curve law is compared with this run's training loss.
+
+    Example:
+        >>> from scalewatch.curves import CurveLaw
+        >>> law = CurveLaw({}, n_ref=1.0, conventions={"loss": "val_loss", "n_params": "total"})
+        >>> [w.split(",")[0] for w in curve_law_warnings(law, "total")]
+        ["the curve law predicts 'val_loss'"]
+    """
+    out = []
+    law_loss = law.conventions.get("loss", "")
+    if any(k in law_loss.lower() for k in ("val", "eval", "test")):
+        out.append(f"the curve law predicts {law_loss!r}, a held-out loss, but scalewatch compares it with the "
+                   "training loss; expect an offset, or fit the law on training-loss curves (e.g. the TensorBoard "
+                   "directories of earlier ScaleWatch runs)")
+    law_conv = law.conventions.get("n_params")
+    if law_conv and law_conv != param_convention:
+        out.append(f"the curve law was fitted with N counted as {law_conv!r}, this run counts N as "
+                   f"{param_convention!r}; pass ScaleWatch(param_convention={law_conv!r}) or refit")
+    return out
+
+
+def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_flops: float | None = None,
+                  sinks: Iterable[Sink] = (), stages: Iterable[Any] = ()) -> Monitor:
+    """The Monitor this configuration asks for: forecasters (noise scale, curve law), then ``stages``, then sinks.
+
+    The same call serves the Lightning callback, ``scalewatch watch`` and a plain training loop.
+
+    Example:
+        >>> m = build_monitor(ScaleWatchConfig(gns="off"), n_params=1000)
+        >>> [s.name for s in m.stages]
+        []
+        >>> [s.name for s in build_monitor(ScaleWatchConfig()).stages]
+        ['gns']
+    """
+    from scalewatch.alerts import JsonlSink
+    from scalewatch.gns import NoiseScalePlugin
+    from scalewatch.monitor import Monitor
+
+    plugins: list[Any] = [NoiseScalePlugin()] if config.gns != "off" else []
+    if config.curve_law is not None:
+        from scalewatch.forecast import CurvePlugin
+
+        plugins.append(CurvePlugin(config.curve_law, n_params=n_params, background=config.forecast_in_background))
+    plugins.extend(stages)
+    all_sinks = list(sinks)
+    if config.alerts_jsonl is not None:
+        all_sinks.append(JsonlSink(config.alerts_jsonl))
+    return Monitor(n_params=n_params, peak_flops=peak_flops, history_size=config.history_size, plugins=plugins,
+                   sinks=all_sinks, run=config.run_name)

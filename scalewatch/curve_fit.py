@@ -1,0 +1,212 @@
+"""Fitting a curve law (:class:`~scalewatch.curves.CurveLaw`) to pilot loss curves.
+
+Least squares on relative residuals, each curve weighing the same; the 90% band comes from
+errors on curves (or stretches of curves) left out of the fit. Plain numpy/scipy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import OptimizeResult, least_squares
+
+from scalewatch.curves import (
+    BAND_FLOOR_REL,
+    BAND_LEVEL,
+    LAMBDA,
+    PARAM_NAMES,
+    PROGRESS_EDGES,
+    SKIP_FRACTION,
+    Curve,
+    CurveError,
+    CurveLaw,
+)
+
+
+@dataclass
+class _Prepared:
+    name: str
+    S1: np.ndarray
+    S2: np.ndarray
+    y: np.ndarray
+    x: float  # ln(N / n_ref)
+    frac: np.ndarray | None = None  # step / the curve's last step
+
+
+def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepared]:
+    out = []
+    for c in curves:
+        S1, S2 = c.features(lam)
+        keep = c.steps >= SKIP_FRACTION * c.steps.max()
+        x = 0.0 if c.n_params is None else math.log(c.n_params / n_ref)
+        out.append(_Prepared(c.name, S1[keep], S2[keep], c.loss[keep], x, c.steps[keep] / c.steps.max()))
+    return out
+
+
+def _unpack(theta: np.ndarray, multi: bool) -> dict[str, tuple[float, float]]:
+    if multi:
+        return {k: (float(theta[2 * i]), float(theta[2 * i + 1])) for i, k in enumerate(PARAM_NAMES)}
+    return {k: (float(theta[i]), 0.0) for i, k in enumerate(PARAM_NAMES)}
+
+
+def _model(coef: Mapping[str, tuple[float, float]], p: _Prepared) -> np.ndarray:
+    v = {k: a + b * p.x for k, (a, b) in coef.items()}
+    return v["L0"] + np.exp(v["lnA"]) * np.power(p.S1, -v["alpha"]) - np.exp(v["lnC"]) * p.S2
+
+
+def _fit_coef(prepared: Sequence[_Prepared], multi: bool) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
+    """The best of a few least-squares starts, with scipy's result for it (convergence, message)."""
+    # Each curve weighs the same whatever its number of points; residuals are relative.
+    n_mean = float(np.mean([len(p.y) for p in prepared]))
+    weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        coef = _unpack(theta, multi)
+        return np.concatenate([w * (_model(coef, p) - p.y) / p.y for w, p in zip(weights, prepared, strict=True)])
+
+    y_min = min(float(p.y.min()) for p in prepared)
+    best = None
+    for alpha in (0.3, 0.6):
+        for ln_c in (math.log(0.3), math.log(30.0)):
+            start = [0.8 * y_min, 0.0, alpha, ln_c]
+            theta0 = np.array([v for s in start for v in (s, 0.0)]) if multi else np.array(start)
+            with np.errstate(all="ignore"):
+                r = least_squares(residuals, theta0, loss="soft_l1", f_scale=1e-3, max_nfev=4000)
+            if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
+                best = r
+    if best is None:
+        raise CurveError("the curve fit did not converge; check that the curves are loss vs step of one recipe")
+    return _unpack(best.x, multi), best
+
+
+def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w) / w.sum()
+    return float(np.interp(q, cum, v))
+
+
+@dataclass
+class CurveFitResult:
+    """A fitted :class:`CurveLaw` with how well it did on its own curves and on held-out ones.
+
+    Attributes:
+        law: the fitted law.
+        in_sample: curve -> mean |relative error| under the law.
+        held_out: curve -> mean |relative error| when left out of the fit (3+ curves).
+        converged: whether scipy reported convergence for every least-squares fit made: the
+            law's own, and the held-out fits its band comes from.
+        message: ``"converged"``, or which fits did not and scipy's reason.
+    """
+
+    law: CurveLaw
+    in_sample: dict[str, float]
+    held_out: dict[str, float]
+    converged: bool
+    message: str
+
+
+def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "loss",
+               n_convention: str = "total") -> CurveFitResult:
+    """Fit a momentum law to pilot curves; parameters linear in ln N when there are several sizes.
+
+    The 90% band comes from leave-one-curve-out: each curve is predicted by a fit on
+    the others (with its size's other curves when there are several sizes), and the
+    band is the 90th percentile of those relative errors, each curve weighing the same.
+
+    Example:
+        >>> from scalewatch.curves import schedule_features
+        >>> def curve(name, lr):  # a run that follows L = 2.5 + 0.6 S1^-0.7 - 0.5 S2 exactly
+        ...     S1, S2 = schedule_features(lr)
+        ...     st = np.arange(100, len(lr), 100)
+        ...     return Curve(name, st, lr[st], 2.5 + 0.6 * S1[st] ** -0.7 - 0.5 * S2[st], None, lr)
+        >>> cosine = 1.5e-4 * (1 + np.cos(np.pi * np.arange(10001) / 10000)) + 1e-6
+        >>> fit = fit_curves([curve("cos", cosine), curve("const", np.full(10001, 3e-4))])
+        >>> m = fit.law.at()
+        >>> fit.converged, round(m.L0, 3), round(m.alpha, 3)
+        (True, 2.5, 0.7)
+    """
+    if len(curves) < 2:
+        raise CurveError("fitting a curve law needs at least 2 curves of one recipe (e.g. a cosine and a "
+                         "constant-LR run): one curve cannot separate the power law from the annealing term")
+    sizes = sorted({c.n_params for c in curves if c.n_params is not None})
+    if any(c.n_params is None for c in curves) and sizes:
+        raise CurveError("some curves have n_params and some do not; give N for every curve (an n_params column)")
+    multi = len(sizes) >= 2
+    n_ref = math.exp(float(np.mean(np.log(sizes)))) if sizes else 1.0
+    prepared = _prepare(curves, lam, n_ref)
+    coef, main = _fit_coef(prepared, multi)
+    # Every least-squares fit made, by what it was, for CurveFitResult.converged / .message:
+    # the held-out fits set the band, so one that stopped early matters too.
+    fits: list[tuple[str, OptimizeResult | None]] = [("the law's fit", main)]
+
+    def mean_err(c: dict[str, tuple[float, float]], p: _Prepared) -> np.ndarray:
+        return np.abs(_model(c, p) - p.y) / p.y
+
+    in_sample = {p.name: float(mean_err(coef, p).mean()) for p in prepared}
+    held_out: dict[str, float] = {}
+    errs, wts, fracs = [], [], []
+
+    def add(e: np.ndarray, frac: np.ndarray) -> None:
+        if len(e) and np.all(np.isfinite(e)):
+            errs.append(e)
+            wts.append(np.full(len(e), 1.0 / len(e)))
+            fracs.append(frac)
+
+    # (a) Leave one curve out, when the rest can still identify the law (>= 2 curves per fit).
+    if len(prepared) >= 3:
+        for i, p in enumerate(prepared):
+            rest = [q for j, q in enumerate(prepared) if j != i]
+            try:
+                c_i, r_i = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2)
+            except CurveError:
+                fits.append((f"the fit without {p.name}", None))
+                continue
+            fits.append((f"the fit without {p.name}", r_i))
+            e = mean_err(c_i, p)
+            held_out[p.name] = float(e.mean())
+            add(e, p.frac)
+    # (b) Forward in time: fit every curve's first 60%, predict the rest (always possible).
+    early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
+             for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
+    try:
+        c_t, r_t = _fit_coef(early, multi)
+        fits.append(("the fit on the first 60% of each curve", r_t))
+        for p in prepared:
+            late = np.arange(len(p.y)) >= 0.6 * len(p.y)
+            add(mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x)), p.frac[late])
+    except CurveError:
+        fits.append(("the fit on the first 60% of each curve", None))
+    by_progress: list[tuple[float, float, float]] = []
+    if errs:
+        e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
+        band = max(_weighted_quantile(e_all, w_all, BAND_LEVEL), BAND_FLOOR_REL)
+        # The error is larger early in a run than near its end: one width per stretch of the run.
+        for lo, hi in zip(PROGRESS_EDGES[:-1], PROGRESS_EDGES[1:], strict=True):
+            m = (f_all > lo) & (f_all <= hi)
+            if m.sum() >= 10:
+                by_progress.append((lo, hi, max(_weighted_quantile(e_all[m], w_all[m], BAND_LEVEL),
+                                                BAND_FLOOR_REL)))
+    else:
+        band = max(3 * max(in_sample.values()), BAND_FLOOR_REL)
+    law = CurveLaw(
+        coef=coef, n_ref=n_ref, lam=lam, band_rel=band, band_by_progress=by_progress,
+        n_range=(sizes[0], sizes[-1]) if sizes else None,
+        fitted_on={"curves": [c.name for c in curves], "sizes": sizes, "n_points": int(sum(len(p.y) for p in prepared)),
+                   "in_sample_mean_rel_error": in_sample, "held_out_mean_rel_error": held_out,
+                   "band": "90th percentile of held-out relative errors: leave-one-curve-out (3+ curves) "
+                           "and each curve's last 40% predicted from fits on the first 60%"},
+        conventions={"loss": loss_name, "n_params": n_convention, "x_axis": "optimizer steps",
+                     "law": "L0 + A*S1^-alpha - C*S2 (Tissue et al. 2024); params linear in ln(N/n_ref)"},
+    )
+    failed = [f"{what} ({'no finite fit' if r is None else r.message})" for what, r in fits
+              if r is None or not r.success]
+    message = (f"all {len(fits)} least-squares fits converged" if not failed else
+               f"{len(failed)} of {len(fits)} least-squares fits did not converge: " + "; ".join(failed))
+    law.fitted_on.update(converged=not failed, message=message)  # provenance in the law file, as fit --out does
+    return CurveFitResult(law=law, in_sample=in_sample, held_out=held_out, converged=not failed, message=message)
+
+

@@ -1,0 +1,251 @@
+"""Forecasting a live run's final loss from its prefix, with a curve law as the prior.
+
+:func:`forecast_final` does one forecast; :class:`CurvePlugin` is the monitor plugin that
+compares each logged loss with the law's prediction for the run and keeps a forecast of where
+the run will end (optionally on a worker thread). Plain numpy/scipy: nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from scalewatch.curves import BAND_LEVEL, SKIP_FRACTION, CurveError, CurveLaw, check_schedule, schedule_features
+from scalewatch.monitor import ForecastBand, StageOutput
+
+# z of the two-sided 90% band (curves.BAND_LEVEL): turns the law's band half-width into a sd.
+_Z90 = 1.645
+
+
+@dataclass(frozen=True)
+class ForecastSettings:
+    """How much a forecast lets the run's prefix move the pilot law.
+
+    The defaults were chosen on the OLMo ladder cosine runs and checked out of sample (settings
+    chosen on two model sizes, forecasting the third) by ``benchmarks/forecast_accuracy.py``.
+
+    Attributes:
+        sigma_lnA: prior sd of ln A (the amplitude of the power-law term) around the pilot
+            law: the prefix may move the amplitude by about 30%. The level (L0) has no
+            setting: its prior sd is the law's own calibrated band at the final step. The
+            benchmark compares 0.1, 0.3 and 1.0.
+
+    Example:
+        >>> ForecastSettings().sigma_lnA
+        0.3
+        >>> ForecastSettings(sigma_lnA=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: ForecastSettings.sigma_lnA must be a positive number, got 0
+    """
+
+    sigma_lnA: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sigma_lnA, (int, float)) and math.isfinite(self.sigma_lnA) and self.sigma_lnA > 0):
+            raise ValueError(f"ForecastSettings.sigma_lnA must be a positive number, got {self.sigma_lnA!r}")
+
+
+_DEFAULT = ForecastSettings()
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Where the run will end: the final loss and its band, and how the prefix moved it."""
+
+    step: int
+    loss: float
+    low: float
+    high: float
+    prior_loss: float
+    prefix_points: int
+
+
+def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
+                   n_params: float | None = None, final_step: int | None = None,
+                   settings: ForecastSettings | None = None) -> Forecast:
+    """Forecast the final loss from the run's prefix, with the pilot law as the prior.
+
+    The shape (alpha, C, and how they scale with N) comes from the pilot runs; the prefix
+    updates the level (L0) and the amplitude (A) by a MAP fit whose priors have the law's
+    calibrated width, and whose points count as much as the law's error at that step
+    lets them. Milliseconds for hundreds of points. ``settings``: see :class:`ForecastSettings`.
+
+    Example:
+        >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
+        ...                 "lnC": (math.log(100.0), 0.0)}, n_ref=1e8, band_rel=0.01)
+        >>> sched = np.full(1001, 1e-3)
+        >>> truth = law.predict(sched, steps=range(100, 501, 50)).loss + 0.02   # the run sits 0.02 higher
+        >>> f = forecast_final(law, sched, range(100, 501, 50), truth)
+        >>> f.prior_loss < f.loss < f.prior_loss + 0.03
+        True
+    """
+    cfg = _DEFAULT if settings is None else settings
+    schedule = check_schedule(schedule)
+    end = len(schedule) - 1 if final_step is None else int(final_step)
+    if end >= len(schedule):
+        raise CurveError(f"the schedule covers steps 0..{len(schedule) - 1}, not the final step {end}")
+    base = law.at(n_params)
+    S1, S2 = schedule_features(schedule[: end + 1], law.lam)
+    st = np.asarray(prefix_steps, dtype=int)
+    y = np.asarray(prefix_loss, dtype=float)
+    ok = np.isfinite(y) & (st >= 1) & (st <= end) & (st >= SKIP_FRACTION * end)
+    st, y = st[ok], y[ok]
+    band = law.band_at(n_params, 1.0)
+    prior_final = float(base.loss(S1[end:end + 1], S2[end:end + 1])[0])
+    if len(st) < 3:  # level and amplitude are two free numbers: fewer points than that leave the prior
+        return Forecast(end, prior_final, prior_final * (1 - band), prior_final * (1 + band), prior_final, len(st))
+    sigma_point = band / _Z90  # the law's relative error scale at one point
+    sigma_level = band * prior_final / _Z90
+
+    def residuals(d: np.ndarray) -> np.ndarray:
+        # Each logged point counts as one independent error (counting several neighbouring
+        # points as one was tried on the OLMo runs and not kept).
+        pred = base.L0 + d[0] + base.A * math.exp(d[1]) * np.power(S1[st], -base.alpha) - base.C * S2[st]
+        data = (pred - y) / y / sigma_point
+        return np.concatenate([data, [d[0] / sigma_level, d[1] / cfg.sigma_lnA]])
+
+    fit = least_squares(residuals, np.zeros(2))
+    d = fit.x
+    final = float(base.L0 + d[0] + base.A * math.exp(d[1]) * S1[end] ** (-base.alpha) - base.C * S2[end])
+    # Band: the law's at the final step, never shrunk by how well the prefix pinned the level
+    # (shrinking it cost coverage on the OLMo runs).
+    half = band * final
+    # Where the prefix pulled the forecast away from the pilots, the band spans both: an early
+    # prefix can pull hard in the wrong direction.
+    return Forecast(end, final, min(final, prior_final) - half, max(final, prior_final) + half, prior_final, len(st))
+
+
+# ------------------------------------------------------------------ the monitor plugin
+class CurvePlugin:
+    """Monitor plugin: the live loss against the curve law's prediction for this run, and a forecast.
+
+    Needs the run's per-step LR (``schedule``, index = step, covering the whole run) and N.
+    Scalars: ``loss_pred``, ``loss_pred_low``, ``loss_pred_high`` (90% band at this step),
+    ``loss_residual`` ((loss - pred) / half-width of the band: beyond +-1 the run is off its
+    predicted curve), ``loss_forecast_final`` with ``_low`` / ``_high`` (the final loss
+    forecast from the history so far with the law as prior; ``loss_forecast_at_step`` is the last
+    step it saw) and ``loss_pred_final``. With ``background=True`` the forecast runs on a worker
+    thread and each log point reports the latest finished one. ``settings``: see
+    :class:`ForecastSettings`.
+
+    Example:
+        >>> from scalewatch.monitor import Monitor, Observation
+        >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
+        ...                 "lnC": (math.log(100.0), 0.0)}, n_ref=1e8, band_rel=0.01)
+        >>> m = Monitor(plugins=[CurvePlugin(law, np.full(1001, 1e-3))])
+        >>> r = m.observe(Observation(step=400, tokens=0, samples=0, flops=0, loss=3.60))
+        >>> round(r.scalars["loss_pred"], 3), round(r.scalars["loss_residual"], 2), r.forecasts["loss_pred"].at_step
+        (3.579, 0.58, 400)
+    """
+
+    name = "curve"
+    kind = "forecaster"
+
+    def __init__(self, law: CurveLaw, schedule: np.ndarray | None = None, n_params: float | None = None,
+                 background: bool = False, settings: ForecastSettings | None = None) -> None:
+        self.law = law
+        self.settings = settings
+        self.n_params = n_params
+        self.schedule: np.ndarray | None = None
+        self._S: tuple[np.ndarray, np.ndarray] | None = None
+        # In the background the forecast runs on a worker thread: the log step only hands it the
+        # history and picks up the latest finished forecast (based on the history up to some
+        # earlier log point, reported as loss_forecast_at_step).
+        self.background = background
+        self._executor: Any = None
+        self._pending: Any = None
+        self._history: tuple[Sequence[int], Sequence[float]] | None = None  # the newest history seen
+        self._latest: dict[str, float] = {}
+        self._reported_at: float | None = None  # loss_forecast_at_step of the forecast last handed out
+        if schedule is not None:
+            self.set_schedule(schedule)
+
+    def set_schedule(self, schedule: np.ndarray) -> None:
+        """The run's per-step LR (index = step, covering the whole run); :class:`CurveError` if unusable."""
+        schedule = check_schedule(schedule)
+        self.schedule = schedule
+        self._S = schedule_features(schedule, self.law.lam)
+
+    def on_observation(self, obs: Any, monitor: Any) -> StageOutput:
+        if self.schedule is None or self._S is None or obs.step < 1:
+            return StageOutput()
+        end = len(self.schedule) - 1
+        if obs.step > end:
+            return StageOutput()  # past the schedule: nothing to compare with (said once by the callback)
+        S1, S2 = self._S
+        model = self.law.at(self.n_params)
+        pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
+        half = self.law.band_at(self.n_params, obs.step / end) * pred
+        out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
+               "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
+        if math.isfinite(obs.loss):
+            out["loss_residual"] = (obs.loss - pred) / half if half > 0 else math.nan
+        hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
+        if hist:
+            steps, losses = zip(*hist, strict=True)
+            self._history = (steps, losses)
+            if self.background:
+                self._collect(wait=False)
+                if self._pending is None:
+                    if self._executor is None:
+                        from concurrent.futures import ThreadPoolExecutor
+
+                        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scalewatch-forecast")
+                    self._pending = self._executor.submit(self._forecast, steps, losses)
+            else:
+                self._latest = self._forecast(steps, losses)
+        out.update(self._latest)
+        bands = [ForecastBand("loss_pred", pred, pred - half, pred + half, BAND_LEVEL, obs.step)]
+        if self._latest:
+            self._reported_at = self._latest["loss_forecast_at_step"]
+            bands.append(_final_band(self._latest))
+        return StageOutput(scalars=out, forecasts=bands)
+
+    def _forecast(self, steps: Sequence[int], losses: Sequence[float]) -> dict[str, float]:
+        assert self.schedule is not None
+        fc = forecast_final(self.law, self.schedule, steps, losses, n_params=self.n_params, settings=self.settings)
+        return {"loss_forecast_final": fc.loss, "loss_forecast_final_low": fc.low,
+                "loss_forecast_final_high": fc.high, "loss_forecast_at_step": float(steps[-1])}
+
+    def _collect(self, wait: bool) -> None:
+        if self._pending is not None and (wait or self._pending.done()):
+            try:
+                self._latest = self._pending.result()
+            except Exception:  # a failed forecast must not reach the training loop
+                self._latest = {}
+            self._pending = None
+
+    def finish(self) -> StageOutput:
+        """Wait for the forecast in flight and stop the worker; returns the forecast from the newest
+        history if it was not reported yet (else nothing).
+
+        When the worker was still busy at the last log point, the newest history was never
+        handed over: it is forecast here, so the run's last forecast always saw its last step.
+        """
+        self._collect(wait=True)
+        if self._history is not None and self.schedule is not None and \
+                self._latest.get("loss_forecast_at_step") != float(self._history[0][-1]):
+            try:
+                self._latest = self._forecast(*self._history)
+            except Exception:  # a failed forecast must not reach the training loop
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if not self._latest or self._latest["loss_forecast_at_step"] == self._reported_at:
+            return StageOutput()
+        self._reported_at = self._latest["loss_forecast_at_step"]
+        return StageOutput(scalars=dict(self._latest), forecasts=[_final_band(self._latest)])
+
+
+def _final_band(fc: dict[str, float]) -> ForecastBand:
+    return ForecastBand("loss_forecast_final", fc["loss_forecast_final"], fc["loss_forecast_final_low"],
+                        fc["loss_forecast_final_high"], BAND_LEVEL, int(fc["loss_forecast_at_step"]))
+
+

@@ -1,0 +1,157 @@
+"""Everything TensorBoard: tag names, the custom-scalars layout, a sink that writes a Report, and a
+reader that turns any TensorBoard event directory (ScaleWatch's own or another trainer's) into
+:class:`~scalewatch.monitor.Observation` records, so offline replays go through the same Monitor.
+
+Scalars are logged as ``scalewatch/<name>``, ``<name>`` being a key of ``Report.scalars``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from scalewatch.monitor import Observation, Report
+
+PREFIX = "scalewatch/"
+#: Series whose step IS the token count / the compute in GFLOP (TensorBoard steps are int64).
+LOSS_VS_TOKENS = PREFIX + "loss_vs_tokens"
+LOSS_VS_GFLOP = PREFIX + "loss_vs_gflop"
+CONVENTIONS_TEXT = PREFIX + "conventions"
+GNS_METHOD_TEXT = PREFIX + "gns/method"
+
+# Tag names other trainers use, most specific first (what `read_observations` looks for).
+LOSS_TAGS = ("scalewatch/loss", "train/loss", "train_loss", "loss", "lm loss", "train/CE loss",
+             "loss_metrics/global_avg_loss", "training_loss")
+LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "lr-AdamW", "lr-Adam", "lr-SGD",
+           "optim/LR (group 0)", "learning-rate")
+TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "throughput/total_tokens")
+
+# The custom-scalars layout: the live loss inside the predicted band (margin charts).
+CURVE_LAYOUT = {
+    "scalewatch": {
+        "loss vs predicted curve (90% band)": [
+            "Margin", [PREFIX + "loss", PREFIX + "loss_pred_low", PREFIX + "loss_pred_high"]],
+        "final loss forecast (90% band)": [
+            "Margin", [PREFIX + "loss_forecast_final", PREFIX + "loss_forecast_final_low",
+                       PREFIX + "loss_forecast_final_high"]],
+        "loss, predicted, forecast": [
+            "Multiline", [PREFIX + "loss", PREFIX + "loss_pred", PREFIX + "loss_forecast_final"]],
+    }
+}
+
+
+def tag(name: str) -> str:
+    """The TensorBoard tag of a report scalar.
+
+    Example:
+        >>> tag("tokens"), tag("gns/b_crit")
+        ('scalewatch/tokens', 'scalewatch/gns/b_crit')
+    """
+    return PREFIX + name
+
+
+class SummaryWriterLike(Protocol):
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = None) -> Any: ...
+
+    def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> Any: ...
+
+
+class TensorBoardExtras:
+    """What TensorBoard gets beyond the plain scalars: texts, the layout (once), the token/compute x-axis series."""
+
+    def __init__(self) -> None:
+        self.layout_written = False
+
+    def write(self, writer: Any, report: Report) -> None:
+        obs = report.observation
+        for name, text in report.texts.items():
+            writer.add_text(tag(name), text, global_step=report.step)
+        if "loss_pred" in report.scalars and not self.layout_written and hasattr(writer, "add_custom_scalars"):
+            writer.add_custom_scalars(CURVE_LAYOUT)
+            self.layout_written = True
+        if obs is not None and "loss" in report.scalars:
+            writer.add_scalar(LOSS_VS_TOKENS, obs.loss, global_step=obs.tokens)
+            writer.add_scalar(LOSS_VS_GFLOP, obs.loss, global_step=obs.flops // 10**9)
+
+
+class TensorBoardSink:
+    """Writes each report to a ``SummaryWriter`` (a plain loop, ``scalewatch watch``).
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> from scalewatch.monitor import Monitor
+        >>> logdir = tempfile.mkdtemp()
+        >>> with SummaryWriter(logdir) as w:
+        ...     m = Monitor(sinks=[TensorBoardSink(w)])
+        ...     _ = m.observe(Observation(step=1, tokens=100, samples=1, flops=600, loss=3.0))
+        >>> [o.loss for o in read_observations(logdir)]
+        [3.0]
+    """
+
+    name = "tensorboard"
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.extras = TensorBoardExtras()
+
+    def write(self, report: Report) -> None:
+        for name, value in report.scalars.items():
+            self.writer.add_scalar(tag(name), value, global_step=report.step)
+        self.extras.write(self.writer, report)
+
+
+# ------------------------------------------------------------------ reading event files
+def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a TensorBoard event directory: tag -> [(step, value)], steps ascending."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags().get("scalars", [])}
+
+
+def find_tag(tags: Sequence[str], aliases: Sequence[str], given: str | None = None) -> str | None:
+    """The tag to read: ``given`` if it exists, else the first alias present (case-insensitive).
+
+    Example:
+        >>> find_tag(["lm loss", "lr"], LOSS_TAGS), find_tag(["x"], LOSS_TAGS), find_tag(["Loss"], LOSS_TAGS)
+        ('lm loss', None, 'Loss')
+    """
+    if given is not None:
+        return given if given in tags else None
+    lower = {t.lower(): t for t in tags}
+    return next((lower[a.lower()] for a in aliases if a.lower() in lower), None)
+
+
+def read_observations(logdir: str | Path, loss_tag: str | None = None, lr_tag: str | None = None,
+                      tokens_tag: str | None = None, tokens_per_step: int | None = None) -> list[Observation]:
+    """The run in a TensorBoard event directory as Observations, one per step that logged a loss.
+
+    ScaleWatch's own logs give tokens, samples and FLOPs; another trainer's give the loss (its tag
+    found among common names, or ``loss_tag``), the LR and tokens where logged, else tokens as
+    ``step * tokens_per_step``.
+    """
+    series = read_scalars(logdir)
+    tags = list(series)
+    y_tag = find_tag(tags, LOSS_TAGS, loss_tag)
+    if y_tag is None:
+        wanted = f"the tag {loss_tag!r}" if loss_tag else f"a loss tag ({', '.join(LOSS_TAGS)})"
+        raise ValueError(f"{logdir}: no {wanted} among {', '.join(tags) or 'no scalars'}; name it with --loss-tag")
+
+    def by_step(name: str | None) -> Mapping[int, float]:
+        return dict(series[name]) if name is not None else {}
+
+    lr = by_step(find_tag(tags, LR_TAGS, lr_tag))
+    tokens = by_step(find_tag(tags, TOKEN_TAGS, tokens_tag))
+    samples, flops = by_step(tag("samples") if tag("samples") in series else None), \
+        by_step(tag("flops") if tag("flops") in series else None)
+    out = []
+    for step, loss in series[y_tag]:
+        n_tokens = tokens.get(step, step * tokens_per_step if tokens_per_step else 0)
+        out.append(Observation(step=int(step), tokens=int(n_tokens), samples=int(samples.get(step, 0)),
+                               flops=int(flops.get(step, 0)), loss=float(loss) if math.isfinite(loss) else math.nan,
+                               lr=lr.get(step)))
+    return out

@@ -1,0 +1,215 @@
+"""The Monitor as a pipeline, fed plain numbers (no Trainer): stage order, isolation, alerts, sinks, files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from scalewatch.alerts import AlertBook, Finding, JsonlSink
+from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
+from scalewatch.monitor import ForecastBand, Monitor, Observation, StageOutput
+
+
+def _obs(step: int, loss: float = 3.0, **kw) -> Observation:
+    return Observation(step=step, tokens=1000 * step, samples=10 * step, flops=6_000_000 * step, loss=loss,
+                       time=0.5 * step, **kw)
+
+
+class Band:
+    """A forecaster: a fixed predicted band around 3.0."""
+
+    name = "band"
+    kind = "forecaster"
+
+    def on_observation(self, obs, monitor):
+        return StageOutput(scalars={"loss_pred": 3.0, "loss_pred_high": 3.3},
+                           forecasts=[ForecastBand("loss_pred", 3.0, 2.7, 3.3, at_step=obs.step)])
+
+
+class AboveBand:
+    """A detector that reads the forecaster's band from the report in progress."""
+
+    name = "above"
+    kind = "detector"
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_observation(self, obs, monitor):
+        high = monitor.report.scalars["loss_pred_high"]
+        self.seen.append(high)
+        return StageOutput(findings=[Finding("off_curve", obs.loss > high, "warning",
+                                             f"loss {obs.loss:.2f} above the band's top {high:.2f}",
+                                             values={"loss": obs.loss, "high": high})])
+
+
+class Boom:
+    name = "boom"
+
+    def __init__(self, fail_at: set[int]) -> None:
+        self.fail_at = fail_at
+
+    def on_observation(self, obs, monitor):
+        if obs.step in self.fail_at:
+            raise RuntimeError("bad value")
+        return {"boom/ok": 1.0}
+
+
+class Collect:
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.reports = []
+
+    def write(self, report) -> None:
+        self.reports.append(report)
+
+
+def test_detectors_run_after_forecasters_and_see_their_output() -> None:
+    detector = AboveBand()
+    sink = Collect()
+    m = Monitor(plugins=[detector, Band()], sinks=[sink], run="r1")  # given in the wrong order on purpose
+    assert [s.name for s in m.stages] == ["band", "above"]
+    r = m.observe(_obs(1, loss=3.1))
+    assert detector.seen == [3.3] and r.alerts == [] and r.scalars["health/off_curve"] == 0
+    assert r.forecasts["loss_pred"].high == 3.3
+    r = m.observe(_obs(2, loss=3.5))
+    (alert,) = r.alerts
+    assert (alert.kind, alert.state, alert.severity, alert.step, alert.tokens, alert.run) == \
+        ("off_curve", "firing", "warning", 2, 2000, "r1")
+    assert r.scalars["health/off_curve"] == 2
+    assert m.observe(_obs(3, loss=3.6)).alerts == []  # still firing: not said again
+    r = m.observe(_obs(4, loss=3.0))
+    assert [a.state for a in r.alerts] == ["resolved"] and r.scalars["health/off_curve"] == 0
+    assert [len(x.alerts) for x in sink.reports] == [0, 1, 0, 1]
+
+
+def test_a_failing_stage_becomes_an_internal_error_alert_and_the_log_point_survives(caplog) -> None:
+    m = Monitor(n_params=100, plugins=[Boom({2, 3}), Band()])
+    m.observe(_obs(1))
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        r = m.observe(_obs(2))
+    assert r.scalars["tokens"] == 2000 and r.scalars["loss_pred"] == 3.0  # everything else is there
+    assert "boom/ok" not in r.scalars
+    (alert,) = r.alerts
+    assert (alert.kind, alert.key, alert.state) == ("internal_error", "boom", "firing")
+    assert "RuntimeError: bad value" in alert.message
+    assert any("'boom' failed at step 2" in rec.getMessage() for rec in caplog.records)
+    assert m.observe(_obs(3)).alerts == []  # still failing: one alert, not one per log point
+    r = m.observe(_obs(4))
+    assert [(a.kind, a.state) for a in r.alerts] == [("internal_error", "resolved")] and r.scalars["boom/ok"] == 1.0
+    assert len(m.history) == 4
+
+
+def test_a_broken_sink_loses_nothing_else_and_is_reported_once(caplog) -> None:
+    class Down:
+        name = "webhook"
+
+        def write(self, report):
+            raise ConnectionError("connection refused")
+
+    good = Collect()
+    m = Monitor(sinks=[Down(), good])
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        for s in range(1, 4):
+            m.observe(_obs(s))
+    assert len(good.reports) == 3
+    assert sum("'webhook' sink failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_finish_sends_in_flight_results_through_the_sinks_once() -> None:
+    class Late:
+        name = "late"
+
+        def __init__(self) -> None:
+            self.pending = True
+
+        def on_observation(self, obs, monitor):
+            return {}
+
+        def finish(self):
+            out, self.pending = ({"late/final": 7.0} if self.pending else {}), False
+            return out
+
+    sink = Collect()
+    m = Monitor(plugins=[Late()], sinks=[sink])
+    m.observe(_obs(5))
+    r = m.finish()
+    assert r is not None and r.step == 5 and r.scalars == {"late/final": 7.0} and sink.reports[-1] is r
+    assert m.finish() is None and len(sink.reports) == 2  # nothing new: nothing written
+
+
+def test_texts_are_written_once_per_change() -> None:
+    sink = Collect()
+    m = Monitor(sinks=[sink])
+    m.texts["conventions"] = "6N"
+    m.observe(_obs(1))
+    m.observe(_obs(2))
+    m.texts["conventions"] = "measured"
+    m.observe(_obs(3))
+    assert [r.texts for r in sink.reports] == [{"conventions": "6N"}, {}, {"conventions": "measured"}]
+
+
+def test_batch_size_is_derived_from_the_counts_between_observations() -> None:
+    m = Monitor()
+    m.start(_obs(0))
+    m.observe(_obs(4))
+    assert (m.last.batch_samples, m.last.batch_tokens) == (10.0, 1000.0)
+    given = _obs(8, batch_samples=3.0, batch_tokens=30.0)
+    m.observe(given)
+    assert given.batch_samples == 3.0  # what the caller measured wins
+
+
+def test_alert_state_survives_a_resume_and_resolves_after_it() -> None:
+    m = Monitor(plugins=[Band(), AboveBand()])
+    m.observe(_obs(1, loss=4.0))
+    resumed = Monitor(plugins=[Band(), AboveBand()])
+    resumed.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert resumed.observe(_obs(2, loss=4.0)).alerts == []  # firing before the checkpoint: not said twice
+    assert [a.state for a in resumed.observe(_obs(3, loss=3.0)).alerts] == ["resolved"]
+
+
+def test_jsonl_sink_writes_the_alert_contract(tmp_path) -> None:
+    path = tmp_path / "alerts" / "run.jsonl"
+    m = build_monitor(ScaleWatchConfig(gns="off", run_name="exp7", alerts_jsonl=path), n_params=100,
+                      stages=[Band(), AboveBand()])
+    for step, loss in ((1, 3.0), (2, 3.9), (3, 3.95), (4, 3.1)):
+        m.observe(_obs(step, loss=loss))
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(d["state"], d["step"]) for d in lines] == [("firing", 2), ("resolved", 4)]
+    for d in lines:
+        assert {"time", "run", "kind", "severity", "state", "step", "tokens", "message"} <= set(d)
+        assert d["run"] == "exp7" and d["kind"] == "off_curve" and isinstance(d["tokens"], int)
+    assert lines[0]["loss"] == pytest.approx(3.9) and lines[0]["high"] == pytest.approx(3.3)
+
+
+def test_alert_book_escalation_and_unknown_severity() -> None:
+    book = AlertBook()
+    assert [a.severity for a in book.update([Finding("divergence", True, "warning")], 1, 1)] == ["warning"]
+    assert [a.severity for a in book.update([Finding("divergence", True, "critical")], 2, 2)] == ["critical"]
+    assert book.health() == {"divergence": 3}
+    with pytest.raises(ValueError, match="severity"):
+        book.update([Finding("x", True, "fatal")], 3, 3)
+
+
+def test_config_is_validated_once_and_the_error_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from scalewatch import ScaleWatchConfigError, ScaleWatchConfig; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    with pytest.raises(ScaleWatchConfigError, match="history_size"):
+        ScaleWatchConfig(history_size=2)
+    with pytest.raises(ScaleWatchConfigError, match="gns_decay"):
+        ScaleWatchConfig(gns_decay=1.5)
+    assert ScaleWatchConfig(gns=None).gns == "off"
+
+
+def test_nonfinite_and_interval_statistics_reach_the_scalars() -> None:
+    r = Monitor().observe(_obs(3, loss=math.nan, loss_max=5.5, all_finite=False, nonfinite=2, grad_norm=0.7))
+    assert math.isnan(r.scalars["loss"]) and r.scalars["loss_max"] == 5.5
+    assert r.scalars["nonfinite_losses"] == 2 and r.scalars["grad_norm"] == 0.7
