@@ -28,25 +28,24 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
+from step_timing import (Comparison, StepTimer, add_common_args, apply_clock_and_threads, clock_line,
+                         format_ratios, make_loaders, model_config, model_line, run_rounds, train)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
-
-from scalewatch import ScaleWatch  # noqa: E402
-from scalewatch.gns_capture import DDPCommHookCapture, ParamGradHooks, PerExampleNorms  # noqa: E402
+from scalewatch import ScaleWatch
+from scalewatch.gns_capture import DDPCommHookCapture, NoiseScaleTracker, ParamGradHooks, PerExampleNorms
 
 # Seconds spent inside the noise-scale code itself (autograd hooks included): a direct
 # measurement that does not depend on the step-time noise of a shared machine.
 GNS_SECONDS = [0.0]
 
 
-def _timed(fn):
+def _timed(fn, when=lambda *a, **k: True):
     @functools.wraps(fn)  # keeps the signature DDP inspects on a comm hook
     def wrapper(*a, **k):
+        if not when(*a, **k):
+            return fn(*a, **k)
         t = time.perf_counter()
         try:
             return fn(*a, **k)
@@ -56,25 +55,12 @@ def _timed(fn):
 
 
 for _cls, _names in ((ParamGradHooks, ("_hook", "end_backward")), (DDPCommHookCapture, ("_hook", "end_backward")),
-                     (PerExampleNorms, ("_forward_hook", "_on_grad", "end_backward")),
-                     (ScaleWatch, ("_gns_step",))):
+                     (PerExampleNorms, ("_forward_hook", "_on_grad", "end_backward"))):
     for _name in _names:
         setattr(_cls, _name, _timed(getattr(_cls, _name)))
-
-
-class StepTimer(pl.Callback):
-    clock = staticmethod(time.perf_counter)
-
-    def __init__(self) -> None:
-        self.marks: list[float] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()  # timer only: both arms pay it alike
-        self.marks.append(self.clock())
-
-    def periods(self, skip: int = 3) -> list[float]:
-        return [b - a for a, b in zip(self.marks[skip:], self.marks[skip + 1:], strict=False)]
+# The per-optimizer-step maths, counted on steps with a capture installed (the off steps of the
+# interleaved run only pass through it).
+NoiseScaleTracker.step = _timed(NoiseScaleTracker.step, when=lambda tracker, *a, **k: tracker.capture is not None)
 
 
 class Toggle(pl.Callback):
@@ -89,18 +75,18 @@ class Toggle(pl.Callback):
         if batch_idx % self.accumulate:
             return  # only at the first micro-batch of an optimizer step
         step = trainer.global_step + 1  # the step this micro-batch belongs to
+        tracker = self.watch.noise_scale
         if self._capture is None:
-            self._capture = self.watch._gns_capture  # the capture ScaleWatch chose
+            self._capture = tracker.capture  # the capture ScaleWatch chose
         on = step % 2 == 1
-        if on and self.watch._gns_capture is None:
+        if on and tracker.capture is None:
             if hasattr(self._capture, "reactivate"):
                 self._capture.reactivate()  # a DDP comm hook stays registered: switch it back on
             else:
                 self._capture.__init__(*self._init_args(pl_module))  # re-register its hooks
-            self.watch._gns_capture = self._capture
-        elif not on and self.watch._gns_capture is not None:
-            self.watch._gns_capture.remove()
-            self.watch._gns_capture = None
+            tracker.capture = self._capture
+        elif not on and tracker.capture is not None:
+            tracker.remove()  # removes the capture's hooks and sets tracker.capture to None
         if on:
             self.on_steps.add(step)
 
@@ -110,22 +96,19 @@ class Toggle(pl.Callback):
         return (pl_module.parameters(),)
 
 
-def run_interleaved(args, cfg, loader, on_mode: str) -> tuple[list[float], list[float], str | None, float]:
-    torch.manual_seed(0)
-    timer = StepTimer()
-    watch = ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every, gns=on_mode)
-    accumulate = args.accumulate if args.method == "accumulation" else 1
-    toggle = Toggle(watch, accumulate)
+def _trainer_kwargs(args) -> dict:
     ddp = args.method == "ddp"
-    steps = args.steps * args.rounds
-    trainer = pl.Trainer(
-        max_steps=steps, accelerator=args.device, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
-        callbacks=[toggle, watch, timer], logger=False, log_every_n_steps=args.log_every,
-        accumulate_grad_batches=accumulate, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, precision=args.precision,
-    )
+    return {"devices": 2 if ddp else 1, "strategy": "ddp" if ddp else "auto",
+            "accumulate_grad_batches": args.accumulate if args.method == "accumulation" else 1}
+
+
+def run_interleaved(args, cfg, loader, on_mode: str) -> tuple[list[float], list[float], str | None, float]:
+    timer = StepTimer("on_before_optimizer_step")
+    watch = ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every, gns=on_mode)
+    kwargs = _trainer_kwargs(args)
+    toggle = Toggle(watch, kwargs["accumulate_grad_batches"])
     GNS_SECONDS[0] = 0.0
-    trainer.fit(TinyGPTModule(cfg, max_steps=steps), loader)
+    train(args, cfg, loader, [toggle, watch, timer], args.steps * args.rounds, **kwargs)
     inside = GNS_SECONDS[0] / max(len(toggle.on_steps), 1)
     # marks[i] is taken at optimizer step i + 1; the period ending there is that step's
     periods = {i + 1: b - a for i, (a, b) in enumerate(zip(timer.marks, timer.marks[1:], strict=False), start=1)}
@@ -135,18 +118,9 @@ def run_interleaved(args, cfg, loader, on_mode: str) -> tuple[list[float], list[
 
 
 def run_chunk(gns: str, args, cfg, loader) -> tuple[list[float], str | None]:
-    torch.manual_seed(0)
-    timer = StepTimer()
+    timer = StepTimer("on_before_optimizer_step")
     watch = ScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every, gns=gns)
-    ddp = args.method == "ddp"
-    trainer = pl.Trainer(
-        max_steps=args.steps, accelerator=args.device, devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
-        callbacks=[watch, timer], logger=False, log_every_n_steps=args.log_every,
-        accumulate_grad_batches=args.accumulate if args.method == "accumulation" else 1,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        precision=args.precision,
-    )
-    trainer.fit(TinyGPTModule(cfg, max_steps=args.steps), loader)
+    train(args, cfg, loader, [watch, timer], args.steps, **_trainer_kwargs(args))
     return timer.periods(), watch.gns_method
 
 
@@ -155,70 +129,42 @@ def main() -> int:
     p.add_argument("--method", choices=("accumulation", "per_example", "per_example_norm", "ddp"),
                    default="accumulation")
     p.add_argument("--accumulate", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per rank)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: process CPU time (CPU device only; robust to a noisy shared host)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    add_common_args(p, steps=30, batch_help="sequences per micro-batch (per rank)")
     p.add_argument("--chunked", action="store_true", help="also run the chunked design (separate runs per arm)")
     args = p.parse_args()
-    if args.clock == "cpu":
-        StepTimer.clock = staticmethod(time.process_time)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_clock_and_threads(args, p)
     if args.method == "ddp":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
-    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
-                    n_head=max(1, args.n_embd // 64))
+    cfg = model_config(args)
     per_step = args.batch_size * (args.accumulate if args.method == "accumulation" else 1)
     loader = make_loaders(cfg, args.batch_size,
                           num_train=args.steps * args.rounds * per_step * (2 if args.method == "ddp" else 1))[0]
     on_mode = args.method if args.method.startswith("per_example") else "auto"
     rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    model = (f"device={args.device} precision={args.precision} model: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
-             f"T={cfg.block_size} micro-batch={args.batch_size}"
+    model = (f"{model_line(args, cfg)} micro-batch={args.batch_size}"
              f"{f' x {args.accumulate}' if args.method == 'accumulation' else ''}"
-             f"{' per rank, 2 ranks' if args.method == 'ddp' else ''}; clock={args.clock}, "
-             f"threads={torch.get_num_threads()}")
+             f"{' per rank, 2 ranks' if args.method == 'ddp' else ''}; {clock_line(args)}")
 
     on, off, method, inside = run_interleaved(args, cfg, loader, on_mode)
     if rank0:
-        pairs = [b / a for a, b in zip(off, on, strict=False)]
-        med_off, med_on = statistics.median(off), statistics.median(on)
+        c = Comparison(off, on)
         print(f"method={method} {model}")
         print(f"interleaved, one run, capture toggled every step ({len(on)} steps on, {len(off)} off):")
-        print(f"  median optimizer step: capture off {med_off * 1e3:.2f} ms, on {med_on * 1e3:.2f} ms; "
-              f"pooled ratio {med_on / med_off:.4f}")
-        print(f"  median of paired step-time ratios (on / off): {statistics.median(pairs):.4f}")
+        print(f"  {c.medians('capture off', 'on', step='optimizer step')}; pooled ratio {c.pooled:.4f}")
+        print(f"  median of paired step-time ratios (on / off): {c.paired:.4f}")
         print(f"  time inside the noise-scale code (hooks, folding, EMA update) per step: {inside * 1e3:.2f} ms "
-              f"= {inside / med_off:.4f} of a step")
+              f"= {inside / c.med_off:.4f} of a step")
     if not args.chunked:
         return 0
 
-    off_t: list[float] = []
-    on_t: list[float] = []
-    ratios: list[float] = []
-    for r in range(args.rounds):
-        medians = {}
-        for mode in (("off", on_mode) if r % 2 == 0 else (on_mode, "off")):
-            periods, _ = run_chunk(mode, args, cfg, loader)
-            (off_t if mode == "off" else on_t).extend(periods)
-            medians[mode] = statistics.median(periods)
-        ratios.append(medians[on_mode] / medians["off"])
+    off_t, on_t, ratios = run_rounds(args.rounds, lambda flag: run_chunk(on_mode if flag else "off", args, cfg,
+                                                                         loader)[0])
     if rank0:
-        med_off, med_on = statistics.median(off_t), statistics.median(on_t)
+        c = Comparison(off_t, on_t)
         print(f"chunked, {args.rounds} rounds of separate runs ({len(on_t)} steps each way):")
-        print(f"  median optimizer step: gns off {med_off * 1e3:.2f} ms, gns on {med_on * 1e3:.2f} ms; "
-              f"pooled ratio {med_on / med_off:.4f}")
-        print(f"  per-round ratios: {' '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.4f}")
+        print(f"  {c.medians('gns off', 'gns on', step='optimizer step')}; pooled ratio {c.pooled:.4f}")
+        print(f"  per-round ratios: {format_ratios(ratios)}; median {statistics.median(ratios):.4f}")
     return 0
 
 

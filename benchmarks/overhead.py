@@ -19,34 +19,15 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from step_timing import (Comparison, StepTimer, add_common_args, apply_clock_and_threads, clock_line,
+                         format_ratios, make_loaders, model_config, model_line, run_rounds, train)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
-
-from scalewatch import ScaleWatch  # noqa: E402
-
-
-class StepTimer(pl.Callback):
-    # "cpu" = process CPU time of all threads: immune to the host descheduling this VM
-    # (steal time), which on a shared machine swamps a 1% effect in wall-clock time.
-    clock = staticmethod(time.perf_counter)
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()  # timer only: both variants pay it alike
-        self.starts.append(self.clock())
-
-    def periods(self, skip: int = 3) -> list[float]:
-        return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1:])]
+from scalewatch import ScaleWatch
 
 
 class SyncDebug(pl.Callback):
@@ -102,29 +83,21 @@ class ToggledScaleWatch(TimedScaleWatch):
 
 
 def run_interleaved(args, cfg, loaders, logdir: str) -> tuple[list[float], list[float]]:
-    torch.manual_seed(0)
-    timer = StepTimer()
+    timer = StepTimer("on_train_batch_start")
     steps = args.steps * args.rounds
     watch = ToggledScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every)
-    trainer = pl.Trainer(
-        max_steps=steps, accelerator=args.device, devices=1, callbacks=[watch, timer],
-        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=args.log_every,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        precision=args.precision,
-    )
-    trainer.fit(TinyGPTModule(cfg, max_steps=steps), loaders[0])
-    # starts[i] is taken at the start of step i; the period to starts[i + 1] is step i plus the
+    train(args, cfg, loaders[0], [watch, timer], steps, logger=TensorBoardLogger(logdir, name="bench"))
+    # marks[i] is taken at the start of step i; the period to marks[i + 1] is step i plus the
     # next step's batch-start hooks, so only the first step of each 2-step block is clean.
     on, off = [], []
-    for i in range(4, len(timer.starts) - 1):
+    for i in range(4, len(timer.marks) - 1):
         if i % 2 == 0 and (i + 1) % args.log_every != 0:
-            (on if ToggledScaleWatch.on_for(i) else off).append(timer.starts[i + 1] - timer.starts[i])
+            (on if ToggledScaleWatch.on_for(i) else off).append(timer.marks[i + 1] - timer.marks[i])
     return on, off
 
 
 def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[float]:
-    torch.manual_seed(0)
-    timer = StepTimer()
+    timer = StepTimer("on_train_batch_start")
     # The timer goes last so that its batch-start mark follows every other callback's hook.
     callbacks: list[pl.Callback] = []
     if with_callback:
@@ -132,93 +105,53 @@ def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[floa
     if args.sync_debug:
         callbacks.append(SyncDebug(args.log_every))
     callbacks.append(timer)
-    trainer = pl.Trainer(
-        max_steps=args.steps, accelerator=args.device, devices=1, callbacks=callbacks,
-        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=args.log_every,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        precision=args.precision,
-    )
-    trainer.fit(TinyGPTModule(cfg, max_steps=args.steps), loaders[0])
+    train(args, cfg, loaders[0], callbacks, args.steps, logger=TensorBoardLogger(logdir, name="bench"))
     return timer.periods()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--log-every", type=int, default=50, help="log interval (default: Lightning's default, 50)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    add_common_args(p, steps=40, log_help="log interval (default: Lightning's default, 50)")
     p.add_argument("--sync-debug", action="store_true")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: perf_counter; cpu: process CPU time (CPU device only; robust to a noisy host)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--interleaved", action="store_true",
                    help="one run, the callback's hooks on and off in alternate blocks of 2 steps (non-logging steps)")
     p.add_argument("--aa", action="store_true",
                    help="A/A run: both arms WITHOUT the callback, to show the measurement's own noise")
     args = p.parse_args()
-    if args.clock == "cpu":
-        if args.device != "cpu":
-            p.error("--clock cpu measures host CPU time; use --clock wall on a GPU")
-        StepTimer.clock = staticmethod(time.process_time)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_clock_and_threads(args, p)
 
-    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, block_size=args.block_size,
-                    n_head=max(1, args.n_embd // 64))
+    cfg = model_config(args)
     if args.interleaved:
         loaders = make_loaders(cfg, args.batch_size, num_train=args.steps * args.rounds * args.batch_size)
         with TemporaryDirectory() as logdir:
             on, off = run_interleaved(args, cfg, loaders, logdir)
-        pairs = [b / a for a, b in zip(off, on, strict=False)]
+        c = Comparison(off, on)
         print(f"interleaved: one run of {args.steps * args.rounds} steps, hooks on/off in blocks of 2 "
-              f"({len(on)} clean non-logging steps on, {len(off)} off); clock={args.clock}, "
-              f"threads={torch.get_num_threads()}")
-        print(f"median step: hooks off {statistics.median(off) * 1e3:.2f} ms, on {statistics.median(on) * 1e3:.2f} ms; "
-              f"pooled ratio {statistics.median(on) / statistics.median(off):.4f}; "
-              f"median of paired ratios {statistics.median(pairs):.4f}")
+              f"({len(on)} clean non-logging steps on, {len(off)} off); {clock_line(args)}")
+        print(f"{c.medians('hooks off', 'on')}; pooled ratio {c.pooled:.4f}; median of paired ratios {c.paired:.4f}")
         hook = statistics.median(TimedScaleWatch.hook_seconds)
         print(f"time inside ScaleWatch's hooks on a non-logging step: median {hook * 1e6:.0f} us")
         return 0
     loaders = make_loaders(cfg, args.batch_size, num_train=args.steps * args.batch_size)
-    off: list[float] = []
-    on: list[float] = []
-    # Per-round ratios of the two arms' medians: a burst of load on the (shared) host slows one
-    # round, and the median over rounds is robust to it, unlike a ratio of pooled medians.
-    round_ratios: list[float] = []
     with TemporaryDirectory() as logdir:
-        for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            for flag in order:
-                periods = run_chunk(flag and not args.aa, args, cfg, loaders, logdir)
-                (on if flag else off).extend(periods)
-                if flag:
-                    med_round_on = statistics.median(periods)
-                else:
-                    med_round_off = statistics.median(periods)
-            round_ratios.append(med_round_on / med_round_off)
-    med_off, med_on = statistics.median(off), statistics.median(on)
+        off, on, round_ratios = run_rounds(
+            args.rounds, lambda flag: run_chunk(flag and not args.aa, args, cfg, loaders, logdir))
+    c = Comparison(off, on)
     mean_off, mean_on = statistics.fmean(off), statistics.fmean(on)
-    print(f"device={args.device} precision={args.precision} model: n_layer={cfg.n_layer} n_embd={cfg.n_embd} "
-          f"T={cfg.block_size} batch={args.batch_size}; {len(on)} steps each way, log every {args.log_every}; "
-          f"clock={args.clock}, threads={torch.get_num_threads()}")
-    print(f"median step: without {med_off * 1e3:.2f} ms, with ScaleWatch {med_on * 1e3:.2f} ms")
+    print(f"{model_line(args, cfg)} batch={args.batch_size}; {len(on)} steps each way, log every {args.log_every}; "
+          f"{clock_line(args)}")
+    print(c.medians("without", "with ScaleWatch"))
     print(f"mean step (log steps included): without {mean_off * 1e3:.2f} ms, with {mean_on * 1e3:.2f} ms "
           f"(ratio {mean_on / mean_off:.4f})")
     if args.aa:
-        print(f"A/A (no callback in either arm) median step-time ratio: pooled {med_on / med_off:.4f}, "
+        print(f"A/A (no callback in either arm) median step-time ratio: pooled {c.pooled:.4f}, "
               f"median of per-round ratios {statistics.median(round_ratios):.4f}")
         return 0
     hook = statistics.median(TimedScaleWatch.hook_seconds)
     print(f"time inside ScaleWatch's hooks on a non-logging step: median {hook * 1e6:.0f} us "
-          f"= {hook / med_off:.5f} of a step")
-    print(f"per-round ratios: {' '.join(f'{r:.3f}' for r in round_ratios)}")
-    print(f"pooled median step-time ratio (with / without): {med_on / med_off:.4f}")
+          f"= {hook / c.med_off:.5f} of a step")
+    print(f"per-round ratios: {format_ratios(round_ratios)}")
+    print(f"pooled median step-time ratio (with / without): {c.pooled:.4f}")
     print(f"median step-time ratio (with / without), median over rounds: {statistics.median(round_ratios):.4f}")
     return 0
 

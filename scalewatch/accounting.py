@@ -387,3 +387,34 @@ def count_with(batch: Any, tokens_fn: Callable[[Any], Any] | None, samples_fn: C
     if samples_fn is not None:
         count = BatchCount(tokens=count.tokens, samples=int(samples_fn(batch)), seq_len=count.seq_len)
     return count
+
+
+def peak_flops_per_second(device: Any, precision: str, world_size: int, given: float | None = None) -> float | None:
+    """Peak FLOP/s of all devices together, for MFU: ``given`` per device, else Lightning's table for the
+    device and precision (None for CPUs and unknown devices)."""
+    per_device = given
+    if per_device is None:
+        dtype = (torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision
+                 else torch.float64 if "64" in precision else torch.float32)
+        try:
+            from lightning.fabric.utilities.throughput import get_available_flops
+
+            per_device = get_available_flops(device, dtype)
+        except Exception:  # an unknown device must not stop training
+            per_device = None
+    return float(per_device) * world_size if per_device else None
+
+
+def describe_conventions(n_params: int | None, params: ParamCount | None, convention: FlopConvention | None,
+                         flops_mode: str | float) -> str:
+    """The conventions behind the logged counts, in words (TensorBoard's text tab).
+
+    Example:
+        >>> describe_conventions(90, ParamCount(90, 40), six_n(90), "6N").split(". Tokens")[0]
+        'N = 90 (trainable: 90; non-embedding: 50). FLOPs: 6*N per token, N=90'
+    """
+    n = f"N = {n_params:,}" if n_params else "N unknown"
+    if params is not None:
+        n += f" (trainable: {params.total:,}; non-embedding: {params.non_embedding:,})"
+    flops = convention.description if convention else f"FLOPs: {flops_mode} (pending)"
+    return f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks."

@@ -48,6 +48,18 @@ class Interval:
     loss_max: float
     extra: tuple[float, ...] = ()
 
+    def then(self, later: Interval) -> Interval:
+        """This interval followed by ``later`` (e.g. a checkpoint's reduction, then the log step's)."""
+        top = max((x.loss_max for x in (self, later) if x.loss_count), default=math.nan)
+        return Interval(self.tokens + later.tokens, self.samples + later.samples,
+                        self.tokens_x_seq_len + later.tokens_x_seq_len, self.nonfinite + later.nonfinite,
+                        self.loss_sum + later.loss_sum, self.loss_count + later.loss_count, top, later.extra)
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean of the finite micro-batch losses; ``nan`` when there was none."""
+        return self.loss_sum / self.loss_count if self.loss_count else math.nan
+
 
 @dataclass
 class Totals:

@@ -33,16 +33,18 @@ from scalewatch.accounting import (
     choose_n_params,
     count_parameters,
     count_with,
+    describe_conventions,
     measured_flops_per_token,
+    peak_flops_per_second,
 )
-from scalewatch.accumulators import IntervalAccumulator, Totals
+from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
 from scalewatch.alerts import LogSink
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, curve_law_warnings
-from scalewatch.curves import CurveError, CurveLaw, schedule_from_csv
+from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
 from scalewatch.forecast import CurvePlugin
 from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method
 from scalewatch.monitor import Observation, Report
-from scalewatch.tensorboard import GNS_METHOD_TEXT, PREFIX, TensorBoardExtras
+from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
 __all__ = ["ScaleWatch", "choose_gns_method", "lookahead_schedule"]
 
@@ -50,16 +52,6 @@ log = logging.getLogger("scalewatch")
 
 _LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
 _STATE_VERSION = 1
-
-
-def _precision_dtype(precision: str) -> torch.dtype:
-    if "bf16" in precision:
-        return torch.bfloat16
-    if "16" in precision:
-        return torch.float16
-    if "64" in precision:
-        return torch.float64
-    return torch.float32
 
 
 def _loss_from_outputs(outputs: Any) -> Tensor | None:
@@ -222,20 +214,19 @@ class ScaleWatch(Callback):
             gns="off" if gns is None else gns, gns_decay=gns_decay, curve_law=curve_law, schedule=schedule,
             forecast_in_background=forecast_in_background, alerts_jsonl=alerts_jsonl)
         self.monitor = build_monitor(self.config)
-        self.noise_scale = NoiseScaleTracker(self.config.gns_decay,
-                                     note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
+        self.noise_scale = NoiseScaleTracker(
+            self.config.gns_decay, note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
         self.params: ParamCount | None = None
         self.n_params: int | None = None
         self.convention: FlopConvention | None = None
         self.totals = Totals()  # global totals since the start of training, restored on resume
         self.latest: dict[str, float] = {}  # the scalars of the last log point (names without the prefix)
         self._acc: IntervalAccumulator | None = None  # this rank's unreduced interval; set when training starts
-        self._interval_loss = [0.0, 0.0, -math.inf]  # global finite-loss sum, count, max folded in at a checkpoint
+        self._carried: Interval | None = None  # reduced at a checkpoint, not yet logged
         self._schedule_saved: np.ndarray | None = None  # the schedule of this run, kept for resume
         self._batch_count: BatchCount | None = None
         self._flop_counter: Any = None
         self._seen_batches = 0
-        self._nonfinite_at_last_log = 0  # for the interval's all_finite flag
         self._last_global_step = 0
         self._last_logged_step = -1
         self._t0 = time.perf_counter()
@@ -277,7 +268,8 @@ class ScaleWatch(Callback):
         self.n_params, n_label = choose_n_params(self.params, cfg.n_params, cfg.param_convention)
         self.convention = choose_flop_convention(cfg.flops, self.n_params, pl_module, cfg.n_layer, cfg.d_model)
         self.monitor.n_params = self.n_params
-        self.monitor.peak_flops = self._resolve_peak_flops(trainer, pl_module)
+        self.monitor.peak_flops = peak_flops_per_second(pl_module.device, str(trainer.precision), trainer.world_size,
+                                                        cfg.peak_flops)
         self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self.monitor.sinks] if trainer.is_global_zero else []
         if self.curve_plugin is not None:
             self.curve_plugin.n_params = self.n_params
@@ -286,17 +278,6 @@ class ScaleWatch(Callback):
         if trainer.is_global_zero:
             log.info("scalewatch: %s = %s; FLOPs: %s", n_label, f"{self.n_params:,}",
                      self.convention.description if self.convention else "measured on the first batch")
-
-    def _resolve_peak_flops(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
-        per_device = self.config.peak_flops
-        if per_device is None:
-            try:
-                from lightning.fabric.utilities.throughput import get_available_flops
-
-                per_device = get_available_flops(pl_module.device, _precision_dtype(str(trainer.precision)))
-            except Exception:  # an unknown device must not stop training
-                per_device = None
-        return float(per_device) * trainer.world_size if per_device else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer  # state_dict() has no trainer argument but must reduce across ranks
@@ -329,7 +310,10 @@ class ScaleWatch(Callback):
         try:
             total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 \
                 else int(trainer.estimated_stepping_batches)
-            schedule = self._resolve_schedule(trainer, total)
+            schedule = schedule_from_arg(self.config.schedule, total)
+            if schedule is None:  # read ahead from the run's own scheduler; on resume, the schedule seen at the start
+                schedule = self._schedule_saved if self._schedule_saved is not None else lookahead_schedule(trainer,
+                                                                                                            total)
             if len(schedule) - 1 < total:
                 self._note("schedule_short", f"the LR schedule covers steps 0..{len(schedule) - 1} but the run goes "
                            f"to step {total}; the predicted curve stops at step {len(schedule) - 1}")
@@ -340,18 +324,6 @@ class ScaleWatch(Callback):
             # copied) must not stop the run: no prediction, everything else works.
             plugin.schedule = None
             self._note("schedule", f"no predicted curve: {exc}")
-
-    def _resolve_schedule(self, trainer: Trainer, total: int) -> Any:
-        arg = self.config.schedule
-        if isinstance(arg, (str, Path)):
-            return schedule_from_csv(arg)
-        if callable(arg):
-            return np.array([float(arg(s)) for s in range(total + 1)])
-        if arg is not None:
-            return np.asarray(arg, dtype=float)
-        if self._schedule_saved is not None:
-            return self._schedule_saved  # resumed: the schedule seen at the start
-        return lookahead_schedule(trainer, total)
 
     # ------------------------------------------------------------------ hot path
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -429,17 +401,14 @@ class ScaleWatch(Callback):
         """Fold every rank's unreduced counts into the global totals (ONE collective; all ranks call it)."""
         if self._acc is None:
             return
-        ema = self.noise_scale.ema  # the noise-scale EMAs ride along in the same collective (every rank has them or none)
+        ema = self.noise_scale.ema  # its EMAs ride along in the same collective (every rank has them or none)
         interval, extra = self._acc.reduce(trainer.world_size, ema.state if ema is not None else None)
         if extra is not None:
             self.noise_scale.set_reduced(extra, interval.extra, trainer.world_size)
         self.totals.add(interval, self.convention)
-        self._interval_loss[0] += interval.loss_sum
-        self._interval_loss[1] += interval.loss_count
-        if interval.loss_count:
-            self._interval_loss[2] = max(self._interval_loss[2], interval.loss_max)
+        self._carried = interval if self._carried is None else self._carried.then(interval)
 
-    def _observation(self, trainer: Trainer, loss: float, loss_max: float = math.nan) -> Observation:
+    def _observation(self, trainer: Trainer, loss: float, interval: Interval | None = None) -> Observation:
         lr = None
         if trainer.optimizers:
             groups = trainer.optimizers[0].param_groups
@@ -448,8 +417,9 @@ class ScaleWatch(Callback):
         gns = self.noise_scale.estimates()
         t = self.totals
         return Observation(step=trainer.global_step, tokens=t.tokens, samples=t.samples, flops=t.flops, loss=loss,
-                           time=time.perf_counter() - self._t0, lr=lr, nonfinite=t.nonfinite, loss_max=loss_max,
-                           all_finite=t.nonfinite == self._nonfinite_at_last_log,
+                           time=time.perf_counter() - self._t0, lr=lr, nonfinite=t.nonfinite,
+                           loss_max=interval.loss_max if interval else math.nan,
+                           all_finite=not interval.nonfinite if interval else True,
                            gns_g2=gns[0] if gns else None, gns_trace=gns[1] if gns else None)
 
     def _fallback_loss(self, trainer: Trainer) -> float:
@@ -466,34 +436,27 @@ class ScaleWatch(Callback):
 
     def _log(self, trainer: Trainer, loss_seen: bool) -> None:
         self._reduce(trainer)
-        (loss_sum, loss_n, loss_max), self._interval_loss = self._interval_loss, [0.0, 0.0, -math.inf]
+        interval, self._carried = self._carried, None
         self._last_logged_step = trainer.global_step
         try:
-            if loss_n > 0:
-                loss = loss_sum / loss_n
-            elif loss_seen:
-                loss = math.nan  # every loss of the interval was non-finite: record, never raise
-            else:
-                loss = self._fallback_loss(trainer)
-            obs = self._observation(trainer, loss, loss_max if loss_n > 0 else math.nan)
-            self._nonfinite_at_last_log = self.totals.nonfinite
+            assert interval is not None
+            loss = interval.mean_loss
+            if not interval.loss_count and not loss_seen:
+                loss = self._fallback_loss(trainer)  # else every loss was non-finite: record, never raise
+            obs = self._observation(trainer, loss, interval)
             self.monitor.texts["conventions"] = self.describe()
             if self.config.gns != "off":
-                self.monitor.texts[GNS_METHOD_TEXT[len(PREFIX):]] = f"{self.noise_scale.method or 'none'}: " \
-                                                                   f"{self.noise_scale.description}"
+                self.monitor.texts["gns/method"] = f"{self.noise_scale.method or 'none'}: {self.noise_scale.description}"
             self.latest = self.monitor.observe(obs).scalars
         except Exception as exc:  # monitoring must never crash the run
             log.warning("scalewatch: could not log step %d: %s: %s", trainer.global_step, type(exc).__name__, exc)
 
     def describe(self) -> str:
         """The conventions behind the logged numbers, in words."""
-        n = f"N = {self.n_params:,}" if self.n_params else "N unknown"
-        if self.params is not None:
-            n += f" (trainable: {self.params.total:,}; non-embedding: {self.params.non_embedding:,})"
-        flops = self.convention.description if self.convention else f"FLOPs: {self.config.flops} (pending)"
-        gns = f" Gradient noise scale: {self.noise_scale.method or 'none'} ({self.noise_scale.description})." \
-            if self.config.gns != "off" else ""
-        return f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks." + gns
+        text = describe_conventions(self.n_params, self.params, self.convention, self.config.flops)
+        if self.config.gns == "off":
+            return text
+        return text + f" Gradient noise scale: {self.noise_scale.method or 'none'} ({self.noise_scale.description})."
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._val_started = time.perf_counter()
@@ -548,7 +511,6 @@ class ScaleWatch(Callback):
                         _STATE_VERSION)
             return
         self.totals.load_state_dict(state_dict)
-        self._nonfinite_at_last_log = self.totals.nonfinite
         conv = state_dict.get("flop_convention")
         if conv is not None and self.config.flops == "measured":
             # A measured convention is kept across resumes so the FLOP series stays consistent.

@@ -179,6 +179,16 @@ _LOSS_KEYS = ("loss", "train_loss", "val_loss", "scalewatch/loss")
 _N_KEYS = ("n_params", "params", "N", "n_params_final_json")
 
 
+def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's header and rows; an unreadable file is a :class:`CurveError` naming it."""
+    try:
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+    except OSError as exc:
+        raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
+
+
 def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: float | None = None) -> Curve:
     """A CSV with columns ``step,lr,loss`` (optional ``n_params``; aliases accepted, any case).
 
@@ -190,13 +200,7 @@ def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: f
         [3.2, 3.0, 2.9]
     """
     p = Path(path)
-    try:
-        with p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
-    except OSError as exc:
-        raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
+    header, rows = _read_csv(p)
     sk = pick_column(header, _STEP_KEYS, "step", str(p), error=CurveError)
     lk = pick_column(header, _LR_KEYS, "learning-rate", str(p), error=CurveError)
     yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
@@ -213,21 +217,20 @@ def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: f
 
 
 def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_params: float | None = None) -> Curve:
-    """A TensorBoard event directory: the loss tag (``scalewatch/loss`` by default) and ``scalewatch/lr``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """A TensorBoard event directory: the loss and LR tags (ScaleWatch's or common names, see
+    :mod:`scalewatch.tensorboard`), N from ``scalewatch/n_params`` where logged."""
+    from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, find_tag, read_scalars, tag
 
-    ea = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    ea.Reload()
-    tags = ea.Tags().get("scalars", [])
-    lr_tag = next((t for t in ("scalewatch/lr", "lr", "lr-SGD", "lr-AdamW", "lr-Adam") if t in tags), None)
-    y_tag = loss_tag or next((t for t in ("scalewatch/loss", "train_loss", "loss") if t in tags), None)
-    if lr_tag is None or y_tag is None or y_tag not in tags:
+    series = read_scalars(path)
+    tags = list(series)
+    lr_tag, y_tag = find_tag(tags, LR_TAGS), find_tag(tags, LOSS_TAGS, loss_tag)
+    if lr_tag is None or y_tag is None:
         raise CurveError(f"{path}: TensorBoard logs need a loss tag and an LR tag (e.g. scalewatch/loss and "
                          f"scalewatch/lr, written by ScaleWatch); found {', '.join(tags) or 'no scalars'}")
-    lr_events = {e.step: e.value for e in ea.Scalars(lr_tag)}
-    pts = [(e.step, lr_events[e.step], e.value) for e in ea.Scalars(y_tag) if e.step in lr_events]
-    if n_params is None and "scalewatch/n_params" in tags:
-        n_params = float(ea.Scalars("scalewatch/n_params")[-1].value)
+    lr_by_step = dict(series[lr_tag])
+    pts = [(step, lr_by_step[step], loss) for step, loss in series[y_tag] if step in lr_by_step]
+    if n_params is None and tag("n_params") in series:
+        n_params = float(series[tag("n_params")][-1][1])
     arr = np.array(sorted(pts), dtype=float).reshape(-1, 3)
     return validate_curve(Curve(str(path), arr[:, 0], arr[:, 1], arr[:, 2], n_params))
 
@@ -406,16 +409,25 @@ def load_curve_law(path: str | Path) -> CurveLaw:
     return CurveLaw.from_json(read_law_json(path, _HOW_TO_WRITE), source=str(path))
 
 
+def schedule_from_arg(arg: Any, total_steps: int) -> np.ndarray | None:
+    """The per-step LR a ``schedule=`` argument gives: a ``step,lr`` CSV path, ``fn(step) -> lr``, or a
+    sequence; None when no schedule was given (then the caller reads the run's own scheduler).
+
+    Example:
+        >>> schedule_from_arg(lambda s: 0.1 / (s + 1), 3).round(3).tolist()
+        [0.1, 0.05, 0.033, 0.025]
+    """
+    if isinstance(arg, (str, Path)):
+        return schedule_from_csv(arg)
+    if callable(arg):
+        return np.array([float(arg(s)) for s in range(total_steps + 1)])
+    return None if arg is None else np.asarray(arg, dtype=float)
+
+
 def schedule_from_csv(path: str | Path) -> np.ndarray:
     """A per-step LR array from a ``step,lr`` CSV."""
     p = Path(path)
-    try:
-        with p.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
-    except OSError as exc:
-        raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
+    header, rows = _read_csv(p)
     sk, lk = pick_column(header, _STEP_KEYS), pick_column(header, _LR_KEYS)
     if not rows or sk is None or lk is None:
         raise CurveError(f"{p}: a schedule CSV needs columns step,lr (columns: {', '.join(header) or 'none'})")

@@ -14,7 +14,6 @@ lives in :mod:`scalewatch.gns_capture`; this module is plain Python.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from scalewatch.alerts import AlertBook, Finding, JsonlSink
+from scalewatch.alerts import AlertBook, Finding
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.monitor import ForecastBand, Monitor, Observation, StageOutput
 
