@@ -133,10 +133,13 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
 
 
 def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_flops: float | None = None,
-                  sinks: Iterable[Sink] = (), stages: Iterable[Any] = ()) -> Monitor:
+                  sinks: Iterable[Sink] = (), stages: Iterable[Any] = (), total_steps: int | None = None) -> Monitor:
     """The Monitor this configuration asks for: forecasters (noise scale, curve law), then ``stages``, then sinks.
 
     The same call serves the Lightning callback, ``scalewatch watch`` and a plain training loop.
+    The curve law needs the run's LR at every step: ``config.schedule`` (a sequence or a ``step,lr``
+    CSV; a function of the step with ``total_steps``). The Lightning callback reads it from the
+    trainer's scheduler instead when none is given.
 
     Example:
         >>> m = build_monitor(ScaleWatchConfig(gns="off"), n_params=1000)
@@ -153,7 +156,15 @@ def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_fl
     if config.curve_law is not None:
         from scalewatch.forecast import CurvePlugin
 
-        plugins.append(CurvePlugin(config.curve_law, n_params=n_params, background=config.forecast_in_background))
+        from scalewatch.curves import CurveError, schedule_from_arg
+
+        plugin = CurvePlugin(config.curve_law, n_params=n_params, background=config.forecast_in_background)
+        if config.schedule is not None and (total_steps is not None or not callable(config.schedule)):
+            try:
+                plugin.set_schedule(schedule_from_arg(config.schedule, total_steps or 0))
+            except CurveError as exc:
+                raise ScaleWatchConfigError(f"scalewatch: schedule: {exc}") from None
+        plugins.append(plugin)
     plugins.extend(stages)
     all_sinks = list(sinks)
     if config.alerts_jsonl is not None:

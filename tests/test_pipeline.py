@@ -213,3 +213,18 @@ def test_nonfinite_and_interval_statistics_reach_the_scalars() -> None:
     r = Monitor().observe(_obs(3, loss=math.nan, loss_max=5.5, all_finite=False, nonfinite=2, grad_norm=0.7))
     assert math.isnan(r.scalars["loss"]) and r.scalars["loss_max"] == 5.5
     assert r.scalars["nonfinite_losses"] == 2 and r.scalars["grad_norm"] == 0.7
+
+
+def test_build_monitor_gives_a_plain_loop_the_curve_law_with_its_schedule(tmp_path) -> None:
+    from scalewatch.curves import CurveLaw
+
+    law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(100.0), 0.0)},
+                   n_ref=1e8, band_rel=0.01)
+    (tmp_path / "lr.csv").write_text("step,lr\n" + "".join(f"{s},0.001\n" for s in range(1001)))
+    cfg = ScaleWatchConfig(gns="off", curve_law=law, schedule=tmp_path / "lr.csv", forecast_in_background=False)
+    r = build_monitor(cfg, n_params=int(1e8)).observe(_obs(400, loss=3.60))
+    assert r.scalars["loss_pred"] == pytest.approx(law.predict([1e-3] * 1001, steps=[400]).loss[0])
+    assert r.forecasts["loss_pred"].low < r.forecasts["loss_pred"].value < r.forecasts["loss_pred"].high
+    assert "loss_forecast_final" in r.forecasts
+    with pytest.raises(ScaleWatchConfigError, match="schedule"):
+        build_monitor(ScaleWatchConfig(curve_law=law, schedule=[0.0, 0.0, 0.0]))
