@@ -7,6 +7,7 @@ The Lightning callback, ``watch`` and a plain training loop all build their Moni
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_fl
 
     The same call serves the Lightning callback, ``scalewatch watch`` and a plain training loop.
     The curve law needs the run's LR at every step: ``config.schedule`` (a sequence or a ``step,lr``
-    CSV; a function of the step with ``total_steps``). The Lightning callback reads it from the
+    CSV; a function of the step with ``total_steps``); one it cannot use is logged, and the rest works. The Lightning callback reads it from the
     trainer's scheduler instead when none is given.
 
     Example:
@@ -162,8 +163,8 @@ def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_fl
         if config.schedule is not None and (total_steps is not None or not callable(config.schedule)):
             try:
                 plugin.set_schedule(schedule_from_arg(config.schedule, total_steps or 0))
-            except CurveError as exc:
-                raise ScaleWatchConfigError(f"scalewatch: schedule: {exc}") from None
+            except CurveError as exc:  # as in the callback: no predicted curve, everything else works
+                logging.getLogger("scalewatch").warning("scalewatch: no predicted curve: %s", exc)
         plugins.append(plugin)
     plugins.extend(stages)
     all_sinks = list(sinks)

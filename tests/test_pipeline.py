@@ -215,7 +215,7 @@ def test_nonfinite_and_interval_statistics_reach_the_scalars() -> None:
     assert r.scalars["nonfinite_losses"] == 2 and r.scalars["grad_norm"] == 0.7
 
 
-def test_build_monitor_gives_a_plain_loop_the_curve_law_with_its_schedule(tmp_path) -> None:
+def test_build_monitor_gives_a_plain_loop_the_curve_law_with_its_schedule(tmp_path, caplog) -> None:
     from scalewatch.curves import CurveLaw
 
     law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(100.0), 0.0)},
@@ -226,5 +226,7 @@ def test_build_monitor_gives_a_plain_loop_the_curve_law_with_its_schedule(tmp_pa
     assert r.scalars["loss_pred"] == pytest.approx(law.predict([1e-3] * 1001, steps=[400]).loss[0])
     assert r.forecasts["loss_pred"].low < r.forecasts["loss_pred"].value < r.forecasts["loss_pred"].high
     assert "loss_forecast_final" in r.forecasts
-    with pytest.raises(ScaleWatchConfigError, match="schedule"):
-        build_monitor(ScaleWatchConfig(curve_law=law, schedule=[0.0, 0.0, 0.0]))
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        m = build_monitor(ScaleWatchConfig(curve_law=law, schedule=[0.0, 0.0, 0.0]))
+    assert "no predicted curve" in caplog.text and "zero or negative" in caplog.text
+    assert "loss_pred" not in m.observe(_obs(2)).scalars  # the rest works
