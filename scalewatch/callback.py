@@ -11,6 +11,7 @@ the forecasts, the TensorBoard layout) lives outside this file.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -213,7 +214,8 @@ class ScaleWatch(Callback):
             log_every_n_steps=log_every_n_steps, loss_key=loss_key, history_size=history_size,
             gns="off" if gns is None else gns, gns_decay=gns_decay, curve_law=curve_law, schedule=schedule,
             forecast_in_background=forecast_in_background, alerts_jsonl=alerts_jsonl)
-        self.monitor = build_monitor(self.config)
+        # The schedule is read when training starts (the trainer knows the run's length and scheduler).
+        self.monitor = build_monitor(dataclasses.replace(self.config, schedule=None))
         self.noise_scale = NoiseScaleTracker(
             self.config.gns_decay, note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
         self.params: ParamCount | None = None
