@@ -21,14 +21,16 @@ from scalewatch.accounting import BatchCount, FlopConvention
 # they are folded into running device sums, so that memory stays bounded for any log interval.
 MAX_PENDING = 1024
 
-# The folded device vector's slots. Sums are reduced by adding across ranks, LOSS_MAX by max.
-SLOTS = ("tokens", "samples", "tokens_x_seq_len", "nonfinite", "loss_sum", "loss_count", "loss_max")
-_I = {name: i for i, name in enumerate(SLOTS)}
+# The folded device vectors' slots: sums are added across ranks, maxima take the max.
+SUMS = ("tokens", "samples", "tokens_x_seq_len", "nonfinite", "loss_sum", "loss_count",
+        "grad_norm_sum", "grad_norm_count", "grad_nonfinite")
+MAXES = ("loss_max", "grad_norm_max")
+_S = {name: i for i, name in enumerate(SUMS)}
 
 
 @dataclass(frozen=True)
 class Interval:
-    """One log interval, summed over all ranks.
+    """One log interval, reduced over all ranks.
 
     Attributes:
         tokens, samples, tokens_x_seq_len: counts of the interval (exact ints).
@@ -36,6 +38,10 @@ class Interval:
         loss_sum, loss_count: sum and number of the finite micro-batch losses (Lightning's division by
             ``accumulate_grad_batches`` undone).
         loss_max: the largest finite micro-batch loss (``nan`` when there was none).
+        grad_norm_sum, grad_norm_count, grad_norm_max: the finite global gradient norms of the
+            interval's optimizer steps (every rank sees the same all-reduced gradient, so the sums
+            are world-size multiples and only their ratio is meaningful).
+        grad_nonfinite: steps whose gradient norm was not finite (summed over ranks: a flag).
         extra: the extra device values that rode along in the collective, summed over ranks.
     """
 
@@ -45,20 +51,34 @@ class Interval:
     nonfinite: int
     loss_sum: float
     loss_count: float
-    loss_max: float
+    loss_max: float = math.nan
+    grad_norm_sum: float = 0.0
+    grad_norm_count: float = 0.0
+    grad_norm_max: float = math.nan
+    grad_nonfinite: int = 0
     extra: tuple[float, ...] = ()
 
     def then(self, later: Interval) -> Interval:
         """This interval followed by ``later`` (e.g. a checkpoint's reduction, then the log step's)."""
-        top = max((x.loss_max for x in (self, later) if x.loss_count), default=math.nan)
+        def top(a: float, b: float) -> float:
+            return max((x for x in (a, b) if math.isfinite(x)), default=math.nan)
+
         return Interval(self.tokens + later.tokens, self.samples + later.samples,
                         self.tokens_x_seq_len + later.tokens_x_seq_len, self.nonfinite + later.nonfinite,
-                        self.loss_sum + later.loss_sum, self.loss_count + later.loss_count, top, later.extra)
+                        self.loss_sum + later.loss_sum, self.loss_count + later.loss_count,
+                        top(self.loss_max, later.loss_max), self.grad_norm_sum + later.grad_norm_sum,
+                        self.grad_norm_count + later.grad_norm_count, top(self.grad_norm_max, later.grad_norm_max),
+                        self.grad_nonfinite + later.grad_nonfinite, later.extra)
 
     @property
     def mean_loss(self) -> float:
         """Mean of the finite micro-batch losses; ``nan`` when there was none."""
         return self.loss_sum / self.loss_count if self.loss_count else math.nan
+
+    @property
+    def mean_grad_norm(self) -> float | None:
+        """Mean of the finite gradient norms; None when none was measured."""
+        return self.grad_norm_sum / self.grad_norm_count if self.grad_norm_count else None
 
 
 @dataclass
@@ -106,8 +126,11 @@ class IntervalAccumulator:
         self._host = [0, 0, 0]  # tokens, samples, tokens x seq_len known from shapes
         self._pending_tokens: list[tuple[Tensor, int]] = []  # mask-derived (tokens, seq_len) per batch
         self._pending_losses: list[Tensor] = []  # detached 0-d losses, as Lightning returned them
+        self._pending_grads: list[Tensor] = []  # 0-d global gradient norms, one per optimizer step
+        self._grads_scaled: list[bool] = []  # per norm: under fp16 loss scaling (non-finite is then expected)
         self._loss_scale = 1  # factor that undoes Lightning's division of the pending losses
-        self._folded: Tensor | None = None  # float64[len(SLOTS)] on the device
+        self._sums: Tensor | None = None  # float64[len(SUMS)] on the device
+        self._maxes: Tensor | None = None  # float64[len(MAXES)] on the device
 
     def add_count(self, count: BatchCount, seq_len: int) -> None:
         """Add one micro-batch's counts; ``seq_len`` is the attention context charged to its tokens."""
@@ -132,31 +155,53 @@ class IntervalAccumulator:
         if len(self._pending_losses) >= self.max_pending:
             self.fold()
 
-    def fold(self) -> Tensor:
-        """Fold the pending device values into the running device vector (kernels only, no sync)."""
-        vec = self._folded
-        if vec is None:
-            vec = torch.cat((torch.zeros(len(SLOTS) - 1, dtype=torch.float64, device=self.device),
-                             torch.full((1,), -math.inf, dtype=torch.float64, device=self.device)))
-        zero = vec.new_zeros(())
+    def add_grad_norm(self, norm: Tensor, loss_scaled: bool = False) -> None:
+        """Add one optimizer step's global gradient norm (a 0-d device tensor).
+
+        ``loss_scaled``: the step ran under fp16 dynamic loss scaling, where an overflowing (non-finite)
+        gradient is routine and the scaler skips the step: it is left out, not counted as non-finite.
+        """
+        self._pending_grads.append(norm)
+        self._grads_scaled.append(loss_scaled)
+        if len(self._pending_grads) >= self.max_pending:
+            self.fold()
+
+    def fold(self) -> tuple[Tensor, Tensor]:
+        """Fold the pending device values into the running device vectors (kernels only, no sync)."""
+        if self._sums is None or self._maxes is None:
+            self._sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
+            self._maxes = torch.full((len(MAXES),), -math.inf, dtype=torch.float64, device=self.device)
+        sums, tops = [], []
+        zero = self._sums.new_zeros(())
+        ninf = torch.full((), -math.inf, dtype=torch.float64, device=self.device)
         if self._pending_tokens:
             tokens = torch.stack([t.reshape(()) for t, _ in self._pending_tokens]).double()
             lens = torch.tensor([sl for _, sl in self._pending_tokens], dtype=torch.float64).to(self.device,
                                                                                                  non_blocking=True)
-            vec = vec + torch.stack((tokens.sum(), zero, (tokens * lens).sum(), zero, zero, zero, zero))
-        if self._pending_losses:
-            losses = torch.stack([x.float() for x in self._pending_losses]).double()
-            if self._loss_scale != 1:
-                losses = losses * self._loss_scale
-            finite = torch.isfinite(losses)
-            sums = torch.stack((zero, zero, zero, (~finite).sum().double(), torch.where(finite, losses, zero).sum(),
-                                finite.sum().double(), zero))
-            top = torch.where(finite, losses, torch.full_like(losses, -math.inf)).max()
-            vec = vec + sums
-            vec = torch.cat((vec[:-1], torch.maximum(vec[-1:], top.reshape(1))))  # loss_max is the last slot
-        self._pending_tokens, self._pending_losses = [], []
-        self._folded = vec
-        return vec
+            sums.append(("tokens", tokens.sum()))
+            sums.append(("tokens_x_seq_len", (tokens * lens).sum()))
+        for name, pending in (("loss", self._pending_losses), ("grad_norm", self._pending_grads)):
+            if not pending:
+                continue
+            values = torch.stack([x.float() for x in pending]).double()
+            if name == "loss" and self._loss_scale != 1:
+                values = values * self._loss_scale
+            finite = torch.isfinite(values)
+            bad = "nonfinite" if name == "loss" else "grad_nonfinite"
+            flagged = ~finite
+            if name == "grad_norm" and any(self._grads_scaled):
+                flagged = flagged & ~torch.tensor(self._grads_scaled, device=self.device)
+            sums += [(bad, flagged.sum().double()), (f"{name}_sum", torch.where(finite, values, zero).sum()),
+                     (f"{name}_count", finite.sum().double())]
+            tops.append((f"{name}_max", torch.where(finite, values, ninf).max()))
+        if sums:
+            add = dict(sums)
+            self._sums = self._sums + torch.stack([add.get(k, zero) for k in SUMS])
+        if tops:
+            top = dict(tops)
+            self._maxes = torch.maximum(self._maxes, torch.stack([top.get(k, ninf) for k in MAXES]))
+        self._pending_tokens, self._pending_losses, self._pending_grads, self._grads_scaled = [], [], [], []
+        return self._sums, self._maxes
 
     def reduce(self, world_size: int, extra: Tensor | None = None) -> tuple[Interval, Tensor | None]:
         """Fold, reduce across ranks in ONE collective, read once; every rank must call it together.
@@ -164,30 +209,28 @@ class IntervalAccumulator:
         ``extra`` (a float64 device vector, e.g. the noise-scale EMAs) rides along in the same
         collective and comes back summed over ranks, as a device tensor and in ``Interval.extra``.
         """
-        dev = self.fold()
-        host = torch.tensor([*self._host, 0, 0, 0, 0], dtype=torch.float64).to(dev.device)
-        # float64 is exact for any interval's counts below 2**53.
-        vec = host + dev
-        if extra is not None:
-            vec = torch.cat((vec, extra.to(vec.device, torch.float64)))
+        sums, maxes = self.fold()
+        host = torch.tensor([*self._host] + [0] * (len(SUMS) - 3), dtype=torch.float64).to(sums.device)
+        # float64 is exact for any interval's counts below 2**53. Layout: sums, extra, maxima.
+        parts = [host + sums] + ([extra.to(sums.device, torch.float64)] if extra is not None else []) + [maxes]
+        vec = torch.cat(parts)
         if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            vec = _gather_reduce(vec, world_size)
+            vec = _gather_reduce(vec, world_size, len(MAXES))
         values = vec.tolist()  # the one host read of the interval
-        self._folded = None
+        self._sums = self._maxes = None
         self._host = [0, 0, 0]
-        n = len(SLOTS)
-        loss_max = values[_I["loss_max"]]
-        interval = Interval(*(int(round(v)) for v in values[:4]), loss_sum=values[4], loss_count=values[5],
-                            loss_max=loss_max if math.isfinite(loss_max) else math.nan, extra=tuple(values[n:]))
-        return interval, (vec[n:] if extra is not None else None)
+        n, m = len(SUMS), len(MAXES)
+        named = dict(zip(SUMS, values[:n], strict=True))
+        named.update({k: (v if math.isfinite(v) else math.nan) for k, v in zip(MAXES, values[-m:], strict=True)})
+        for k in ("tokens", "samples", "tokens_x_seq_len", "nonfinite", "grad_nonfinite"):
+            named[k] = int(round(named[k]))
+        interval = Interval(**named, extra=tuple(values[n:-m]))
+        return interval, (vec[n:-m] if extra is not None else None)
 
 
-def _gather_reduce(vec: Tensor, world_size: int) -> Tensor:
-    """Sum every slot across ranks except ``loss_max`` (max), with one all-gather."""
+def _gather_reduce(vec: Tensor, world_size: int, n_max: int) -> Tensor:
+    """Sum every slot across ranks except the last ``n_max`` (max), with one all-gather."""
     parts = [torch.empty_like(vec) for _ in range(world_size)]
     torch.distributed.all_gather(parts, vec)
     stacked = torch.stack(parts)
-    out = stacked.sum(0)
-    out[_I["loss_max"]] = stacked[:, _I["loss_max"]].max()
-    return out
-
+    return torch.cat((stacked[:, :-n_max].sum(0), stacked[:, -n_max:].amax(0)))

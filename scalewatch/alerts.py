@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -61,20 +62,20 @@ class Alert:
     values: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The alert as one JSON object: the contract's fields, then the kind-specific numbers.
+        """The alert as one JSON object: the contract's fields, and the kind-specific numbers under ``data``.
 
         Example:
             >>> a = Alert("spike", "warning", "firing", step=10, tokens=5120, message="loss 3x baseline",
             ...           time="2026-01-01T00:00:00+00:00", values={"ratio": 3.0})
-            >>> sorted(a.to_json())
-            ['kind', 'message', 'ratio', 'run', 'severity', 'state', 'step', 'time', 'tokens']
+            >>> sorted(a.to_json()), a.to_json()["data"]
+            (['data', 'kind', 'message', 'run', 'severity', 'state', 'step', 'time', 'tokens'], {'ratio': 3.0})
         """
         doc: dict[str, Any] = {"time": self.time, "run": self.run, "kind": self.kind, "severity": self.severity,
-                               "state": self.state, "step": self.step, "tokens": self.tokens, "message": self.message}
+                               "state": self.state, "step": self.step, "tokens": self.tokens, "message": self.message,
+                               "data": {k: v if not isinstance(v, float) or math.isfinite(v) else str(v)
+                                        for k, v in self.values.items()}}
         if self.key:
             doc["key"] = self.key
-        for k, v in self.values.items():
-            doc.setdefault(k, v if not isinstance(v, float) or math.isfinite(v) else str(v))
         return doc
 
 
@@ -85,8 +86,12 @@ def _now() -> str:
 class AlertBook:
     """Alert lifecycle: one state per (kind, key); emits an :class:`Alert` only when it changes.
 
+    Hysteresis: a firing alert resolves only after ``resolve_after`` consecutive log points whose
+    finding is inactive. Cooldown: after it resolves, the same (kind, key) cannot fire again for
+    ``cooldown`` log points (a flapping condition pages once, not every other log point).
+
     Example:
-        >>> book = AlertBook(run="demo")
+        >>> book = AlertBook(run="demo", resolve_after=1, cooldown=0)
         >>> [a.state for a in book.update([Finding("spike", True, message="x")], step=5, tokens=50)]
         ['firing']
         >>> book.update([Finding("spike", True, message="x")], step=6, tokens=60)   # still firing: silent
@@ -97,25 +102,44 @@ class AlertBook:
         {'spike': 0}
     """
 
-    def __init__(self, run: str = "run") -> None:
+    def __init__(self, run: str = "run", resolve_after: int = 2, cooldown: int = 5) -> None:
         self.run = run
+        self.resolve_after = max(int(resolve_after), 1)
+        self.cooldown = max(int(cooldown), 0)
         self._firing: dict[tuple[str, str], str] = {}  # (kind, key) -> severity
-        self._kinds: set[str] = set()  # every kind seen, for health scalars that return to 0
+        self._quiet: dict[tuple[str, str], int] = {}  # firing slots: consecutive inactive findings so far
+        self._cool: dict[tuple[str, str], int] = {}  # resolved slots: log points of cooldown left
+        self._kinds: set[str] = set()  # every kind known, for health scalars that stay at 0
+        self.recent: list[Alert] = []  # the last alerts, newest last, for the alert table
+
+    def know(self, kinds: Iterable[str]) -> None:
+        """Kinds to report in :meth:`health` from the start (0 until they fire)."""
+        self._kinds.update(kinds)
 
     def update(self, findings: Iterable[Finding], step: int, tokens: int) -> list[Alert]:
         changed = []
+        for slot in list(self._cool):
+            self._cool[slot] -= 1
+            if self._cool[slot] <= 0:
+                del self._cool[slot]
         for f in findings:
             if f.severity not in SEVERITIES:
                 raise ValueError(f"finding {f.kind!r}: severity must be one of {SEVERITIES}, got {f.severity!r}")
             self._kinds.add(f.kind)
             slot = (f.kind, f.key)
             was = self._firing.get(slot)
-            if f.active and was != f.severity:
-                self._firing[slot] = f.severity
-                changed.append(self._alert(f, f.severity, "firing", step, tokens))
-            elif not f.active and was is not None:
-                del self._firing[slot]
-                changed.append(self._alert(f, was, "resolved", step, tokens))
+            if f.active:
+                self._quiet[slot] = 0
+                if was != f.severity and (was is not None or slot not in self._cool):
+                    self._firing[slot] = f.severity
+                    changed.append(self._alert(f, f.severity, "firing", step, tokens))
+            elif was is not None:
+                self._quiet[slot] = self._quiet.get(slot, 0) + 1
+                if self._quiet[slot] >= self.resolve_after:
+                    del self._firing[slot], self._quiet[slot]
+                    self._cool[slot] = self.cooldown
+                    changed.append(self._alert(f, was, "resolved", step, tokens))
+        self.recent = (self.recent + changed)[-20:]
         return changed
 
     def _alert(self, f: Finding, severity: str, state: str, step: int, tokens: int) -> Alert:
@@ -127,18 +151,40 @@ class AlertBook:
         return dict(self._firing)
 
     def health(self) -> dict[str, int]:
-        """``kind -> level`` (0 ok .. 3 critical, the worst over keys) for every kind seen so far."""
+        """``kind -> level`` (0 ok .. 3 critical, the worst over keys) for every kind known so far."""
         out = {k: 0 for k in sorted(self._kinds)}
         for (kind, _), sev in self._firing.items():
             out[kind] = max(out[kind], HEALTH_LEVEL[sev])
         return out
 
+    def table(self) -> str:
+        """A markdown table of the alerts firing now and the recent changes (TensorBoard's text tab)."""
+        firing = [a for a in reversed(self.recent) if a.state == "firing"
+                  and self._firing.get((a.kind, a.key)) == a.severity]
+        lines = ["| state | severity | kind | step | tokens | message |", "|---|---|---|---|---|---|"]
+        seen = set()
+        for a in firing + [a for a in reversed(self.recent) if a not in firing]:
+            now = "**FIRING**" if a in firing and (a.kind, a.key) not in seen else a.state
+            seen.add((a.kind, a.key))
+            lines.append(f"| {now} | {a.severity} | {a.kind} | {a.step:,} | {a.tokens:.3g} | "
+                         f"{a.message.replace('|', '/')} |")
+        return "\n".join(lines) if len(lines) > 2 else "No alerts."
+
     def state_dict(self) -> dict[str, Any]:
-        return {"firing": [[k, key, sev] for (k, key), sev in self._firing.items()], "kinds": sorted(self._kinds)}
+        return {"firing": [[k, key, sev] for (k, key), sev in self._firing.items()], "kinds": sorted(self._kinds),
+                "quiet": [[k, key, n] for (k, key), n in self._quiet.items()],
+                "cool": [[k, key, n] for (k, key), n in self._cool.items()],
+                "recent": [a.to_json() for a in self.recent]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._firing = {(str(k), str(key)): str(sev) for k, key, sev in state.get("firing", [])}
         self._kinds = {str(k) for k in state.get("kinds", [])}
+        self._quiet = {(str(k), str(key)): int(n) for k, key, n in state.get("quiet", [])}
+        self._cool = {(str(k), str(key)): int(n) for k, key, n in state.get("cool", [])}
+        self.recent = [Alert(kind=d["kind"], severity=d["severity"], state=d["state"], step=int(d["step"]),
+                             tokens=int(d["tokens"]), message=d["message"], run=d.get("run", self.run),
+                             key=d.get("key", ""), time=d.get("time", ""), values=dict(d.get("data", {})))
+                       for d in state.get("recent", [])]
 
 
 # ------------------------------------------------------------------ sinks
@@ -173,11 +219,20 @@ class JsonlSink:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        parent = self.path.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK) or (self.path.exists() and not os.access(
+                self.path, os.W_OK)):
+            from scalewatch.config import ScaleWatchConfigError
+
+            raise ScaleWatchConfigError(f"scalewatch: alerts_jsonl: cannot write {self.path} (the directory must "
+                                        "exist and be writable); create it or choose another path")
 
     def write(self, report: Any) -> None:
         if not report.alerts:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             for a in report.alerts:
                 f.write(json.dumps(a.to_json()) + "\n")
+            f.flush()
+            if any(a.severity == "critical" for a in report.alerts):
+                os.fsync(f.fileno())  # a critical alert must survive the crash it may announce

@@ -39,11 +39,12 @@ from scalewatch.accounting import (
     peak_flops_per_second,
 )
 from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
-from scalewatch.alerts import LogSink
+from scalewatch.alerts import HEALTH_LEVEL, LogSink
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, curve_law_warnings
 from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
+from scalewatch.detectors import AllocationDetector, HealthConfig
 from scalewatch.forecast import CurvePlugin
-from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method
+from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method, grad_sq_norm
 from scalewatch.monitor import Observation, Report
 from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
@@ -96,6 +97,17 @@ def lookahead_schedule(trainer: Trainer, total: int) -> Any:
                 sched.step()
             lrs[step] = float(stand_in.param_groups[0]["lr"])
     return lrs
+
+
+def _total_steps(trainer: Trainer) -> int | None:
+    """The run's planned optimizer steps, None when it is endless or unknown."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # e.g. a dataloader without a length
+        return None
+    return int(total) if total is not None and math.isfinite(total) else None
 
 
 class LoggerSink:
@@ -178,6 +190,17 @@ class ScaleWatch(Callback):
             worker thread, off the training loop; each log point then reports the latest
             finished forecast and the step it was based on (``loss_forecast_at_step``).
         alerts_jsonl: also append every alert (firing / resolved) to this JSON-lines file.
+        detect: run the run-health detectors (non-finite values, loss and gradient-norm spikes,
+            divergence, saturation, off-curve, under/over-training, batch size); see the README.
+        health: their thresholds (:class:`~scalewatch.detectors.HealthConfig`).
+        law: a Chinchilla law file (``scalewatch fit --out``) for the compute-optimal tokens per
+            parameter and the losses in the ``undertrained`` alert (default: about 20 tokens/param).
+        unique_tokens: distinct tokens in the training data, to flag more than ~4 epochs of repetition.
+        stop_on: ``"critical"`` (or ``"warning"``) stops training cleanly, all ranks together, once an
+            alert of that severity fires.
+        webhook_url: a Slack-compatible webhook for alerts (default: ``SCALEWATCH_WEBHOOK_URL``); sent
+            from a background thread, never written anywhere.
+        run_name: the run's name in alerts.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -207,13 +230,21 @@ class ScaleWatch(Callback):
         schedule: Sequence[float] | str | Path | Callable[[int], float] | None = None,
         forecast_in_background: bool = True,
         alerts_jsonl: str | Path | None = None,
+        detect: bool = True,
+        health: HealthConfig | None = None,
+        law: str | Path | None = None,
+        unique_tokens: float | None = None,
+        stop_on: str | None = None,
+        webhook_url: str | None = None,
+        run_name: str = "run",
     ) -> None:
         self.config = ScaleWatchConfig(
             tokens_fn=tokens_fn, samples_fn=samples_fn, n_params=n_params, param_convention=param_convention,
             flops=flops, n_layer=n_layer, d_model=d_model, context_length=context_length, peak_flops=peak_flops,
             log_every_n_steps=log_every_n_steps, loss_key=loss_key, history_size=history_size,
             gns="off" if gns is None else gns, gns_decay=gns_decay, curve_law=curve_law, schedule=schedule,
-            forecast_in_background=forecast_in_background, alerts_jsonl=alerts_jsonl)
+            forecast_in_background=forecast_in_background, alerts_jsonl=alerts_jsonl, detect=detect, health=health,
+            law=law, unique_tokens=unique_tokens, stop_on=stop_on, webhook_url=webhook_url, run_name=run_name)
         # The schedule is read when training starts (the trainer knows the run's length and scheduler).
         self.monitor = build_monitor(dataclasses.replace(self.config, schedule=None))
         self.noise_scale = NoiseScaleTracker(
@@ -291,6 +322,9 @@ class ScaleWatch(Callback):
         self.monitor.start(self._observation(trainer, loss=math.nan))
         self._start_gns(trainer, pl_module)
         self._setup_schedule(trainer)
+        for plugin in self.monitor.plugins:
+            if isinstance(plugin, AllocationDetector):
+                plugin.total_steps = _total_steps(trainer)
 
     def _start_gns(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.noise_scale.remove()
@@ -310,8 +344,9 @@ class ScaleWatch(Callback):
         if plugin is None:
             return
         try:
-            total = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 \
-                else int(trainer.estimated_stepping_batches)
+            total = _total_steps(trainer)
+            if total is None:
+                raise CurveError("the run's length is unknown (no max_steps, no finite epochs)")
             schedule = schedule_from_arg(self.config.schedule, total)
             if schedule is None:  # read ahead from the run's own scheduler; on resume, the schedule seen at the start
                 schedule = self._schedule_saved if self._schedule_saved is not None else lookahead_schedule(trainer,
@@ -378,10 +413,15 @@ class ScaleWatch(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
+        if self.config.detect and self._acc is not None:
+            sq = grad_sq_norm([p for group in optimizer.param_groups for p in group["params"]])
+            if sq is not None:  # one fused foreach kernel, stays on the device
+                scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+                self._acc.add_grad_norm(sq.sqrt(), loss_scaled=scaled)
         try:
             automatic = pl_module.automatic_optimization
             self.noise_scale.step(trainer.accumulate_grad_batches if automatic else 1, automatic, trainer.world_size,
-                          self._amp_scale(trainer, pl_module, optimizer))
+                                  self._amp_scale(trainer, pl_module, optimizer))
         except Exception as exc:  # monitoring must never crash the run; the state stays, updates stop
             self._note("gns_error", f"gradient noise scale: stopped after {type(exc).__name__}: {exc}")
             self.noise_scale.remove()
@@ -422,6 +462,9 @@ class ScaleWatch(Callback):
                            time=time.perf_counter() - self._t0, lr=lr, nonfinite=t.nonfinite,
                            loss_max=interval.loss_max if interval else math.nan,
                            all_finite=not interval.nonfinite if interval else True,
+                           grad_norm=interval.mean_grad_norm if interval else None,
+                           grad_norm_max=interval.grad_norm_max if interval and interval.grad_norm_count else None,
+                           grad_nonfinite=interval.grad_nonfinite if interval else 0,
                            gns_g2=gns[0] if gns else None, gns_trace=gns[1] if gns else None)
 
     def _fallback_loss(self, trainer: Trainer) -> float:
@@ -449,9 +492,26 @@ class ScaleWatch(Callback):
             self.monitor.texts["conventions"] = self.describe()
             if self.config.gns != "off":
                 self.monitor.texts["gns/method"] = f"{self.noise_scale.method or 'none'}: {self.noise_scale.description}"
-            self.latest = self.monitor.observe(obs).scalars
+            if trainer.is_global_zero:  # detection runs once, on the reduced observation
+                self.latest = self.monitor.observe(obs).scalars
         except Exception as exc:  # monitoring must never crash the run
             log.warning("scalewatch: could not log step %d: %s: %s", trainer.global_step, type(exc).__name__, exc)
+        if self.config.stop_on is not None:
+            self._maybe_stop(trainer)
+
+    def _maybe_stop(self, trainer: Trainer) -> None:
+        """``stop_on``: rank 0 decides, every rank stops at the same step (one broadcast per log point)."""
+        level = HEALTH_LEVEL[self.config.stop_on or "critical"]
+        firing = [f"{kind} ({sev})" for (kind, _), sev in self.monitor.alerts.firing().items()
+                  if HEALTH_LEVEL[sev] >= level] if trainer.is_global_zero else []
+        stop = bool(firing)
+        if trainer.world_size > 1:
+            stop = bool(trainer.strategy.broadcast(stop, src=0))
+        if stop and not trainer.should_stop:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.warning("scalewatch: stopping training at step %d (stop_on=%r): %s", trainer.global_step,
+                            self.config.stop_on, ", ".join(firing))
 
     def describe(self) -> str:
         """The conventions behind the logged numbers, in words."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from scalewatch.detectors import HealthConfig
 
 if TYPE_CHECKING:
     from scalewatch.curves import CurveLaw
@@ -67,6 +70,12 @@ or a positive number of FLOPs per token, got '7N'
     forecast_in_background: bool = True
     run_name: str = "run"
     alerts_jsonl: str | Path | None = None
+    detect: bool = True
+    health: HealthConfig | None = None
+    law: Any = None
+    unique_tokens: float | None = None
+    stop_on: str | None = None
+    webhook_url: str | None = None
 
     def __post_init__(self) -> None:
         n = self.n_params
@@ -97,6 +106,31 @@ or a positive number of FLOPs per token, got '7N'
         if isinstance(self.history_size, bool) or not isinstance(self.history_size, int) or self.history_size < 4:
             raise ScaleWatchConfigError(f"scalewatch: history_size must be an int >= 4, got {self.history_size!r}")
         self.curve_law = _load_curve_law(self.curve_law)
+        self.law = _load_law(self.law)
+        if self.health is None:
+            self.health = HealthConfig()
+        elif isinstance(self.health, dict):
+            self.health = HealthConfig(**self.health)
+        if self.stop_on not in (None, "warning", "critical"):
+            raise ScaleWatchConfigError(f"scalewatch: stop_on must be None, 'warning' or 'critical', got "
+                                        f"{self.stop_on!r}")
+        if self.unique_tokens is not None and (isinstance(self.unique_tokens, bool) or
+                                               not isinstance(self.unique_tokens, (int, float))
+                                               or not self.unique_tokens > 0):
+            raise ScaleWatchConfigError(f"scalewatch: unique_tokens must be a positive number of tokens, got "
+                                        f"{self.unique_tokens!r}")
+
+
+def _load_law(law: Any) -> Any:
+    """A Chinchilla-style law: a law object, or a law file from ``scalewatch fit --out``."""
+    from scalewatch.laws import LawFileError, load_law
+
+    if law is None or hasattr(law, "predict"):
+        return law
+    try:
+        return load_law(law).law
+    except LawFileError as exc:
+        raise ScaleWatchConfigError(f"scalewatch: law: {exc}") from None
 
 
 def _load_curve_law(law: Any) -> CurveLaw | None:
@@ -139,15 +173,15 @@ def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_fl
 
     The same call serves the Lightning callback, ``scalewatch watch`` and a plain training loop.
     The curve law needs the run's LR at every step: ``config.schedule`` (a sequence or a ``step,lr``
-    CSV; a function of the step with ``total_steps``); one it cannot use is logged, and the rest works. The Lightning callback reads it from the
-    trainer's scheduler instead when none is given.
+    CSV; a function of the step with ``total_steps``); one it cannot use is logged, and the rest works.
+    The Lightning callback reads it from the trainer's scheduler instead when none is given.
 
     Example:
-        >>> m = build_monitor(ScaleWatchConfig(gns="off"), n_params=1000)
+        >>> m = build_monitor(ScaleWatchConfig(gns="off", detect=False), n_params=1000)
         >>> [s.name for s in m.stages]
         []
         >>> [s.name for s in build_monitor(ScaleWatchConfig()).stages]
-        ['gns']
+        ['gns', 'nonfinite', 'spike', 'grad_spike', 'divergence', 'saturation', 'off_curve', 'allocation', 'batch_size']
     """
     from scalewatch.alerts import JsonlSink
     from scalewatch.gns import NoiseScalePlugin
@@ -166,9 +200,17 @@ def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_fl
             except CurveError as exc:  # as in the callback: no predicted curve, everything else works
                 logging.getLogger("scalewatch").warning("scalewatch: no predicted curve: %s", exc)
         plugins.append(plugin)
+    if config.detect:
+        from scalewatch.detectors import default_detectors
+
+        plugins.extend(default_detectors(config.health, total_steps, config.law, config.unique_tokens))
     plugins.extend(stages)
     all_sinks = list(sinks)
     if config.alerts_jsonl is not None:
         all_sinks.append(JsonlSink(config.alerts_jsonl))
+    if config.webhook_url is not None or os.environ.get("SCALEWATCH_WEBHOOK_URL"):
+        from scalewatch.webhook import WebhookSink
+
+        all_sinks.append(WebhookSink(config.webhook_url, run=config.run_name))
     return Monitor(n_params=n_params, peak_flops=peak_flops, history_size=config.history_size, plugins=plugins,
                    sinks=all_sinks, run=config.run_name)

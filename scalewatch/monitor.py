@@ -42,7 +42,10 @@ class Observation:
         nonfinite: number of non-finite micro-batch losses since the start.
         loss_max: the largest finite micro-batch loss of the interval (``nan`` if unknown).
         all_finite: whether every micro-batch loss of the interval was finite.
-        grad_norm: global gradient norm before clipping, if measured.
+        grad_norm: mean global gradient norm (before clipping) of the interval's steps, if measured.
+        grad_norm_max: the largest finite one of the interval.
+        grad_nonfinite: optimizer steps of the interval whose gradient norm was NaN/Inf (outside fp16
+            loss scaling, where such steps are expected and skipped by the scaler).
         batch_samples, batch_tokens: the global batch of one optimizer step over the interval
             (filled by the Monitor from the counts when not given).
         gns_g2, gns_trace: the noise-scale EMAs (|G|^2 and tr(Sigma), per-sequence units), if measured.
@@ -60,6 +63,8 @@ class Observation:
     loss_max: float = math.nan
     all_finite: bool = True
     grad_norm: float | None = None
+    grad_norm_max: float | None = None
+    grad_nonfinite: int = 0
     batch_samples: float | None = None
     batch_tokens: float | None = None
     gns_g2: float | None = None
@@ -248,6 +253,8 @@ class Monitor:
             the order given).
         sinks: where each report goes (rank 0 only in distributed runs).
         run: the run's name in alerts.
+        resolve_after: consecutive healthy log points before a firing alert resolves (hysteresis).
+        cooldown: log points after a resolution during which the same alert cannot fire again.
 
     Example:
         >>> m = Monitor(n_params=1000)
@@ -266,13 +273,17 @@ class Monitor:
         plugins: Iterable[Plugin] = (),
         sinks: Iterable[Sink] = (),
         run: str = "run",
+        resolve_after: int = 2,
+        cooldown: int = 5,
     ) -> None:
         self.n_params = n_params
         self.peak_flops = peak_flops
         self.history = History(history_size)
         self.plugins: list[Plugin] = list(plugins)
         self.sinks: list[Sink] = list(sinks)
-        self.alerts = AlertBook(run=run)
+        self.alerts = AlertBook(run=run, resolve_after=resolve_after, cooldown=cooldown)
+        for p in self.plugins:
+            self.alerts.know(getattr(p, "kinds", ()))
         self.texts: dict[str, str] = {}  # descriptions (conventions, methods) sinks write once per change
         self.report: Report | None = None  # the report of the observation being processed (or the last one)
         self._texts_sent: dict[str, str] = {}
@@ -328,8 +339,14 @@ class Monitor:
         return report
 
     def close(self) -> None:
-        """Stop background work (no worker thread outlives the run); safe to call twice."""
+        """Stop background work (no worker thread outlives the run) and close the sinks; safe to call twice."""
         self._finish_stages()
+        for sink in self.sinks:
+            if hasattr(sink, "close"):
+                try:
+                    sink.close()  # type: ignore[attr-defined]
+                except Exception as exc:  # noqa: BLE001 - monitoring must never crash the run
+                    log.warning("scalewatch: the %r sink failed to close: %s", getattr(sink, "name", sink), exc)
 
     def _finish_stages(self) -> None:
         for stage in self.plugins:
@@ -364,6 +381,8 @@ class Monitor:
     def _finish_report(self, report: Report, findings: list[Finding]) -> None:
         report.alerts = self.alerts.update(findings, report.step, report.tokens)
         report.health = self.alerts.health()
+        if report.alerts or "alerts" not in self._texts_sent:
+            self.texts["alerts"] = self.alerts.table()
         for kind, level in report.health.items():
             report.scalars[f"health/{kind}"] = float(level)
         report.texts = {k: v for k, v in self.texts.items() if self._texts_sent.get(k) != v}

@@ -71,7 +71,7 @@ class Collect:
 def test_detectors_run_after_forecasters_and_see_their_output() -> None:
     detector = AboveBand()
     sink = Collect()
-    m = Monitor(plugins=[detector, Band()], sinks=[sink], run="r1")  # given in the wrong order on purpose
+    m = Monitor(plugins=[detector, Band()], sinks=[sink], run="r1", resolve_after=1)  # stages in the wrong order
     assert [s.name for s in m.stages] == ["band", "above"]
     r = m.observe(_obs(1, loss=3.1))
     assert detector.seen == [3.3] and r.alerts == [] and r.scalars["health/off_curve"] == 0
@@ -88,7 +88,7 @@ def test_detectors_run_after_forecasters_and_see_their_output() -> None:
 
 
 def test_a_failing_stage_becomes_an_internal_error_alert_and_the_log_point_survives(caplog) -> None:
-    m = Monitor(n_params=100, plugins=[Boom({2, 3}), Band()])
+    m = Monitor(n_params=100, plugins=[Boom({2, 3}), Band()], resolve_after=1)
     m.observe(_obs(1))
     with caplog.at_level(logging.WARNING, logger="scalewatch"):
         r = m.observe(_obs(2))
@@ -101,6 +101,7 @@ def test_a_failing_stage_becomes_an_internal_error_alert_and_the_log_point_survi
     assert m.observe(_obs(3)).alerts == []  # still failing: one alert, not one per log point
     r = m.observe(_obs(4))
     assert [(a.kind, a.state) for a in r.alerts] == [("internal_error", "resolved")] and r.scalars["boom/ok"] == 1.0
+    assert "internal_error" in m.texts["alerts"] and "boom" in m.texts["alerts"]
     assert len(m.history) == 4
 
 
@@ -150,7 +151,8 @@ def test_texts_are_written_once_per_change() -> None:
     m.observe(_obs(2))
     m.texts["conventions"] = "measured"
     m.observe(_obs(3))
-    assert [r.texts for r in sink.reports] == [{"conventions": "6N"}, {}, {"conventions": "measured"}]
+    assert [r.texts for r in sink.reports] == [{"conventions": "6N", "alerts": "No alerts."}, {},
+                                               {"conventions": "measured"}]
 
 
 def test_batch_size_is_derived_from_the_counts_between_observations() -> None:
@@ -164,26 +166,39 @@ def test_batch_size_is_derived_from_the_counts_between_observations() -> None:
 
 
 def test_alert_state_survives_a_resume_and_resolves_after_it() -> None:
-    m = Monitor(plugins=[Band(), AboveBand()])
+    m = Monitor(plugins=[Band(), AboveBand()], resolve_after=1)
     m.observe(_obs(1, loss=4.0))
-    resumed = Monitor(plugins=[Band(), AboveBand()])
+    resumed = Monitor(plugins=[Band(), AboveBand()], resolve_after=1)
     resumed.load_state_dict(json.loads(json.dumps(m.state_dict())))
     assert resumed.observe(_obs(2, loss=4.0)).alerts == []  # firing before the checkpoint: not said twice
     assert [a.state for a in resumed.observe(_obs(3, loss=3.0)).alerts] == ["resolved"]
 
 
 def test_jsonl_sink_writes_the_alert_contract(tmp_path) -> None:
-    path = tmp_path / "alerts" / "run.jsonl"
+    path = tmp_path / "run.jsonl"
     m = build_monitor(ScaleWatchConfig(gns="off", run_name="exp7", alerts_jsonl=path), n_params=100,
                       stages=[Band(), AboveBand()])
-    for step, loss in ((1, 3.0), (2, 3.9), (3, 3.95), (4, 3.1)):
+    for step, loss in ((1, 3.0), (2, 3.9), (3, 3.95), (4, 3.1), (5, 3.0)):
         m.observe(_obs(step, loss=loss))
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert [(d["state"], d["step"]) for d in lines] == [("firing", 2), ("resolved", 4)]
+    assert [(d["state"], d["step"]) for d in lines] == [("firing", 2), ("resolved", 5)]  # 2 healthy points
     for d in lines:
         assert {"time", "run", "kind", "severity", "state", "step", "tokens", "message"} <= set(d)
         assert d["run"] == "exp7" and d["kind"] == "off_curve" and isinstance(d["tokens"], int)
-    assert lines[0]["loss"] == pytest.approx(3.9) and lines[0]["high"] == pytest.approx(3.3)
+    assert lines[0]["data"]["loss"] == pytest.approx(3.9) and lines[0]["data"]["high"] == pytest.approx(3.3)
+    with pytest.raises(ScaleWatchConfigError, match="alerts_jsonl.*directory must exist"):
+        build_monitor(ScaleWatchConfig(alerts_jsonl=tmp_path / "missing" / "a.jsonl"))
+
+
+def test_hysteresis_and_cooldown_keep_a_flapping_condition_to_one_page() -> None:
+    book = AlertBook(resolve_after=2, cooldown=3)
+    pattern = [True, False, True, False, False, True, True, False, False, False, False, True]
+    events = []
+    for step, active in enumerate(pattern):
+        events += [(a.state, step) for a in book.update([Finding("spike", active, "warning")], step, step)]
+    # fires at 0; the single healthy point at 1 does not resolve it; 3-4 resolve it at 4; the return
+    # at 5-6 falls in the cooldown (log points 5, 6, 7); at 11 it may fire again
+    assert events == [("firing", 0), ("resolved", 4), ("firing", 11)]
 
 
 def test_alert_book_escalation_and_unknown_severity() -> None:

@@ -1,0 +1,427 @@
+"""Run-health detectors: Monitor stages that read the stream and return findings. Plain Python.
+
+Each detector sees every observation (the live callback's, or a replay of logs) and the report the
+forecasters built (``loss_pred`` and its band, the noise scale), and says, per kind, whether the
+condition holds now. The Monitor's alert book turns that into firing/resolved alerts with
+hysteresis and cooldown. Thresholds live in :class:`HealthConfig`; the README justifies each default
+by a measurement (``benchmarks/detection.py``).
+
+Kinds: ``nonfinite`` (critical), ``spike``, ``grad_spike``, ``divergence`` (critical), ``saturation``,
+``off_curve``, ``undertrained``, ``overtrained`` (info), ``repeated_data``, ``batch_size`` (info).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from scalewatch.alerts import Finding
+from scalewatch.monitor import Observation, StageOutput
+
+#: Chinchilla's compute-optimal tokens per parameter (Hoffmann et al. 2022), used without a law.
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Detector thresholds. Every default is measured in ``benchmarks/detection.py`` (README: Run health).
+
+    Attributes:
+        warmup_points: log points a spike detector waits for before it judges (its baseline needs them).
+        window: log points in the robust baseline (median and MAD) of the spike detectors.
+        spike_sigma: a loss spike is at least this many robust standard deviations above the baseline...
+        spike_min_rel: ...and at least this fraction above it (a very smooth curve has a MAD near 0).
+        grad_spike_sigma, grad_spike_min_rel: the same for the gradient norm (noisier: a spike is > 2x).
+        divergence_rel: divergence when the last ``divergence_points`` interval losses all sit this
+            fraction above the best (smoothed) loss so far.
+        divergence_points: how many consecutive log points (a spike lasts one or two).
+        saturation_window: log points over which saturation compares the loss (and the LR) early and late.
+        saturation_rise: the loss rose by this fraction over the window while the LR did not rise...
+        saturation_min_gain: ...or the LR at least halved over the window and the loss improved by less.
+        off_curve_points: consecutive log points outside the predicted band before ``off_curve`` fires.
+        undertrained_factor: warn when the projected tokens per parameter at the end of the run is below
+            the compute-optimal ratio divided by this (N about twice too large for the compute).
+        overtrained_factor: an info finding above the optimal ratio times this.
+        max_epochs: more repetitions of the unique data than this is flagged (Muennighoff et al. 2023:
+            up to about 4 epochs cost little).
+        batch_factor: an info finding when the batch is this many times above or below B_crit...
+        batch_points: ...for this many consecutive log points (the noise scale is a noisy estimate).
+    """
+
+    warmup_points: int = 8
+    window: int = 32
+    spike_sigma: float = 6.0
+    spike_min_rel: float = 0.10
+    grad_spike_sigma: float = 6.0
+    grad_spike_min_rel: float = 1.0
+    divergence_rel: float = 0.10
+    divergence_points: int = 3
+    saturation_window: int = 20
+    saturation_rise: float = 0.01
+    saturation_min_gain: float = 0.001
+    off_curve_points: int = 4
+    undertrained_factor: float = 4.0
+    overtrained_factor: float = 5.0
+    max_epochs: float = 4.0
+    batch_factor: float = 3.0
+    batch_points: int = 5
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                from scalewatch.config import ScaleWatchConfigError
+
+                raise ScaleWatchConfigError(f"scalewatch: health threshold {name} must be a positive number, "
+                                            f"got {value!r}")
+
+
+def robust_excess(value: float, baseline: Sequence[float], sigma: float, min_rel: float) -> float | None:
+    """How far ``value`` is above a robust baseline, in units of its threshold (> 1: a spike); None if unknown.
+
+    The threshold is the larger of ``sigma`` robust standard deviations (1.4826 x MAD) and
+    ``min_rel`` x |median|, so a smooth baseline does not turn noise into spikes.
+
+    Example:
+        >>> round(robust_excess(5.0, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1), 1)
+        4.5
+        >>> robust_excess(3.1, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1) < 1
+        True
+    """
+    if not baseline or not math.isfinite(value):
+        return None
+    med = statistics.median(baseline)
+    mad = statistics.median(abs(x - med) for x in baseline)
+    threshold = max(sigma * _MAD_TO_SIGMA * mad, min_rel * abs(med), 1e-12)
+    return (value - med) / threshold
+
+
+class _Detector:
+    """Shared plumbing: a name, the kinds it reports, its (JSON-able) state."""
+
+    name = "detector"
+    kind = "detector"
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        self.cfg = config or HealthConfig()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, deque) else v) for k, v in vars(self).items() if k != "cfg"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            current = getattr(self, k, None)
+            setattr(self, k, deque(v, maxlen=current.maxlen) if isinstance(current, deque) else v)
+
+
+class NonFiniteDetector(_Detector):
+    """Critical at the first log point whose interval saw a NaN/Inf loss or gradient norm."""
+
+    name = "nonfinite"
+    kinds = ("nonfinite",)
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.first_step: int | None = None
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        bad = not obs.all_finite or (obs.grad_norm_max is not None and not math.isfinite(obs.grad_norm_max)) \
+            or obs.grad_nonfinite > 0
+        if not bad:
+            return StageOutput(findings=[Finding("nonfinite", False, "critical", "losses and gradients finite again")])
+        self.first_step = obs.step if self.first_step is None else self.first_step
+        what = "loss" if not obs.all_finite else "gradient norm"
+        return StageOutput(findings=[Finding(
+            "nonfinite", True, "critical",
+            f"non-finite {what} in the interval ending at step {obs.step:,} ({obs.nonfinite} NaN/Inf micro-batch "
+            f"losses so far; first seen at step {self.first_step:,}): check the LR and warmup, fp16 loss scaling and "
+            "the data of those steps; resume from the last finite checkpoint",
+            values={"nonfinite_losses": float(obs.nonfinite), "first_step": float(self.first_step)})])
+
+
+class _SpikeDetector(_Detector):
+    """A value against a robust baseline of its own recent past; the spiking values stay out of the baseline."""
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.recent: deque[float] = deque(maxlen=self.cfg.window)
+
+    def _judge(self, kind: str, value: float | None, sigma: float, min_rel: float, what: str,
+               obs: Observation, scale: float = 1.0) -> list[Finding]:
+        if value is None or not math.isfinite(value):
+            return []
+        excess = robust_excess(value, self.recent, sigma, min_rel) if len(self.recent) >= self.cfg.warmup_points \
+            else None
+        spiking = excess is not None and excess > 1.0
+        if not spiking:
+            self.recent.append(value)
+        if excess is None:
+            return []
+        med = statistics.median(self.recent)
+        return [Finding(kind, spiking, "warning",
+                        f"{what} spike at step {obs.step:,}: {value * scale:.4g} against a recent median of "
+                        f"{med * scale:.4g} ({excess:.1f}x the alert threshold); if it does not come back within a "
+                        "few log points, lower the LR or skip the batches of that step",
+                        values={"value": value * scale, "median": med * scale, "excess": excess})]
+
+
+class LossSpikeDetector(_SpikeDetector):
+    """The interval's largest micro-batch loss against its recent past (or the excess over the predicted
+    curve when a curve law is given, so that the schedule's own drops are not part of the baseline)."""
+
+    name = "spike"
+    kinds = ("spike",)
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        value = obs.loss_max if math.isfinite(obs.loss_max) else obs.loss
+        pred = _scalar(monitor, "loss_pred")
+        if pred is not None and math.isfinite(value):
+            # Relative excess over the predicted curve: the baseline follows the schedule.
+            findings = self._judge("spike", value / pred, self.cfg.spike_sigma, self.cfg.spike_min_rel, "loss", obs,
+                                   scale=pred)
+        else:
+            findings = self._judge("spike", value, self.cfg.spike_sigma, self.cfg.spike_min_rel, "loss", obs)
+        return StageOutput(findings=findings)
+
+
+class GradNormSpikeDetector(_SpikeDetector):
+    """The interval's largest global gradient norm (before clipping) against its recent past."""
+
+    name = "grad_spike"
+    kinds = ("grad_spike",)
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        value = obs.grad_norm_max if obs.grad_norm_max is not None else obs.grad_norm
+        return StageOutput(findings=self._judge("grad_spike", value, self.cfg.grad_spike_sigma,
+                                                self.cfg.grad_spike_min_rel, "gradient-norm", obs))
+
+
+class DivergenceDetector(_Detector):
+    """A sustained rise of the loss above its best so far: slow blow-ups that a spike rule misses."""
+
+    name = "divergence"
+    kinds = ("divergence",)
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.recent: deque[float] = deque(maxlen=self.cfg.divergence_points)
+        self.best = math.inf  # the lowest median-of-3 loss so far
+        self.best_step = 0
+        self.last_healthy_step = 0
+        self._last3: deque[float] = deque(maxlen=3)
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        if not math.isfinite(obs.loss):
+            return StageOutput()
+        self.recent.append(obs.loss)
+        self._last3.append(obs.loss)
+        limit = self.best * (1 + self.cfg.divergence_rel)
+        rising = len(self.recent) == self.recent.maxlen and all(x > limit for x in self.recent)
+        if obs.loss <= limit:
+            self.last_healthy_step = obs.step
+        if len(self._last3) == 3 and not rising:
+            smooth = statistics.median(self._last3)
+            if smooth < self.best:
+                self.best, self.best_step = smooth, obs.step
+        if not math.isfinite(self.best):
+            return StageOutput()
+        return StageOutput(findings=[Finding(
+            "divergence", rising, "critical",
+            f"loss diverging since step {self.last_healthy_step:,}: {self.best:.4g} (best, step {self.best_step:,}) "
+            f"-> {obs.loss:.4g} at step {obs.step:,} (tokens {obs.tokens:.3g}); stop, lower the LR (or check the "
+            f"fp16 loss scale) and resume from a checkpoint at or before step {self.last_healthy_step:,}",
+            values={"best": self.best, "loss": obs.loss, "last_healthy_step": float(self.last_healthy_step)})])
+
+
+class SaturationDetector(_Detector):
+    """The run stopped improving where its schedule says it should still improve.
+
+    Compares the median loss (and LR) of the first and last quarter of a window of log points: a
+    loss that rose while the LR did not rise, or an LR that at least halved while the loss did not
+    improve. A plateau under a constant LR is not saturation.
+    """
+
+    name = "saturation"
+    kinds = ("saturation",)
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.points: deque[tuple[float, float | None]] = deque(maxlen=self.cfg.saturation_window)
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        if not math.isfinite(obs.loss):
+            return StageOutput()
+        self.points.append((obs.loss, obs.lr))
+        if len(self.points) < self.points.maxlen:
+            return StageOutput()
+        q = max(len(self.points) // 4, 1)
+        early = statistics.median(x for x, _ in list(self.points)[:q])
+        late = statistics.median(x for x, _ in list(self.points)[-q:])
+        lrs = [lr for _, lr in self.points]
+        change = (late - early) / abs(early)
+        known = all(lr is not None for lr in lrs)
+        lr_ratio = (statistics.median(lrs[-q:]) / statistics.median(lrs[:q])  # type: ignore[type-var]
+                    if known and statistics.median(lrs[:q]) > 0 else 1.0)  # type: ignore[type-var, operator]
+        rising = change > self.cfg.saturation_rise and lr_ratio <= 1.01
+        stalled = known and lr_ratio <= 0.5 and -change < self.cfg.saturation_min_gain
+        why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not rise"
+               if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points but the "
+               f"loss changed only {change:+.2%}")
+        return StageOutput(findings=[Finding(
+            "saturation", rising or stalled, "warning",
+            f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or the LR "
+            "schedule, is at its limit: stop early or change the plan",
+            values={"change": change, "lr_ratio": lr_ratio, "early": early, "late": late})])
+
+
+class OffCurveDetector(_Detector):
+    """With a curve law: the loss outside its predicted band for a sustained stretch."""
+
+    name = "off_curve"
+    kinds = ("off_curve",)
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.above = 0
+        self.below = 0
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        pred, high, low = (_scalar(monitor, k) for k in ("loss_pred", "loss_pred_high", "loss_pred_low"))
+        if pred is None or high is None or low is None or not math.isfinite(obs.loss):
+            return StageOutput()
+        self.above = self.above + 1 if obs.loss > high else 0
+        self.below = self.below + 1 if obs.loss < low else 0
+        n = self.cfg.off_curve_points
+        side, severity = ("above", "warning") if self.above >= n else ("below", "info")
+        active = self.above >= n or self.below >= n
+        return StageOutput(findings=[Finding(
+            "off_curve", active, severity,
+            f"loss {side} its predicted 90% band for {max(self.above, self.below)} log points: {obs.loss:.4g} vs "
+            f"predicted {pred:.4g} [{low:.4g}, {high:.4g}] at step {obs.step:,}"
+            + ("; the run is doing worse than its pilots said: check data, LR and the law's conventions"
+               if side == "above" else "; better than predicted: the law may be too pessimistic for this recipe"),
+            values={"loss": obs.loss, "pred": pred, "low": low, "high": high})])
+
+
+class AllocationDetector(_Detector):
+    """Tokens per parameter projected to the end of the run against the compute-optimal ratio.
+
+    Args:
+        total_steps: the run's planned optimizer steps (the callback sets it from the trainer).
+        law: a Chinchilla-style law (``predict(N, D)``) for the optimal ratio and the losses; else 20.
+        unique_tokens: distinct tokens in the training data, to flag repetition.
+    """
+
+    name = "allocation"
+    kinds = ("undertrained", "overtrained", "repeated_data")
+
+    def __init__(self, config: HealthConfig | None = None, total_steps: int | None = None, law: Any = None,
+                 unique_tokens: float | None = None) -> None:
+        super().__init__(config)
+        self.total_steps = total_steps
+        self.law = law
+        self.unique_tokens = unique_tokens
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # everything here is configuration, read again on resume
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        n = getattr(monitor, "n_params", None)
+        if not n or not self.total_steps or obs.step < 1 or obs.tokens <= 0:
+            return StageOutput()
+        d_end = obs.tokens / obs.step * self.total_steps
+        ratio = d_end / n
+        flops = 6.0 * n * d_end
+        opt_ratio, n_opt, d_opt, losses = CHINCHILLA_TOKENS_PER_PARAM, None, None, ""
+        source = "Chinchilla's ~20 tokens per parameter"
+        if self.law is not None:
+            from scalewatch.laws import optimal_allocation
+
+            n_opt_a, d_opt_a = optimal_allocation(self.law, flops)
+            n_opt, d_opt = float(n_opt_a), float(d_opt_a)
+            opt_ratio = d_opt / n_opt
+            source = "the given law"
+            losses = (f"; the law predicts L={float(self.law.predict(n, d_end)):.4g} for this allocation vs "
+                      f"L={float(self.law.predict(n_opt, d_opt)):.4g} at the optimum")
+        else:
+            n_opt = math.sqrt(flops / (6.0 * opt_ratio))
+            d_opt = opt_ratio * n_opt
+        values = {"tokens_per_param_end": ratio, "optimal_tokens_per_param": opt_ratio, "n_opt": n_opt,
+                  "d_opt": d_opt, "flops_end": flops}
+        plan = (f"projected {ratio:.3g} tokens per parameter at step {self.total_steps:,} (N={n:.3g}, D={d_end:.3g}, "
+                f"C={flops:.3g} FLOPs) vs the compute-optimal {opt_ratio:.3g} from {source}: N~{n_opt:.3g}, "
+                f"D~{d_opt:.3g}{losses}")
+        findings = [
+            Finding("undertrained", ratio < opt_ratio / self.cfg.undertrained_factor, "warning",
+                    f"model too big for its token budget: {plan}; a smaller model (or more tokens) reaches a lower "
+                    "loss for the same compute", values=values),
+            Finding("overtrained", ratio > opt_ratio * self.cfg.overtrained_factor, "info",
+                    f"trained well past compute-optimal: {plan}; fine if you are buying cheaper inference",
+                    values=values)]
+        if self.unique_tokens:
+            epochs = d_end / self.unique_tokens
+            findings.append(Finding(
+                "repeated_data", epochs > self.cfg.max_epochs, "warning",
+                f"the run will see its unique data {epochs:.1f} times by step {self.total_steps:,}; beyond about "
+                f"{self.cfg.max_epochs:g} epochs repeated tokens are worth much less (Muennighoff et al. 2023): "
+                "add data or stop earlier", values={"epochs": epochs, "unique_tokens": float(self.unique_tokens)}))
+        return StageOutput(findings=findings)
+
+
+class BatchSizeDetector(_Detector):
+    """Where the noise scale is measured: the batch far above B_crit (compute wasted) or below (steps wasted)."""
+
+    name = "batch_size"
+    kinds = ("batch_size",)
+
+    def __init__(self, config: HealthConfig | None = None) -> None:
+        super().__init__(config)
+        self.streak = 0
+
+    def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
+        compute, steps = _scalar(monitor, "gns/compute_factor"), _scalar(monitor, "gns/steps_factor")
+        b_crit, batch = _scalar(monitor, "gns/b_crit"), obs.batch_tokens
+        if compute is None or steps is None or not b_crit or not batch:
+            return StageOutput()
+        f = self.cfg.batch_factor
+        off = batch / b_crit > f or b_crit / batch > f
+        self.streak = self.streak + 1 if off else 0
+        big = batch > b_crit
+        what = (f"the batch ({batch:.3g} tokens) is {batch / b_crit:.1f}x the critical batch ({b_crit:.3g}): it costs "
+                f"{compute:.2f}x the minimum compute; a smaller batch (or a larger model) would reach the same loss "
+                "cheaper" if big else
+                f"the batch ({batch:.3g} tokens) is {b_crit / batch:.1f}x below the critical batch ({b_crit:.3g}): it "
+                f"takes {steps:.2f}x the minimum steps; a larger batch would finish sooner at little extra compute")
+        return StageOutput(findings=[Finding("batch_size", self.streak >= self.cfg.batch_points, "info",
+                                             what + f" (step {obs.step:,})",
+                                             values={"batch_tokens": batch, "b_crit": b_crit,
+                                                     "compute_factor": compute, "steps_factor": steps})])
+
+
+def _scalar(monitor: Any, name: str) -> float | None:
+    report = getattr(monitor, "report", None)
+    value = report.scalars.get(name) if report is not None else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def default_detectors(config: HealthConfig | None = None, total_steps: int | None = None, law: Any = None,
+                      unique_tokens: float | None = None) -> list[Any]:
+    """Every detector, with one set of thresholds.
+
+    Example:
+        >>> [d.name for d in default_detectors()]
+        ['nonfinite', 'spike', 'grad_spike', 'divergence', 'saturation', 'off_curve', 'allocation', 'batch_size']
+    """
+    cfg = config or HealthConfig()
+    return [NonFiniteDetector(cfg), LossSpikeDetector(cfg), GradNormSpikeDetector(cfg), DivergenceDetector(cfg),
+            SaturationDetector(cfg), OffCurveDetector(cfg), AllocationDetector(cfg, total_steps, law, unique_tokens),
+            BatchSizeDetector(cfg)]
+
+
+def all_kinds(detectors: Iterable[Any]) -> list[str]:
+    return [k for d in detectors for k in getattr(d, "kinds", ())]
