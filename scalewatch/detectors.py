@@ -33,16 +33,18 @@ class HealthConfig:
 
     Attributes:
         warmup_points: log points a spike detector waits for before it judges (its baseline needs them).
-        window: log points in the robust baseline (median and MAD) of the spike detectors.
+        window: log points whose point-to-point changes give the spike detectors' noise scale.
         spike_sigma: a loss spike is at least this many robust standard deviations above the baseline...
         spike_min_rel: ...and at least this fraction above it (a very smooth curve has a MAD near 0).
-        grad_spike_sigma, grad_spike_min_rel: the same for the gradient norm (noisier: a spike is > 2x).
+        grad_spike_sigma, grad_spike_min_rel: the same for the gradient norm (noisier: a spike is > 3x).
         divergence_rel: divergence when the last ``divergence_points`` interval losses all sit this
             fraction above the best (smoothed) loss so far.
-        divergence_points: how many consecutive log points (a spike lasts one or two).
+        divergence_points: how many consecutive log points (a spike lasts one or two), the last not
+            more than ``divergence_rel`` below the first (a loss climbing down fast is recovering).
         saturation_window: log points over which saturation compares the loss (and the LR) early and late.
         saturation_rise: the loss rose by this fraction over the window while the LR did not rise...
-        saturation_min_gain: ...or the LR at least halved over the window and the loss improved by less.
+        saturation_min_gain: ...or the LR fell to ``saturation_lr_drop`` of its value (or lower) over the
+            window and the loss improved by less than this fraction (a decaying LR always buys progress).
         off_curve_points: consecutive log points outside the predicted band before ``off_curve`` fires.
         undertrained_factor: warn when the projected tokens per parameter at the end of the run is below
             the compute-optimal ratio divided by this (N about twice too large for the compute).
@@ -58,12 +60,13 @@ class HealthConfig:
     spike_sigma: float = 6.0
     spike_min_rel: float = 0.10
     grad_spike_sigma: float = 6.0
-    grad_spike_min_rel: float = 1.0
-    divergence_rel: float = 0.10
+    grad_spike_min_rel: float = 2.0
+    divergence_rel: float = 0.05
     divergence_points: int = 3
     saturation_window: int = 20
     saturation_rise: float = 0.01
     saturation_min_gain: float = 0.001
+    saturation_lr_drop: float = 0.7
     off_curve_points: int = 4
     undertrained_factor: float = 4.0
     overtrained_factor: float = 5.0
@@ -80,24 +83,31 @@ class HealthConfig:
                                             f"got {value!r}")
 
 
-def robust_excess(value: float, baseline: Sequence[float], sigma: float, min_rel: float) -> float | None:
-    """How far ``value`` is above a robust baseline, in units of its threshold (> 1: a spike); None if unknown.
+def robust_excess(value: float, recent: Sequence[float], sigma: float, min_rel: float) -> float | None:
+    """How far ``value`` is above the recent past, in units of the alert threshold (> 1: a spike); None if unknown.
 
-    The threshold is the larger of ``sigma`` robust standard deviations (1.4826 x MAD) and
-    ``min_rel`` x |median|, so a smooth baseline does not turn noise into spikes.
+    The level is the median of the last three points, so a falling (warm-up) or rising curve is its
+    own baseline; the noise is the robust spread of the point-to-point changes over ``recent``
+    (1.4826 x their MAD / sqrt 2), so a trend does not inflate it. The threshold is the larger of
+    ``sigma`` x noise and ``min_rel`` x the level: a very smooth curve does not turn noise into spikes.
 
     Example:
         >>> round(robust_excess(5.0, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1), 1)
-        4.5
+        6.7
         >>> robust_excess(3.1, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1) < 1
         True
+        >>> falling = [6.0 - 0.2 * i for i in range(15)]          # warm-up: 6.0 ... 3.2
+        >>> robust_excess(3.5, falling, sigma=6, min_rel=0.1) < 1 < robust_excess(4.0, falling, 6, 0.1)
+        True
     """
-    if not baseline or not math.isfinite(value):
+    if len(recent) < 4 or not math.isfinite(value):
         return None
-    med = statistics.median(baseline)
-    mad = statistics.median(abs(x - med) for x in baseline)
-    threshold = max(sigma * _MAD_TO_SIGMA * mad, min_rel * abs(med), 1e-12)
-    return (value - med) / threshold
+    level = statistics.median(recent[-3:])
+    diffs = [b - a for a, b in zip(recent[:-1], recent[1:])]
+    mid = statistics.median(diffs)
+    noise = _MAD_TO_SIGMA * statistics.median(abs(d - mid) for d in diffs) / math.sqrt(2)
+    threshold = max(sigma * noise, min_rel * abs(level), 1e-12)
+    return (value - level) / threshold
 
 
 class _Detector:
@@ -155,19 +165,19 @@ class _SpikeDetector(_Detector):
                obs: Observation, scale: float = 1.0) -> list[Finding]:
         if value is None or not math.isfinite(value):
             return []
-        excess = robust_excess(value, self.recent, sigma, min_rel) if len(self.recent) >= self.cfg.warmup_points \
-            else None
+        excess = robust_excess(value, list(self.recent), sigma, min_rel) \
+            if len(self.recent) >= self.cfg.warmup_points else None
         spiking = excess is not None and excess > 1.0
         if not spiking:
             self.recent.append(value)
         if excess is None:
             return []
-        med = statistics.median(self.recent)
+        level = statistics.median(list(self.recent)[-3:])
         return [Finding(kind, spiking, "warning",
-                        f"{what} spike at step {obs.step:,}: {value * scale:.4g} against a recent median of "
-                        f"{med * scale:.4g} ({excess:.1f}x the alert threshold); if it does not come back within a "
+                        f"{what} spike at step {obs.step:,}: {value * scale:.4g} against a recent level of "
+                        f"{level * scale:.4g} ({excess:.1f}x the alert threshold); if it does not come back within a "
                         "few log points, lower the LR or skip the batches of that step",
-                        values={"value": value * scale, "median": med * scale, "excess": excess})]
+                        values={"value": value * scale, "level": level * scale, "excess": excess})]
 
 
 class LossSpikeDetector(_SpikeDetector):
@@ -221,7 +231,9 @@ class DivergenceDetector(_Detector):
         self.recent.append(obs.loss)
         self._last3.append(obs.loss)
         limit = self.best * (1 + self.cfg.divergence_rel)
-        rising = len(self.recent) == self.recent.maxlen and all(x > limit for x in self.recent)
+        # Sustained and not recovering: a spike the loss is climbing down from is not a divergence.
+        rising = (len(self.recent) == self.recent.maxlen and all(x > limit for x in self.recent)
+                  and self.recent[-1] >= (1 - self.cfg.divergence_rel) * self.recent[0])
         if obs.loss <= limit:
             self.last_healthy_step = obs.step
         if len(self._last3) == 3 and not rising:
@@ -242,7 +254,7 @@ class SaturationDetector(_Detector):
     """The run stopped improving where its schedule says it should still improve.
 
     Compares the median loss (and LR) of the first and last quarter of a window of log points: a
-    loss that rose while the LR did not rise, or an LR that at least halved while the loss did not
+    loss that rose while the LR did not rise, or an LR that fell by 30% or more while the loss did not
     improve. A plateau under a constant LR is not saturation.
     """
 
@@ -268,7 +280,7 @@ class SaturationDetector(_Detector):
         lr_ratio = (statistics.median(lrs[-q:]) / statistics.median(lrs[:q])  # type: ignore[type-var]
                     if known and statistics.median(lrs[:q]) > 0 else 1.0)  # type: ignore[type-var, operator]
         rising = change > self.cfg.saturation_rise and lr_ratio <= 1.01
-        stalled = known and lr_ratio <= 0.5 and -change < self.cfg.saturation_min_gain
+        stalled = known and lr_ratio <= self.cfg.saturation_lr_drop and -change < self.cfg.saturation_min_gain
         why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not rise"
                if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points but the "
                f"loss changed only {change:+.2%}")

@@ -204,11 +204,12 @@ def rates_between(prev: Observation, cur: Observation) -> Rates | None:
 
 def fill_batch_size(prev: Observation | None, obs: Observation) -> None:
     """Set ``obs.batch_samples`` / ``batch_tokens`` (per optimizer step) from the counts, unless given."""
-    if prev is None or obs.batch_samples is not None:
+    if prev is None:
         return
     steps = obs.step - prev.step
-    if steps > 0 and obs.samples > prev.samples:
+    if steps > 0 and obs.samples > prev.samples and obs.batch_samples is None:
         obs.batch_samples = (obs.samples - prev.samples) / steps
+    if steps > 0 and obs.tokens > prev.tokens and obs.batch_tokens is None:
         obs.batch_tokens = (obs.tokens - prev.tokens) / steps
 
 

@@ -28,7 +28,16 @@ LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "lr-AdamW", "lr-A
            "optim/LR (group 0)", "learning-rate")
 TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "throughput/total_tokens")
 
-# The custom-scalars layout: the live loss inside the predicted band (margin charts).
+# The custom-scalars layout: what an on-call researcher opens first. Health (alert levels by kind,
+# a regex over every health tag) comes first; the live loss inside the predicted band (margin charts)
+# next, for runs with a curve law.
+HEALTH_LAYOUT = {
+    "scalewatch health": {
+        "alerts by kind (0 ok, 1 info, 2 warning, 3 critical)": ["Multiline", [PREFIX + r"health/.*"]],
+        "loss, largest micro-batch loss, gradient norm": [
+            "Multiline", [PREFIX + "loss", PREFIX + "loss_max", PREFIX + "grad_norm"]],
+    }
+}
 CURVE_LAYOUT = {
     "scalewatch": {
         "loss vs predicted curve (90% band)": [
@@ -40,6 +49,11 @@ CURVE_LAYOUT = {
             "Multiline", [PREFIX + "loss", PREFIX + "loss_pred", PREFIX + "loss_forecast_final"]],
     }
 }
+
+
+def layout(with_curve: bool) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout for a run (the curve charts only where a curve law predicts)."""
+    return {**HEALTH_LAYOUT, **(CURVE_LAYOUT if with_curve else {})}
 
 
 def tag(name: str) -> str:
@@ -62,15 +76,17 @@ class TensorBoardExtras:
     """What TensorBoard gets beyond the plain scalars: texts, the layout (once), the token/compute x-axis series."""
 
     def __init__(self) -> None:
-        self.layout_written = False
+        self.layout_written: bool | None = None  # None: not yet; False: without the curve charts; True: with
 
     def write(self, writer: Any, report: Report) -> None:
         obs = report.observation
         for name, text in report.texts.items():
             writer.add_text(tag(name), text, global_step=report.step)
-        if "loss_pred" in report.scalars and not self.layout_written and hasattr(writer, "add_custom_scalars"):
-            writer.add_custom_scalars(CURVE_LAYOUT)
-            self.layout_written = True
+        with_curve = "loss_pred" in report.scalars
+        if self.layout_written in (None, False) and self.layout_written != with_curve \
+                and hasattr(writer, "add_custom_scalars"):
+            writer.add_custom_scalars(layout(with_curve))  # rewritten once if the prediction starts later
+            self.layout_written = with_curve
         if obs is not None and "loss" in report.scalars:
             writer.add_scalar(LOSS_VS_TOKENS, obs.loss, global_step=obs.tokens)
             writer.add_scalar(LOSS_VS_GFLOP, obs.loss, global_step=obs.flops // 10**9)

@@ -97,6 +97,9 @@ class _SpiedScaleWatch(ScaleWatch):
     def on_train_batch_end(self, *args) -> None:
         self._spied(super().on_train_batch_end, *args)
 
+    def on_before_optimizer_step(self, *args) -> None:  # the gradient norm of the health detectors
+        self._spied(super().on_before_optimizer_step, *args)
+
 
 @pytest.mark.parametrize("tokens_fn, max_pending", [(None, 1024), (lambda b: b["attention_mask"].sum(), 1024),
                                                      (None, 3)])
