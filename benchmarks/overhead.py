@@ -54,6 +54,11 @@ class TimedScaleWatch(ScaleWatch):
         super().on_train_batch_start(*a)
         self._t_hook = time.perf_counter() - t
 
+    def on_before_optimizer_step(self, *a) -> None:  # the health detectors' gradient norm, the noise scale
+        t = time.perf_counter()
+        super().on_before_optimizer_step(*a)
+        self._t_hook += time.perf_counter() - t
+
     def on_train_batch_end(self, *a) -> None:
         t = time.perf_counter()
         logged = self._last_logged_step
@@ -77,6 +82,10 @@ class ToggledScaleWatch(TimedScaleWatch):
         if self.on_for(trainer.global_step):
             super().on_train_batch_start(trainer, *a)
 
+    def on_before_optimizer_step(self, trainer, *a) -> None:
+        if self.on_for(trainer.global_step):
+            super().on_before_optimizer_step(trainer, *a)
+
     def on_train_batch_end(self, trainer, *a) -> None:
         if self.on_for(trainer.global_step - 1 if trainer.global_step else 0):
             super().on_train_batch_end(trainer, *a)
@@ -85,7 +94,7 @@ class ToggledScaleWatch(TimedScaleWatch):
 def run_interleaved(args, cfg, loaders, logdir: str) -> tuple[list[float], list[float]]:
     timer = StepTimer("on_train_batch_start")
     steps = args.steps * args.rounds
-    watch = ToggledScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every)
+    watch = ToggledScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every, detect=not args.no_detect)
     train(args, cfg, loaders[0], [watch, timer], steps, logger=TensorBoardLogger(logdir, name="bench"))
     # marks[i] is taken at the start of step i; the period to marks[i + 1] is step i plus the
     # next step's batch-start hooks, so only the first step of each 2-step block is clean.
@@ -101,7 +110,8 @@ def run_chunk(with_callback: bool, args, cfg, loaders, logdir: str) -> list[floa
     # The timer goes last so that its batch-start mark follows every other callback's hook.
     callbacks: list[pl.Callback] = []
     if with_callback:
-        callbacks.append(TimedScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every))
+        callbacks.append(TimedScaleWatch(flops="6N+attn", log_every_n_steps=args.log_every,
+                                         detect=not args.no_detect))
     if args.sync_debug:
         callbacks.append(SyncDebug(args.log_every))
     callbacks.append(timer)
@@ -113,6 +123,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, steps=40, log_help="log interval (default: Lightning's default, 50)")
     p.add_argument("--sync-debug", action="store_true")
+    p.add_argument("--no-detect", action="store_true",
+                   help="ScaleWatch(detect=False): no run-health detectors and no per-step gradient norm")
     p.add_argument("--interleaved", action="store_true",
                    help="one run, the callback's hooks on and off in alternate blocks of 2 steps (non-logging steps)")
     p.add_argument("--aa", action="store_true",

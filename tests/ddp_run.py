@@ -7,6 +7,7 @@ Every rank writes what its callback holds to ``OUT/rank<R>.json``.
   TensorBoard events under ``OUT/tb``.
 * ``gns OUT DEVICES ACCUM PROBLEM``: the noise-scale run; each rank writes the reduced EMAs, the
   method chosen and the exact B_simple of the problem (``torch.func``).
+* ``health OUT DEVICES``: a NaN loss with ``stop_on="critical"``; each rank writes where it stopped.
 """
 
 from __future__ import annotations
@@ -72,10 +73,28 @@ def gns(out: Path, devices: int, args: list[str]) -> dict:
             "global_step": trainer.global_step, "rank": trainer.global_rank}
 
 
+def health(out: Path, devices: int, args: list[str]) -> dict:
+    """A NaN loss at step 6 with ``stop_on="critical"``: every rank must stop at the same log point."""
+    from helpers import TinyLM, VarLenDataset, loader
+
+    class NaNAt6(TinyLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + float("nan") if self.trainer.global_step == 6 else loss
+
+    torch.manual_seed(0)
+    watch = ScaleWatch(log_every_n_steps=4, stop_on="critical", alerts_jsonl=out / "alerts.jsonl")
+    trainer = _trainer(devices, [watch], max_steps=40, log_every_n_steps=1, enable_checkpointing=False,
+                       logger=TensorBoardLogger(str(out), name="tb", version=0))
+    trainer.fit(NaNAt6(), loader(VarLenDataset(n=400), 4))
+    return {"global_step": trainer.global_step, "rank": trainer.global_rank, "world_size": trainer.world_size,
+            "firing": sorted(k for k, _ in watch.monitor.alerts.firing())}
+
+
 def main() -> None:
     kind, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
-    record = {"counts": counts, "gns": gns}[kind](out, devices, sys.argv[4:])
+    record = {"counts": counts, "gns": gns, "health": health}[kind](out, devices, sys.argv[4:])
     (out / f"rank{record['rank']}.json").write_text(json.dumps(record))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,13 @@ def test_ddp_resume_keeps_every_ranks_unlogged_counts(tmp_path, single) -> None:
     _, one = single
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == one["tokens"]
     assert ranks[0]["flops"] == one["flops"]
+
+
+def test_ddp_nan_stops_every_rank_together_and_only_rank_0_writes_alerts(tmp_path) -> None:
+    ranks = run_ddp("health", tmp_path, 2)
+    assert sorted(ranks) == [0, 1] and ranks[0]["world_size"] == 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8  # the NaN at step 6, seen at log point 8
+    assert "nonfinite" in ranks[0]["firing"] and ranks[1]["firing"] == []  # detection runs on rank 0 only
+    lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
+    fired = [json.loads(x)["kind"] for x in lines if json.loads(x)["state"] == "firing"]
+    assert sorted(fired) == sorted(set(fired)) and "nonfinite" in fired  # one writer (rank 0): each alert once

@@ -279,3 +279,44 @@ def test_batch_far_above_the_critical_batch_is_an_info(tmp_path) -> None:
     fired = _firing(watch)
     assert [(k, s) for k, s, _ in fired if k == "batch_size"] == [("batch_size", "info")]
     assert not [f for f in fired if f[1] != "info" and f[0] not in ("overtrained",)]
+
+
+def test_an_alert_firing_at_a_checkpoint_survives_the_resume_without_firing_again(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
+    jsonl = tmp_path / "alerts.jsonl"
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, n_layer=4, n_embd=128, n_head=2)  # far too big: undertrained at once
+    train, _ = make_loaders(cfg, 16, num_train=40 * 16, max_bytes=600_000)
+
+    def fit(max_steps, ckpt_path=None):
+        watch = ScaleWatch(log_every_n_steps=LOG_EVERY, alerts_jsonl=jsonl)
+        pl.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[watch, ckpt], logger=False,
+                   enable_progress_bar=False, enable_model_summary=False).fit(
+            TinyGPTModule(cfg, max_steps=40), train, ckpt_path=ckpt_path)
+        return watch
+
+    first = fit(20)
+    assert [k for (k, _) in first.monitor.alerts.firing()] == ["undertrained"]
+    resumed = fit(40, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=20.ckpt"))
+    assert [k for (k, _) in resumed.monitor.alerts.firing()] == ["undertrained"]  # not forgotten
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    assert [(d["kind"], d["state"]) for d in lines] == [("undertrained", "firing")]  # and not said twice
+
+
+def test_a_webhook_that_is_down_costs_nothing_and_loses_nothing(tmp_path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port on this machine that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    watch, trainer = _train(tmp_path, nan_step=FAULT_STEP, webhook_url=f"http://127.0.0.1:{port}/hook",
+                            alerts_jsonl=tmp_path / "a.jsonl")
+    assert trainer.global_step == 300 and time.perf_counter() - t < 60
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [(d["kind"], d["state"]) for d in lines] == [("nonfinite", "firing"), ("nonfinite", "resolved")]
+    (sink,) = [s for s in watch.monitor.sinks if s.name == "webhook"]
+    assert sink.undelivered == 2 and sink.delivered == 0  # both in the JSONL, neither delivered
