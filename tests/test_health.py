@@ -305,6 +305,7 @@ def test_an_alert_firing_at_a_checkpoint_survives_the_resume_without_firing_agai
     assert [(d["kind"], d["state"]) for d in lines] == [("undertrained", "firing")]  # and not said twice
 
 
+@pytest.mark.slow  # the end-of-training flush waits for the retries (bounded)
 def test_a_webhook_that_is_down_costs_nothing_and_loses_nothing(tmp_path) -> None:
     import socket
     import time
