@@ -109,6 +109,7 @@ class AlertBook:
         self._firing: dict[tuple[str, str], str] = {}  # (kind, key) -> severity
         self._quiet: dict[tuple[str, str], int] = {}  # firing slots: consecutive inactive findings so far
         self._cool: dict[tuple[str, str], int] = {}  # resolved slots: log points of cooldown left
+        self._said: dict[tuple[str, str], str] = {}  # firing slots: the message they fired with
         self._kinds: set[str] = set()  # every kind known, for health scalars that stay at 0
         self.recent: list[Alert] = []  # the last alerts, newest last, for the alert table
 
@@ -132,13 +133,18 @@ class AlertBook:
                 self._quiet[slot] = 0
                 if was != f.severity and (was is not None or slot not in self._cool):
                     self._firing[slot] = f.severity
+                    self._said[slot] = f.message
                     changed.append(self._alert(f, f.severity, "firing", step, tokens))
             elif was is not None:
                 self._quiet[slot] = self._quiet.get(slot, 0) + 1
                 if self._quiet[slot] >= self.resolve_after:
                     del self._firing[slot], self._quiet[slot]
                     self._cool[slot] = self.cooldown
-                    changed.append(self._alert(f, was, "resolved", step, tokens))
+                    # The detector's words describe the condition; now healthy, say what was wrong.
+                    was_said = self._said.pop(slot, "")
+                    message = f"back to normal for {self.resolve_after} log point(s); was: {was_said}"
+                    changed.append(self._alert(Finding(f.kind, False, was, message, f.key, dict(f.values)), was,
+                                               "resolved", step, tokens))
         self.recent = (self.recent + changed)[-20:]
         return changed
 
@@ -174,6 +180,7 @@ class AlertBook:
         return {"firing": [[k, key, sev] for (k, key), sev in self._firing.items()], "kinds": sorted(self._kinds),
                 "quiet": [[k, key, n] for (k, key), n in self._quiet.items()],
                 "cool": [[k, key, n] for (k, key), n in self._cool.items()],
+                "said": [[k, key, m] for (k, key), m in self._said.items()],
                 "recent": [a.to_json() for a in self.recent]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -181,6 +188,7 @@ class AlertBook:
         self._kinds = {str(k) for k in state.get("kinds", [])}
         self._quiet = {(str(k), str(key)): int(n) for k, key, n in state.get("quiet", [])}
         self._cool = {(str(k), str(key)): int(n) for k, key, n in state.get("cool", [])}
+        self._said = {(str(k), str(key)): str(m) for k, key, m in state.get("said", [])}
         self.recent = [Alert(kind=d["kind"], severity=d["severity"], state=d["state"], step=int(d["step"]),
                              tokens=int(d["tokens"]), message=d["message"], run=d.get("run", self.run),
                              key=d.get("key", ""), time=d.get("time", ""), values=dict(d.get("data", {})))

@@ -33,9 +33,9 @@ TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "thro
 # next, for runs with a curve law.
 HEALTH_LAYOUT = {
     "scalewatch health": {
-        "alerts by kind (0 ok, 1 info, 2 warning, 3 critical)": ["Multiline", [PREFIX + r"health/.*"]],
+        "alerts by kind (0 ok, 1 info, 2 warning, 3 critical)": ["Multiline", [f"^{PREFIX}health/"]],
         "loss, largest micro-batch loss, gradient norm": [
-            "Multiline", [PREFIX + "loss", PREFIX + "loss_max", PREFIX + "grad_norm"]],
+            "Multiline", [f"^{PREFIX}(loss|loss_max|grad_norm)$"]],
     }
 }
 CURVE_LAYOUT = {
@@ -45,8 +45,8 @@ CURVE_LAYOUT = {
         "final loss forecast (90% band)": [
             "Margin", [PREFIX + "loss_forecast_final", PREFIX + "loss_forecast_final_low",
                        PREFIX + "loss_forecast_final_high"]],
-        "loss, predicted, forecast": [
-            "Multiline", [PREFIX + "loss", PREFIX + "loss_pred", PREFIX + "loss_forecast_final"]],
+        "loss, predicted, forecast": [  # Multiline tags are regular expressions: anchored, or "loss" matches all
+            "Multiline", [f"^{PREFIX}(loss|loss_pred|loss_forecast_final)$"]],
     }
 }
 
