@@ -62,7 +62,7 @@ class HealthConfig:
     grad_spike_sigma: float = 6.0
     grad_spike_min_rel: float = 2.0
     divergence_rel: float = 0.05
-    divergence_points: int = 3
+    divergence_points: int = 2
     saturation_window: int = 20
     saturation_rise: float = 0.01
     saturation_min_gain: float = 0.001
