@@ -44,7 +44,7 @@ from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_mon
 from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
 from scalewatch.detectors import AllocationDetector, HealthConfig
 from scalewatch.forecast import CurvePlugin
-from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method, grad_sq_norm
+from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method, grad_norm
 from scalewatch.monitor import Observation, Report
 from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
@@ -414,10 +414,10 @@ class ScaleWatch(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
         if self.config.detect and self._acc is not None:
-            sq = grad_sq_norm([p for group in optimizer.param_groups for p in group["params"]])
-            if sq is not None:  # one fused foreach kernel, stays on the device
+            norm = grad_norm([p for group in optimizer.param_groups for p in group["params"]])
+            if norm is not None:  # one fused foreach kernel, stays on the device
                 scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-                self._acc.add_grad_norm(sq.sqrt(), loss_scaled=scaled)
+                self._acc.add_grad_norm(norm, loss_scaled=scaled)
         try:
             automatic = pl_module.automatic_optimization
             self.noise_scale.step(trainer.accumulate_grad_batches if automatic else 1, automatic, trainer.world_size,

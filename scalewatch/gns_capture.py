@@ -62,6 +62,25 @@ def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
+def grad_norm(params: Iterable[Tensor]) -> Tensor | None:
+    """Global L2 norm of the ``.grad`` of ``params`` (0-d float32 device tensor), None if no grads.
+
+    One fused foreach kernel per dtype/device group and no host read: cheap enough for every step.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
+        >>> round(float(grad_norm([p])), 4)   # sqrt(12)
+        3.4641
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    if any(g.is_sparse for g in grads):
+        sq = grad_sq_norm([p for p in params if p.grad is not None])  # type: ignore[arg-type]
+        return None if sq is None else sq.sqrt()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)).float())
+
+
 class _BackwardNorms:
     """Norms collected during one backward, folded into the step's sum of squared norms."""
 
