@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--n-params", type=float, help="model size for --target-loss")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=_cmd_plan)
+
+    from scalewatch import watch
+
+    watch.add_parser(sub)
     return parser
 
 
@@ -355,6 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"scalewatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # watch's WatchError: 3, since 1 and 2 are the health of the run it watched
+        from scalewatch.watch import WatchError
+
+        if not isinstance(exc, WatchError):
+            raise
+        print(f"scalewatch {args.command}: error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -232,6 +232,8 @@ def base_scalars(obs: Observation, prev: Observation | None, n_params: int | Non
         scalars["loss_max"] = float(obs.loss_max)
     if obs.grad_norm is not None:
         scalars["grad_norm"] = float(obs.grad_norm)
+    if obs.grad_norm_max is not None and math.isfinite(obs.grad_norm_max):
+        scalars["grad_norm_max"] = float(obs.grad_norm_max)
     r = rates_between(prev, obs) if prev is not None else None
     if r is not None:
         scalars["tokens_per_sec"] = r.tokens_per_sec

@@ -130,16 +130,18 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def find_tag(tags: Sequence[str], aliases: Sequence[str], given: str | None = None) -> str | None:
-    """The tag to read: ``given`` if it exists, else the first alias present (case-insensitive).
+    """The tag to read: ``given`` if it exists, else the first alias present (case-insensitive); None if none.
 
     Example:
         >>> find_tag(["lm loss", "lr"], LOSS_TAGS), find_tag(["x"], LOSS_TAGS), find_tag(["Loss"], LOSS_TAGS)
         ('lm loss', None, 'Loss')
     """
-    if given is not None:
-        return given if given in tags else None
-    lower = {t.lower(): t for t in tags}
-    return next((lower[a.lower()] for a in aliases if a.lower() in lower), None)
+    from scalewatch.data import pick_column
+
+    try:
+        return pick_column(tags, aliases, given=given, error=LookupError)
+    except LookupError:
+        return None
 
 
 def read_observations(logdir: str | Path, loss_tag: str | None = None, lr_tag: str | None = None,

@@ -1,0 +1,351 @@
+"""``scalewatch watch``: replay a finished run, or follow a live one, through the same Monitor and detectors.
+
+Inputs are streamed, so memory stays flat on a long log: TensorBoard event directories
+(ScaleWatch's own, or any trainer's: the loss tag is found among common names or given), or CSV /
+JSON-lines files with ``step,loss[,lr,tokens]``. The alerts go to the same sinks as the callback's
+(console, JSON lines, webhook) and to a TensorBoard run of its own, written beside the watched one.
+The exit status is the worst alert still firing at the end: 0 healthy, 1 warning, 2 critical.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalewatch.alerts import HEALTH_LEVEL
+from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
+from scalewatch.data import pick_column
+from scalewatch.monitor import Monitor, Observation, Report
+from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, TOKEN_TAGS, find_tag, tag
+
+#: Exit status by the worst alert firing at the end.
+EXIT_CODES = {"ok": 0, "info": 0, "warning": 1, "critical": 2}
+
+
+class WatchError(ValueError):
+    """An input ``watch`` cannot read, with the reason and the fix."""
+
+
+@dataclass
+class Tags:
+    """Which tag (or column) holds what; None where the log has none."""
+
+    loss: str | None = None
+    lr: str | None = None
+    tokens: str | None = None
+
+
+# ------------------------------------------------------------------ sources: rows of (step, {name: value})
+class EventSource:
+    """A TensorBoard event directory read incrementally: call :meth:`poll` again to get what was appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._loaders: dict[Path, Any] = {}
+        self._pending: dict[int, dict[str, float]] = {}  # steps not yet complete (a later step may add tags)
+
+    def _files(self) -> list[Path]:
+        return sorted(self.path.glob("events.out.tfevents.*"))
+
+    def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+        for f in self._files():
+            if f not in self._loaders:
+                self._loaders[f] = LegacyEventFileLoader(str(f))
+            try:
+                for event in self._loaders[f].Load():
+                    for v in event.summary.value:
+                        value = _scalar_value(v)
+                        if value is not None:
+                            self._pending.setdefault(int(event.step), {})[v.tag] = value
+            except Exception as exc:  # a truncated or corrupt record: keep what was read
+                print(f"scalewatch watch: {f.name}: stopped reading at a damaged record ({type(exc).__name__})",
+                      file=sys.stderr)
+        # A step is complete once a later step has been seen (writers log a step's scalars together).
+        steps = sorted(self._pending)
+        done = steps if final else steps[:-1]
+        for s in done:
+            yield s, self._pending.pop(s)
+
+    def tags(self) -> list[str]:
+        return sorted({t for row in self._pending.values() for t in row})
+
+
+def _scalar_value(v: Any) -> float | None:
+    if v.HasField("simple_value"):
+        return float(v.simple_value)
+    if v.HasField("tensor") and v.metadata.plugin_data.plugin_name in ("scalars", ""):
+        t = v.tensor
+        vals = list(t.float_val) or list(t.double_val)
+        return float(vals[0]) if len(vals) == 1 else None
+    return None
+
+
+class TableSource:
+    """A CSV (header row) or JSON-lines file, read incrementally; a half-written last line waits for more."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._header: list[str] | None = None
+        self.jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+
+    def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError as exc:
+            raise WatchError(f"{self.path}: cannot read ({exc.strerror})") from None
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: a line still being written (or empty)
+        if final and tail.strip():
+            lines.append(tail)
+            tail = b""
+        self._offset += len(data) - len(tail)
+        for raw in lines:
+            text = raw.decode("utf-8", errors="replace").strip()
+            if not text:
+                continue
+            row = self._parse(text)
+            if row is not None:
+                yield row
+
+    def _parse(self, text: str) -> tuple[int, dict[str, float]] | None:
+        if self.jsonl:
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError:
+                print(f"scalewatch watch: {self.path.name}: skipped a line that is not JSON", file=sys.stderr)
+                return None
+            cells = {str(k): v for k, v in doc.items()} if isinstance(doc, Mapping) else {}
+        else:
+            values = next(csv.reader([text]))
+            if self._header is None:
+                self._header = values
+                return None
+            cells = dict(zip(self._header, values, strict=False))
+        key = pick_column(list(cells), ("step", "_step", "global_step", "iteration"))
+        if key is None:
+            raise WatchError(f"{self.path}: no step column (columns: {', '.join(cells)}); name it 'step'")
+        numbers = {}
+        for k, v in cells.items():
+            try:
+                numbers[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+        if key not in numbers:
+            return None
+        return int(numbers.pop(key)), numbers
+
+    def tags(self) -> list[str]:
+        return list(self._header or [])
+
+
+def open_source(path: str | Path) -> EventSource | TableSource:
+    p = Path(path)
+    if p.is_dir():
+        if not any(p.glob("events.out.tfevents.*")):
+            found = sorted({str(f.parent.relative_to(p)) for f in p.rglob("events.out.tfevents.*")})
+            hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
+            raise WatchError(f"{p}: no TensorBoard event files in this directory{hint}")
+        return EventSource(p)
+    if p.is_file():
+        return TableSource(p)
+    raise WatchError(f"{p}: no such file or directory")
+
+
+# ------------------------------------------------------------------ rows -> observations
+@dataclass
+class Replayer:
+    """Turns rows into Observations and feeds them to a Monitor, built at the first row (when N is known)."""
+
+    config: ScaleWatchConfig
+    loss_tag: str | None = None
+    lr_tag: str | None = None
+    tokens_tag: str | None = None
+    tokens_per_step: float | None = None
+    n_params: int | None = None
+    total_steps: int | None = None
+    sinks: list[Any] = field(default_factory=list)
+    monitor: Monitor | None = None
+    tags: Tags = field(default_factory=Tags)
+    observed: int = 0
+    _nonfinite: int = 0
+
+    def feed(self, step: int, row: Mapping[str, float]) -> Report | None:
+        if not self.tags.loss:
+            self.tags = Tags(loss=find_tag(list(row), LOSS_TAGS, self.loss_tag),
+                             lr=find_tag(list(row), LR_TAGS, self.lr_tag),
+                             tokens=find_tag(list(row), TOKEN_TAGS, self.tokens_tag))
+            if not self.tags.loss:
+                return None  # a step without a loss (e.g. only the LR was logged): wait for one that has it
+        if self.tags.loss not in row:
+            return None
+        if self.monitor is None:
+            n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
+            self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
+        obs = self._observation(step, row)
+        self.observed += 1
+        return self.monitor.observe(obs)
+
+    def _observation(self, step: int, row: Mapping[str, float]) -> Observation:
+        loss = row[self.tags.loss]  # type: ignore[index]
+        tokens = row.get(self.tags.tokens) if self.tags.tokens else None
+        if tokens is None:
+            tokens = step * self.tokens_per_step if self.tokens_per_step else 0
+        nonfinite = int(row.get(tag("nonfinite_losses"), self._nonfinite + (0 if math.isfinite(loss) else 1)))
+        all_finite = nonfinite == self._nonfinite and math.isfinite(loss)
+        self._nonfinite = nonfinite
+        n = self.monitor.n_params if self.monitor else None
+        flops = row.get(tag("flops"), 6.0 * n * tokens if n else 0.0)
+        grad = row.get(tag("grad_norm"))
+        return Observation(step=step, tokens=int(tokens), samples=int(row.get(tag("samples"), 0)), flops=int(flops),
+                           loss=loss if math.isfinite(loss) else math.nan,
+                           lr=row.get(self.tags.lr) if self.tags.lr else None, nonfinite=nonfinite,
+                           loss_max=row.get(tag("loss_max"), math.nan), all_finite=all_finite, grad_norm=grad,
+                           grad_norm_max=row.get(tag("grad_norm_max"), grad))
+
+
+def worst_state(monitor: Monitor | None) -> str:
+    """``"critical"``, ``"warning"``, ``"info"`` or ``"ok"``: the worst alert firing now."""
+    if monitor is None:
+        return "ok"
+    levels = [HEALTH_LEVEL[s] for s in monitor.alerts.firing().values()]
+    return {0: "ok", 1: "info", 2: "warning", 3: "critical"}[max(levels, default=0)]
+
+
+class ConsoleSink:
+    """Alerts on standard output: a readable line each, or the JSON-lines contract with ``as_json``."""
+
+    name = "console"
+
+    def __init__(self, as_json: bool = False, stream: Any = None) -> None:
+        self.as_json = as_json
+        self.stream = stream
+
+    def write(self, report: Report) -> None:
+        out = self.stream or sys.stdout
+        for a in report.alerts:
+            if self.as_json:
+                print(json.dumps(a.to_json()), file=out, flush=True)
+            else:
+                label = "resolved" if a.state == "resolved" else a.severity.upper()
+                print(f"{label:9s} {a.kind:14s} step {a.step:>10,}  tokens {a.tokens:10.3g}  {a.message}", file=out,
+                      flush=True)
+
+
+def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: bool = False, poll: float = 5.0,
+          idle: float = 600.0, tb_out: str | Path | None = None, on_report: Any = None) -> Monitor | None:
+    """Replay (and with ``follow``, keep polling) each path; return the last Monitor.
+
+    Several paths are watched one after the other (``follow`` applies to the last one).
+    """
+    monitor = None
+    for i, path in enumerate(paths):
+        source = open_source(path)
+        sinks = list(replayer_kwargs.get("sinks", []))
+        writer = None
+        if tb_out is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            from scalewatch.tensorboard import TensorBoardSink
+
+            target = Path(tb_out) / Path(path).name if len(paths) > 1 else Path(tb_out)
+            writer = SummaryWriter(str(target))
+            sinks.append(TensorBoardSink(writer))
+        rp = Replayer(**{**replayer_kwargs, "sinks": sinks})
+        following = follow and i == len(paths) - 1
+        last_new = time.monotonic()
+        try:
+            while True:
+                got = False
+                for step, row in source.poll(final=not following):
+                    got = True
+                    report = rp.feed(step, row)
+                    if report is not None and on_report is not None:
+                        on_report(report)
+                if got:
+                    last_new = time.monotonic()
+                if not following or time.monotonic() - last_new > idle:
+                    break
+                time.sleep(poll)
+            if following:  # the run went idle: what is left is complete
+                for step, row in source.poll(final=True):
+                    rp.feed(step, row)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if rp.monitor is not None:
+                rp.monitor.finish()
+                rp.monitor.close()
+            if writer is not None:
+                writer.close()
+        if rp.observed == 0:
+            wanted = f"the loss tag {rp.loss_tag!r}" if rp.loss_tag else \
+                f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
+            raise WatchError(f"{path}: no {wanted}; tags/columns: {', '.join(source.tags()) or 'none'}; "
+                             "name it with --loss-tag")
+        monitor = rp.monitor
+    return monitor
+
+
+def add_parser(sub: Any) -> None:
+    """The ``watch`` subcommand's arguments."""
+    w = sub.add_parser("watch", help="replay or follow a run's logs through the detectors; exit 0/1/2 by health",
+                       description=__doc__)
+    w.add_argument("paths", nargs="+", metavar="PATH", help="TensorBoard event directories, or CSV/JSONL files")
+    w.add_argument("--follow", action="store_true", help="keep polling for new events until the run goes idle")
+    w.add_argument("--poll", type=float, default=5.0, help="seconds between polls with --follow (default 5)")
+    w.add_argument("--idle", type=float, default=600.0, help="stop after this many seconds without new events")
+    w.add_argument("--loss-tag", help="the loss tag or column, if not a common name")
+    w.add_argument("--lr-tag", help="the learning-rate tag or column")
+    w.add_argument("--tokens-tag", help="the cumulative token-count tag or column")
+    w.add_argument("--tokens-per-step", type=float, help="tokens per optimizer step, when the log has no token count")
+    w.add_argument("--n-params", type=float, help="N, when the log does not carry scalewatch/n_params")
+    w.add_argument("--total-steps", type=int, help="the run's planned steps (for the undertraining check)")
+    w.add_argument("--law", help="Chinchilla law file (`scalewatch fit --out`)")
+    w.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); needs --schedule")
+    w.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law")
+    w.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
+    w.add_argument("--jsonl", help="also append the alerts to this JSON-lines file")
+    w.add_argument("--webhook", help="Slack-compatible webhook for the alerts (default: SCALEWATCH_WEBHOOK_URL)")
+    w.add_argument("--tb-out", help="TensorBoard directory for watch's own run (default: beside the watched one)")
+    w.add_argument("--no-tb", action="store_true", help="write no TensorBoard run")
+    w.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")
+    w.add_argument("--json", action="store_true", help="print the alerts as JSON lines")
+    w.set_defaults(func=run_cli)
+
+
+def run_cli(args: Any) -> int:
+    try:
+        cfg = ScaleWatchConfig(gns="off", curve_law=args.curve_law, schedule=args.schedule, law=args.law,
+                               unique_tokens=args.unique_tokens, alerts_jsonl=args.jsonl, webhook_url=args.webhook,
+                               run_name=args.run_name or Path(args.paths[-1]).name, forecast_in_background=False)
+    except ScaleWatchConfigError as exc:
+        raise WatchError(str(exc).removeprefix("scalewatch: ")) from None
+    tb_out = None
+    if not args.no_tb:
+        last = Path(args.paths[-1])
+        tb_out = args.tb_out or str(last.parent / f"{last.stem}-scalewatch-watch")
+        for p in args.paths:  # never into the watched run
+            if Path(tb_out).resolve() == Path(p).resolve():
+                raise WatchError(f"--tb-out {tb_out} is the watched run itself; choose another directory")
+    kwargs = dict(config=cfg, loss_tag=args.loss_tag, lr_tag=args.lr_tag, tokens_tag=args.tokens_tag,
+                  tokens_per_step=args.tokens_per_step, n_params=int(args.n_params) if args.n_params else None,
+                  total_steps=args.total_steps, sinks=[ConsoleSink(as_json=args.json)])
+    monitor = watch(args.paths, kwargs, follow=args.follow, poll=args.poll, idle=args.idle, tb_out=tb_out)
+    state = worst_state(monitor)
+    if not args.json:
+        n = len(monitor.history) if monitor else 0
+        print(f"scalewatch watch: {n} log points kept; state at the end: {state}"
+              + (f"; TensorBoard: {tb_out}" if tb_out else ""), file=sys.stderr)
+    return EXIT_CODES[state]

@@ -1,0 +1,119 @@
+"""`scalewatch watch`: the same Monitor and detectors over logs, finished or still being written."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+
+import pytest
+from test_health import FAULT_STEP, LRFault, _firing, _train
+from torch.utils.tensorboard import SummaryWriter
+
+from scalewatch.cli import main
+from scalewatch.config import ScaleWatchConfig
+from scalewatch.watch import ConsoleSink, watch
+
+
+def test_watch_on_a_scalewatch_run_gives_the_alerts_the_live_callback_gave(tmp_path, capsys) -> None:
+    live, _ = _train(tmp_path / "run", fault=LRFault(FAULT_STEP, FAULT_STEP + 3, 30.0))
+    logdir = tmp_path / "run" / "tb" / "version_0"
+    before = sorted((p.name, p.stat().st_size) for p in logdir.iterdir())
+    rc = main(["watch", str(logdir), "--total-steps", "300", "--json", "--tb-out", str(tmp_path / "w")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    replayed = [(d["kind"], d["severity"], d["step"]) for d in lines if d["state"] == "firing"]
+    assert replayed and sorted(replayed) == sorted(_firing(live))
+    worst_live = max((live.monitor.alerts.firing() or {("", ""): "ok"}).values(),
+                     key=["ok", "info", "warning", "critical"].index)
+    assert rc == {"ok": 0, "info": 0, "warning": 1, "critical": 2}[worst_live]
+    assert (tmp_path / "w").is_dir()  # its own run, beside; the watched one untouched:
+    assert sorted((p.name, p.stat().st_size) for p in logdir.iterdir()) == before
+
+
+def _foreign_log(path, steps, nan_at=None) -> None:
+    """A Megatron-style log: `lm loss`, `learning-rate`, no token counts; NaN from ``nan_at`` on."""
+    with SummaryWriter(str(path)) as w:
+        for s in range(1, steps + 1):
+            loss = 2.0 + 3.0 / math.sqrt(s) + 0.01 * math.sin(s)
+            w.add_scalar("lm loss", float("nan") if nan_at is not None and s >= nan_at else loss, s * 10)
+            w.add_scalar("learning-rate", 3e-4, s * 10)
+
+
+def test_watch_reads_another_trainers_tags_and_exits_by_health(tmp_path, capsys) -> None:
+    _foreign_log(tmp_path / "healthy", 60)
+    assert main(["watch", str(tmp_path / "healthy"), "--no-tb", "--tokens-per-step", "4096"]) == 0
+    _foreign_log(tmp_path / "nan", 60, nan_at=45)
+    rc = main(["watch", str(tmp_path / "nan"), "--no-tb", "--json", "--jsonl", str(tmp_path / "a.jsonl")])
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 2 and [(d["kind"], d["step"]) for d in out if d["state"] == "firing"] == [("nonfinite", 450)]
+    assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])["kind"] == "nonfinite"
+
+
+def test_watch_on_the_real_curves_is_quiet_and_catches_an_injected_divergence(tmp_path) -> None:
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw" / "csv_100__cosine_24000.csv"
+    assert main(["watch", str(src), "--no-tb"]) == 0
+    rows = src.read_text().splitlines()
+    bad = [rows[0]] + [
+        ",".join([r.split(",")[0], r.split(",")[1], str(float(r.split(",")[2]) * (1 + 0.04 * max(0, i - 100)))])
+        for i, r in enumerate(rows[1:])]
+    (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
+    assert main(["watch", str(tmp_path / "bad.csv"), "--no-tb"]) == 2
+
+
+def test_follow_sees_alerts_while_the_run_is_still_being_written(tmp_path) -> None:
+    path = tmp_path / "live.jsonl"
+    path.write_text("")
+    stop = threading.Event()
+    written = []
+
+    def trainer() -> None:  # a run that blows up at step 300, written line by line
+        with path.open("a") as f:
+            for s in range(10, 600, 10):
+                if stop.is_set():
+                    return
+                loss = 2.0 + 3.0 / math.sqrt(s) if s < 300 else float("nan")
+                f.write(json.dumps({"step": s, "loss": loss, "lr": 1e-3}) + "\n")
+                f.flush()
+                written.append(s)
+                time.sleep(0.02)
+
+    t = threading.Thread(target=trainer)
+    t.start()
+    seen = []
+    try:
+        watch([path], dict(config=ScaleWatchConfig(gns="off"), sinks=[ConsoleSink(stream=open("/dev/null", "w"))]),
+              follow=True, poll=0.05, idle=1.0,
+              on_report=lambda r: seen.extend((a.kind, a.step, len(written)) for a in r.alerts if a.state == "firing"))
+    finally:
+        stop.set()
+        t.join()
+    (kind, step, written_then), = seen
+    assert (kind, step) == ("nonfinite", 300) and written_then < len(range(10, 600, 10))  # while it still ran
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d.mkdir() or d, "no TensorBoard event files"),
+    (lambda d: (d.with_suffix(".csv").write_text("step,accuracy\n1,0.5\n2,0.6\n"), d.with_suffix(".csv"))[1],
+     "tags/columns: step, accuracy"),
+    (lambda d: d / "missing", "no such file"),
+])
+def test_bad_inputs_get_one_line_and_exit_3(tmp_path, capsys, make, match) -> None:
+    path = make(tmp_path / "run")
+    assert main(["watch", str(path), "--no-tb"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0] and match in err[0], err
+
+
+def test_a_half_written_jsonl_line_is_not_lost_or_misread(tmp_path) -> None:
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(10, 110, 10)) + '{"step": 11')
+    from scalewatch.watch import TableSource
+
+    src = TableSource(path)
+    assert [s for s, _ in src.poll()] == list(range(10, 110, 10))  # the partial line waits
+    with path.open("a") as f:
+        f.write('0, "loss": 2.5}\n')
+    assert list(src.poll()) == [(110, {"loss": 2.5})]
