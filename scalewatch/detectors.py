@@ -33,7 +33,8 @@ class HealthConfig:
 
     Attributes:
         warmup_points: log points a spike detector waits for before it judges (its baseline needs them).
-        window: log points whose point-to-point changes give the spike detectors' noise scale.
+        window: log points behind every detector's noise scale (a MAD over a few dozen changes is itself
+            noisy, and an underestimate turns chance into an alert).
         spike_sigma: a loss spike is at least this many robust standard deviations above the baseline...
         spike_min_rel: ...and at least this fraction above it (a very smooth curve has a MAD near 0).
         grad_spike_sigma, grad_spike_min_rel: the same for the gradient norm (noisier: a spike is > 3x).
@@ -53,10 +54,13 @@ class HealthConfig:
             up to about 4 epochs cost little).
         batch_factor: an info finding when the batch is this many times above or below B_crit...
         batch_points: ...for this many consecutive log points (the noise scale is a noisy estimate).
+        noise_sigma: divergence and saturation also need their change to exceed this many standard
+            errors of the loss's log-to-log noise (measured on the recent points), so a noisy but
+            healthy training loss does not trip them.
     """
 
     warmup_points: int = 8
-    window: int = 32
+    window: int = 128
     spike_sigma: float = 6.0
     spike_min_rel: float = 0.10
     grad_spike_sigma: float = 6.0
@@ -73,27 +77,58 @@ class HealthConfig:
     max_epochs: float = 4.0
     batch_factor: float = 3.0
     batch_points: int = 5
+    noise_sigma: float = 5.0
 
     def __post_init__(self) -> None:
+        from scalewatch.config import ScaleWatchConfigError
+
         for name, value in asdict(self).items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                from scalewatch.config import ScaleWatchConfigError
-
                 raise ScaleWatchConfigError(f"scalewatch: health threshold {name} must be a positive number, "
                                             f"got {value!r}")
+            if name in _COUNTS and not isinstance(value, int):
+                raise ScaleWatchConfigError(f"scalewatch: health threshold {name} counts log points: a whole "
+                                            f"number, got {value!r}")
+        if self.warmup_points > self.window:
+            raise ScaleWatchConfigError(f"scalewatch: health threshold warmup_points ({self.warmup_points}) must "
+                                        f"not exceed window ({self.window}), or the spike detectors never judge")
+        if self.saturation_lr_drop >= 1:
+            raise ScaleWatchConfigError(f"scalewatch: health threshold saturation_lr_drop is the LR's fraction left "
+                                        f"(below 1), got {self.saturation_lr_drop!r}")
+
+
+_COUNTS = ("warmup_points", "window", "divergence_points", "saturation_window", "off_curve_points", "batch_points")
+
+
+def noise_scale(values: Sequence[float]) -> float:
+    """Robust standard deviation of a series' point-to-point noise, its trend removed.
+
+    From second differences (``x[i+1] - 2 x[i] + x[i-1]``, which cancel a locally straight trend,
+    so a curve that bends does not count as noise): 1.4826 x their MAD / sqrt 6. Zero for fewer
+    than 4 points.
+
+    Example:
+        >>> noise_scale([1.0, 2.0, 4.0, 7.0, 11.0]), round(noise_scale([3.0, 3.1, 2.9, 3.0, 3.05, 2.95]), 3)
+        (0.0, 0.076)
+    """
+    if len(values) < 4:
+        return 0.0
+    d2 = [a - 2 * b + c for a, b, c in zip(values[:-2], values[1:-1], values[2:])]
+    mid = statistics.median(d2)  # the curvature, common to all
+    return _MAD_TO_SIGMA * statistics.median(abs(d - mid) for d in d2) / math.sqrt(6)
 
 
 def robust_excess(value: float, recent: Sequence[float], sigma: float, min_rel: float) -> float | None:
     """How far ``value`` is above the recent past, in units of the alert threshold (> 1: a spike); None if unknown.
 
     The level is the median of the last three points, so a falling (warm-up) or rising curve is its
-    own baseline; the noise is the robust spread of the point-to-point changes over ``recent``
-    (1.4826 x their MAD / sqrt 2), so a trend does not inflate it. The threshold is the larger of
+    own baseline; the noise is :func:`noise_scale` over ``recent`` (second differences), so a trend
+    does not inflate it. The threshold is the larger of
     ``sigma`` x noise and ``min_rel`` x the level: a very smooth curve does not turn noise into spikes.
 
     Example:
         >>> round(robust_excess(5.0, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1), 1)
-        6.7
+        2.2
         >>> robust_excess(3.1, [3.0, 3.1, 2.9, 3.0, 3.05], sigma=6, min_rel=0.1) < 1
         True
         >>> falling = [6.0 - 0.2 * i for i in range(15)]          # warm-up: 6.0 ... 3.2
@@ -103,10 +138,7 @@ def robust_excess(value: float, recent: Sequence[float], sigma: float, min_rel: 
     if len(recent) < 4 or not math.isfinite(value):
         return None
     level = statistics.median(recent[-3:])
-    diffs = [b - a for a, b in zip(recent[:-1], recent[1:])]
-    mid = statistics.median(diffs)
-    noise = _MAD_TO_SIGMA * statistics.median(abs(d - mid) for d in diffs) / math.sqrt(2)
-    threshold = max(sigma * noise, min_rel * abs(level), 1e-12)
+    threshold = max(sigma * noise_scale(recent), min_rel * abs(level), 1e-12)
     return (value - level) / threshold
 
 
@@ -143,6 +175,7 @@ class NonFiniteDetector(_Detector):
         bad = not obs.all_finite or (obs.grad_norm_max is not None and not math.isfinite(obs.grad_norm_max)) \
             or obs.grad_nonfinite > 0
         if not bad:
+            self.first_step = None  # a later episode reports its own first step
             return StageOutput(findings=[Finding("nonfinite", False, "critical", "losses and gradients finite again")])
         self.first_step = obs.step if self.first_step is None else self.first_step
         what = "loss" if not obs.all_finite else "gradient norm"
@@ -160,6 +193,7 @@ class _SpikeDetector(_Detector):
     def __init__(self, config: HealthConfig | None = None) -> None:
         super().__init__(config)
         self.recent: deque[float] = deque(maxlen=self.cfg.window)
+        self.mode = "raw"  # what `recent` holds; a switch (e.g. the predicted curve ends) starts a new baseline
 
     def _judge(self, kind: str, value: float | None, sigma: float, min_rel: float, what: str,
                obs: Observation, scale: float = 1.0) -> list[Finding]:
@@ -190,6 +224,10 @@ class LossSpikeDetector(_SpikeDetector):
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         value = obs.loss_max if math.isfinite(obs.loss_max) else obs.loss
         pred = _scalar(monitor, "loss_pred")
+        mode = "raw" if pred is None else "relative"
+        if mode != self.mode:  # ratios to the prediction and raw losses do not share a baseline
+            self.recent.clear()
+            self.mode = mode
         if pred is not None and math.isfinite(value):
             # Relative excess over the predicted curve: the baseline follows the schedule.
             findings = self._judge("spike", value / pred, self.cfg.spike_sigma, self.cfg.spike_min_rel, "loss", obs,
@@ -212,7 +250,12 @@ class GradNormSpikeDetector(_SpikeDetector):
 
 
 class DivergenceDetector(_Detector):
-    """A sustained rise of the loss above its best so far: slow blow-ups that a spike rule misses."""
+    """A sustained rise of the loss above its best so far: slow blow-ups that a spike rule misses.
+
+    Fires when the last ``divergence_points`` interval losses all sit above the best (lowest median
+    of 5 consecutive points) by ``divergence_rel`` and by ``noise_sigma`` x the log-to-log noise,
+    and the loss is not coming down fast (a spike it recovers from is the spike detector's).
+    """
 
     name = "divergence"
     kinds = ("divergence",)
@@ -220,27 +263,33 @@ class DivergenceDetector(_Detector):
     def __init__(self, config: HealthConfig | None = None) -> None:
         super().__init__(config)
         self.recent: deque[float] = deque(maxlen=self.cfg.divergence_points)
-        self.best = math.inf  # the lowest median-of-3 loss so far
+        self.best: float | None = None  # the lowest median-of-3 loss so far
         self.best_step = 0
         self.last_healthy_step = 0
-        self._last3: deque[float] = deque(maxlen=3)
+        self._smooth: deque[float] = deque(maxlen=5)  # "best" is the lowest median of 5: a noisy series'
+        # running minimum of single points (or of 3) sits far below its typical value
+        self._window: deque[float] = deque(maxlen=self.cfg.window)  # for the noise scale
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         if not math.isfinite(obs.loss):
             return StageOutput()
         self.recent.append(obs.loss)
-        self._last3.append(obs.loss)
-        limit = self.best * (1 + self.cfg.divergence_rel)
+        self._smooth.append(obs.loss)
+        self._window.append(obs.loss)
+        # Above the best by a fraction, and by more than the log-to-log noise: a noisy plateau's dips set a
+        # low "best" that healthy points exceed by chance.
+        limit = math.inf if self.best is None else self.best + max(
+            self.cfg.divergence_rel * self.best, self.cfg.noise_sigma * noise_scale(list(self._window)))
         # Sustained and not recovering: a spike the loss is climbing down from is not a divergence.
         rising = (len(self.recent) == self.recent.maxlen and all(x > limit for x in self.recent)
                   and self.recent[-1] >= (1 - self.cfg.divergence_rel) * self.recent[0])
         if obs.loss <= limit:
             self.last_healthy_step = obs.step
-        if len(self._last3) == 3 and not rising:
-            smooth = statistics.median(self._last3)
-            if smooth < self.best:
+        if len(self._smooth) == self._smooth.maxlen and not rising:
+            smooth = statistics.median(self._smooth)
+            if self.best is None or smooth < self.best:
                 self.best, self.best_step = smooth, obs.step
-        if not math.isfinite(self.best):
+        if self.best is None:
             return StageOutput()
         return StageOutput(findings=[Finding(
             "divergence", rising, "critical",
@@ -264,11 +313,13 @@ class SaturationDetector(_Detector):
     def __init__(self, config: HealthConfig | None = None) -> None:
         super().__init__(config)
         self.points: deque[tuple[float, float | None]] = deque(maxlen=self.cfg.saturation_window)
+        self._noise: deque[float] = deque(maxlen=self.cfg.window)
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         if not math.isfinite(obs.loss):
             return StageOutput()
         self.points.append((obs.loss, obs.lr))
+        self._noise.append(obs.loss)
         if len(self.points) < self.points.maxlen:
             return StageOutput()
         q = max(len(self.points) // 4, 1)
@@ -276,11 +327,15 @@ class SaturationDetector(_Detector):
         late = statistics.median(x for x, _ in list(self.points)[-q:])
         lrs = [lr for _, lr in self.points]
         change = (late - early) / abs(early)
+        # The difference of two medians of q points has a standard error of about 1.77 sigma / sqrt(q):
+        # a change smaller than a few of those is noise, not a trend.
+        se = 1.77 * noise_scale(list(self._noise)) / math.sqrt(q) / abs(early)
         known = all(lr is not None for lr in lrs)
         lr_ratio = (statistics.median(lrs[-q:]) / statistics.median(lrs[:q])  # type: ignore[type-var]
                     if known and statistics.median(lrs[:q]) > 0 else 1.0)  # type: ignore[type-var, operator]
-        rising = change > self.cfg.saturation_rise and lr_ratio <= 1.01
-        stalled = known and lr_ratio <= self.cfg.saturation_lr_drop and -change < self.cfg.saturation_min_gain
+        rising = change > max(self.cfg.saturation_rise, self.cfg.noise_sigma * se) and lr_ratio <= 1.01
+        stalled = (known and lr_ratio <= self.cfg.saturation_lr_drop
+                   and -change + self.cfg.noise_sigma * se < self.cfg.saturation_min_gain)
         why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not rise"
                if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points but the "
                f"loss changed only {change:+.2%}")

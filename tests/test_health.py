@@ -321,3 +321,36 @@ def test_a_webhook_that_is_down_costs_nothing_and_loses_nothing(tmp_path) -> Non
     assert [(d["kind"], d["state"]) for d in lines] == [("nonfinite", "firing"), ("nonfinite", "resolved")]
     (sink,) = [s for s in watch.monitor.sinks if s.name == "webhook"]
     assert sink.undelivered == 2 and sink.delivered == 0  # both in the JSONL, neither delivered
+
+
+@pytest.mark.parametrize("sd", [0.01, 0.03])
+def test_a_noisy_but_healthy_training_loss_raises_nothing(sd) -> None:
+    import random
+
+    from scalewatch.detectors import default_detectors
+
+    rng = random.Random(1)
+    m = Monitor(plugins=default_detectors())
+    for step in range(1, 1501):
+        loss = (2.0 + 5.0 * (step + 10) ** -0.3) * (1 + sd * rng.gauss(0, 1))
+        r = m.observe(_obs(step, loss, loss_max=loss, lr=1e-3 * (0.55 + 0.45 * math.cos(math.pi * step / 1500))))
+        assert not [a for a in r.alerts if a.state == "firing"], (step, r.alerts)
+
+
+def test_spike_baseline_restarts_when_the_prediction_stops() -> None:
+    class Pred:
+        name, kind = "pred", "forecaster"
+
+        def on_observation(self, obs, monitor):
+            return {"loss_pred": 3.0} if obs.step <= 200 else {}  # the schedule ends at step 200
+
+    m = Monitor(plugins=[LossSpikeDetector(), Pred()], resolve_after=1)
+    fired = _fired(m, [(10 * i, 3.0 + 0.01 * math.sin(i)) for i in range(1, 41)])
+    assert fired == []  # ratios ~1 before, raw losses ~3 after: two baselines, no "spike"
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(window=4), "warmup_points"), (dict(window=40.5), "whole number"),
+                                           (dict(saturation_lr_drop=1.5), "below 1")])
+def test_inconsistent_thresholds_fail_at_construction(kwargs, match) -> None:
+    with pytest.raises(ScaleWatchConfigError, match=match):
+        HealthConfig(**kwargs)
