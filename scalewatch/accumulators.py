@@ -190,7 +190,8 @@ class IntervalAccumulator:
             bad = "nonfinite" if name == "loss" else "grad_nonfinite"
             flagged = ~finite
             if name == "grad_norm" and any(self._grads_scaled):
-                flagged = flagged & ~torch.tensor(self._grads_scaled, device=self.device)
+                scaled = torch.tensor(self._grads_scaled, dtype=torch.bool).to(self.device, non_blocking=True)
+                flagged = flagged & ~scaled
             sums += [(bad, flagged.sum().double()), (f"{name}_sum", torch.where(finite, values, zero).sum()),
                      (f"{name}_count", finite.sum().double())]
             tops.append((f"{name}_max", torch.where(finite, values, ninf).max()))

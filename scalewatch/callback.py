@@ -53,6 +53,7 @@ __all__ = ["ScaleWatch", "choose_gns_method", "lookahead_schedule"]
 log = logging.getLogger("scalewatch")
 
 _LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
+_NEVER_STOP = ("internal_error", "undertrained", "overtrained", "repeated_data", "batch_size")
 _STATE_VERSION = 1
 
 
@@ -247,13 +248,15 @@ class ScaleWatch(Callback):
             law=law, unique_tokens=unique_tokens, stop_on=stop_on, webhook_url=webhook_url, run_name=run_name)
         # The schedule is read when training starts (the trainer knows the run's length and scheduler).
         self.monitor = build_monitor(dataclasses.replace(self.config, schedule=None))
+        self._own_sinks = list(self.monitor.sinks)  # JSONL, webhook: the trainer's sinks are added per fit
+        self._stop_kinds: set[str] = set()  # alerts that fired in this session (stop_on considers only these)
         self.noise_scale = NoiseScaleTracker(
             self.config.gns_decay, note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
         self.params: ParamCount | None = None
         self.n_params: int | None = None
         self.convention: FlopConvention | None = None
         self.totals = Totals()  # global totals since the start of training, restored on resume
-        self.latest: dict[str, float] = {}  # the scalars of the last log point (names without the prefix)
+        self.latest: dict[str, float] = {}  # the scalars of the last log point, on rank 0 (detection runs there)
         self._acc: IntervalAccumulator | None = None  # this rank's unreduced interval; set when training starts
         self._carried: Interval | None = None  # reduced at a checkpoint, not yet logged
         self._schedule_saved: np.ndarray | None = None  # the schedule of this run, kept for resume
@@ -272,6 +275,11 @@ class ScaleWatch(Callback):
     def state_key(self) -> str:
         return "ScaleWatch"
 
+    # The constructor's settings, as they were attributes before the configuration record existed.
+    flops_mode = property(lambda self: self.config.flops)
+    gns_mode = property(lambda self: self.config.gns)
+    gns_decay = property(lambda self: self.config.gns_decay)
+    param_convention = property(lambda self: self.config.param_convention)
     tokens = property(lambda self: self.totals.tokens, doc="Training tokens so far, all ranks, resumes included.")
     samples = property(lambda self: self.totals.samples, doc="Sequences so far, all ranks.")
     flops = property(lambda self: self.totals.flops, doc="Model FLOPs so far (the run's convention).")
@@ -303,7 +311,7 @@ class ScaleWatch(Callback):
         self.monitor.n_params = self.n_params
         self.monitor.peak_flops = peak_flops_per_second(pl_module.device, str(trainer.precision), trainer.world_size,
                                                         cfg.peak_flops)
-        self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self.monitor.sinks] if trainer.is_global_zero else []
+        self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self._own_sinks] if trainer.is_global_zero else []
         if self.curve_plugin is not None:
             self.curve_plugin.n_params = self.n_params
             for message in curve_law_warnings(self.curve_plugin.law, cfg.param_convention):
@@ -413,11 +421,11 @@ class ScaleWatch(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
-        if self.config.detect and self._acc is not None:
-            norm = grad_norm([p for group in optimizer.param_groups for p in group["params"]])
-            if norm is not None:  # one fused foreach kernel, stays on the device
-                scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-                self._acc.add_grad_norm(norm, loss_scaled=scaled)
+        try:
+            if self.config.detect and self._acc is not None:
+                self._add_grad_norm(trainer, optimizer)
+        except Exception as exc:  # monitoring must never crash the run
+            self._note("grad_norm", f"gradient norm not measured: {type(exc).__name__}: {exc}")
         try:
             automatic = pl_module.automatic_optimization
             self.noise_scale.step(trainer.accumulate_grad_batches if automatic else 1, automatic, trainer.world_size,
@@ -425,6 +433,19 @@ class ScaleWatch(Callback):
         except Exception as exc:  # monitoring must never crash the run; the state stays, updates stop
             self._note("gns_error", f"gradient noise scale: stopped after {type(exc).__name__}: {exc}")
             self.noise_scale.remove()
+
+    def _add_grad_norm(self, trainer: Trainer, optimizer: Any) -> None:
+        """The global gradient norm before clipping: one fused foreach kernel, kept on the device."""
+        assert self._acc is not None
+        norm = grad_norm([p for group in optimizer.param_groups for p in group["params"]])
+        if norm is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, Tensor) and getattr(raw, "_step_supports_amp_scaling", False):
+            norm = norm / scale.to(norm.device, norm.dtype)  # such optimizers unscale inside step(): undo here
+        self._acc.add_grad_norm(norm, loss_scaled=scaler is not None)
 
     @staticmethod
     def _amp_scale(trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> Tensor | None:
@@ -493,7 +514,9 @@ class ScaleWatch(Callback):
             if self.config.gns != "off":
                 self.monitor.texts["gns/method"] = f"{self.noise_scale.method or 'none'}: {self.noise_scale.description}"
             if trainer.is_global_zero:  # detection runs once, on the reduced observation
-                self.latest = self.monitor.observe(obs).scalars
+                report = self.monitor.observe(obs)
+                self.latest = report.scalars
+                self._stop_kinds.update(a.kind for a in report.alerts if a.state == "firing")
         except Exception as exc:  # monitoring must never crash the run
             log.warning("scalewatch: could not log step %d: %s: %s", trainer.global_step, type(exc).__name__, exc)
         if self.config.stop_on is not None:
@@ -502,8 +525,11 @@ class ScaleWatch(Callback):
     def _maybe_stop(self, trainer: Trainer) -> None:
         """``stop_on``: rank 0 decides, every rank stops at the same step (one broadcast per log point)."""
         level = HEALTH_LEVEL[self.config.stop_on or "critical"]
+        # Only the run's own health stops it: not scalewatch's internal errors, not the planning
+        # findings (they fire at the first log point by design), not alerts restored from a checkpoint.
         firing = [f"{kind} ({sev})" for (kind, _), sev in self.monitor.alerts.firing().items()
-                  if HEALTH_LEVEL[sev] >= level] if trainer.is_global_zero else []
+                  if HEALTH_LEVEL[sev] >= level and kind in self._stop_kinds and kind not in _NEVER_STOP] \
+            if trainer.is_global_zero else []
         stop = bool(firing)
         if trainer.world_size > 1:
             stop = bool(trainer.strategy.broadcast(stop, src=0))

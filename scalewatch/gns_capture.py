@@ -78,7 +78,11 @@ def grad_norm(params: Iterable[Tensor]) -> Tensor | None:
     if any(g.is_sparse for g in grads):
         sq = grad_sq_norm([p for p in params if p.grad is not None])  # type: ignore[arg-type]
         return None if sq is None else sq.sqrt()
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)).float())
+    # float32 norms (a float16 total above 65504 would read as inf); parts on several devices are
+    # gathered on the first one (a model split across devices in one process).
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device, non_blocking=True) for n in norms]))
 
 
 class _BackwardNorms:

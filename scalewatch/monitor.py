@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from scalewatch.alerts import Alert, AlertBook, Finding
+from scalewatch.alerts import SEVERITIES, Alert, AlertBook, Finding
 
 log = logging.getLogger("scalewatch")
 
@@ -363,6 +363,16 @@ class Monitor:
         name = getattr(stage, "name", type(stage).__name__)
         try:
             out = call()
+            if isinstance(out, StageOutput):
+                scalars = {k: float(v) for k, v in out.scalars.items()}
+                forecasts = {f.name: f for f in out.forecasts}
+                findings = list(out.findings)
+                bad = [f for f in findings if f.severity not in SEVERITIES]
+                if bad:
+                    raise ValueError(f"finding {bad[0].kind!r} has severity {bad[0].severity!r}, not one of "
+                                     f"{SEVERITIES}")
+            else:
+                scalars, forecasts, findings = {k: float(v) for k, v in (out or {}).items()}, {}, []
         except Exception as exc:  # noqa: BLE001 - one failing stage must not lose the log point
             log.warning("scalewatch: stage %r failed at step %d: %s: %s", name, report.step, type(exc).__name__, exc)
             self._failing.add(name)
@@ -373,13 +383,9 @@ class Monitor:
         if name in self._failing:
             self._failing.discard(name)
             found.append(Finding("internal_error", False, "warning", key=name, message=f"{name!r} stage works again"))
-        if isinstance(out, StageOutput):
-            report.scalars.update({k: float(v) for k, v in out.scalars.items()})
-            report.forecasts.update({f.name: f for f in out.forecasts})
-            found.extend(out.findings)
-        elif out:
-            report.scalars.update({k: float(v) for k, v in out.items()})
-        return found
+        report.scalars.update(scalars)
+        report.forecasts.update(forecasts)
+        return found + findings
 
     def _finish_report(self, report: Report, findings: list[Finding]) -> None:
         report.alerts = self.alerts.update(findings, report.step, report.tokens)

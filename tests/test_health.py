@@ -354,3 +354,40 @@ def test_spike_baseline_restarts_when_the_prediction_stops() -> None:
 def test_inconsistent_thresholds_fail_at_construction(kwargs, match) -> None:
     with pytest.raises(ScaleWatchConfigError, match=match):
         HealthConfig(**kwargs)
+
+
+def test_stop_on_warning_ignores_planning_findings_and_refits_do_not_pile_up_sinks(tmp_path, caplog) -> None:
+    # far too big for its tokens: `undertrained` (a warning) fires at once, but it is a plan, not a fault
+    watch, t = _train(tmp_path, n_layer=4, n_embd=128, steps=40, stop_on="warning")
+    assert [k for k, _, _ in _firing(watch)] == ["undertrained"] and t.global_step == 40
+    names = [s.name for s in watch.monitor.sinks]
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, n_layer=1, n_embd=32, n_head=2)
+    train, _ = make_loaders(cfg, 16, num_train=20 * 16, max_bytes=600_000)
+    pl.Trainer(max_steps=20, accelerator="cpu", callbacks=[watch], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(TinyGPTModule(cfg, max_steps=20), train)
+    assert [s.name for s in watch.monitor.sinks] == names  # the same sinks, not a second set
+
+
+def test_gradient_norm_is_float32_and_survives_fp16_overflow() -> None:
+    from scalewatch.gns_capture import grad_norm
+
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.full((4,), 40000.0, dtype=torch.float16)  # the norm, 80000, overflows float16
+    norm = grad_norm([p])
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(80000.0)
+
+
+def test_a_stage_with_a_bad_finding_becomes_an_internal_error() -> None:
+    from scalewatch.alerts import Finding
+    from scalewatch.monitor import StageOutput
+
+    class Bad:
+        name, kind = "bad", "detector"
+
+        def on_observation(self, obs, monitor):
+            return StageOutput(scalars={"bad/x": 1.0}, findings=[Finding("x", True, "fatal")])
+
+    r = Monitor(plugins=[Bad()]).observe(_obs(10, 3.0))
+    assert [(a.kind, a.key) for a in r.alerts] == [("internal_error", "bad")] and "bad/x" not in r.scalars
+    assert "severity 'fatal'" in r.alerts[0].message
