@@ -1,0 +1,62 @@
+"""Zero-code attach: ``SCALEWATCH=1 python train.py`` adds ScaleWatch to every Lightning Trainer.
+
+Lightning calls the factories registered under the ``lightning.pytorch.callbacks_factory`` entry
+point (this package registers :func:`callbacks`) whenever a Trainer is built. With neither
+``SCALEWATCH`` nor ``SCALEWATCH_CONFIG`` set it returns nothing, so an installed scalewatch
+changes no run that did not ask for it. ``SCALEWATCH_CONFIG=path.yaml`` reads ScaleWatch's
+arguments from a YAML file: a plain mapping (``flops: 6N+attn``) or one of the LightningCLI
+presets in ``callbacks/`` (``trainer: callbacks: - class_path: scalewatch.ScaleWatch``).
+A script that already lists ScaleWatch needs neither: Lightning refuses two of them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from scalewatch.config import ScaleWatchConfigError
+
+ENABLE = "SCALEWATCH"
+CONFIG = "SCALEWATCH_CONFIG"
+
+
+def settings_from_yaml(path: str | Path) -> dict[str, Any]:
+    """ScaleWatch's keyword arguments from a YAML file (a plain mapping or a LightningCLI preset).
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "sw.yaml")
+        >>> _ = open(p, "w").write("trainer:\\n  callbacks:\\n    - class_path: scalewatch.ScaleWatch\\n"
+        ...                        "      init_args: {flops: 6N+attn, n_layer: 2, d_model: 8}\\n")
+        >>> settings_from_yaml(p)
+        {'flops': '6N+attn', 'n_layer': 2, 'd_model': 8}
+    """
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: cannot read it ({exc}); point it at a YAML "
+                                    "file of ScaleWatch arguments") from None
+    if isinstance(doc, dict) and "trainer" in doc:
+        found = [cb for cb in (doc["trainer"] or {}).get("callbacks", []) or []
+                 if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ScaleWatch")]
+        if not found:
+            raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: no scalewatch.ScaleWatch under "
+                                        "trainer.callbacks")
+        doc = found[0].get("init_args") or {}
+    if not isinstance(doc, dict):
+        raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: expected a mapping of ScaleWatch arguments")
+    return dict(doc)
+
+
+def callbacks() -> list[Any]:
+    """The entry-point factory: ``[ScaleWatch(...)]`` when asked for by the environment, else ``[]``."""
+    flag = os.environ.get(ENABLE, "").strip().lower()
+    path = os.environ.get(CONFIG)
+    if not path and flag in ("", "0", "false", "no", "off"):
+        return []
+    from scalewatch.callback import ScaleWatch
+
+    return [ScaleWatch(**(settings_from_yaml(path) if path else {}))]

@@ -1,0 +1,69 @@
+"""Zero-code attach: an unmodified Lightning script, run with and without the environment variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import scalars
+
+from scalewatch.attach import callbacks, settings_from_yaml
+from scalewatch.config import ScaleWatchConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {examples!r})
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders
+
+    cfg = GPTConfig(block_size=32, n_layer=1, n_embd=32, n_head=2)
+    train, _ = make_loaders(cfg, 8, num_train=8 * 8, max_bytes=200_000)
+    pl.Trainer(max_steps=8, accelerator="cpu", log_every_n_steps=4, enable_progress_bar=False,
+               enable_checkpointing=False, logger=TensorBoardLogger(sys.argv[1], name="tb", version=0)
+               ).fit(TinyGPTModule(cfg, max_steps=8), train)
+""")
+
+
+def _run(tmp_path: Path, name: str, **env: str) -> dict:
+    script = tmp_path / "train.py"  # knows nothing about scalewatch
+    script.write_text(SCRIPT.format(examples=str(ROOT / "examples")))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SCALEWATCH")}
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / name)], env={**clean, **env},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return scalars(tmp_path / name / "tb" / "version_0")
+
+
+@pytest.mark.slow
+def test_an_unmodified_script_gets_scalewatch_only_when_asked(tmp_path) -> None:
+    assert not any(t.startswith("scalewatch/") for t in _run(tmp_path, "plain"))
+    with_it = _run(tmp_path, "attached", SCALEWATCH="1")
+    assert with_it["scalewatch/tokens"][-1] == (8, 8 * 8 * 32)
+    preset = _run(tmp_path, "preset", SCALEWATCH_CONFIG=str(ROOT / "callbacks" / "scalewatch_attention.yaml"))
+    # 6N+attn from the preset, the architecture inferred from the module's hparams
+    assert preset["scalewatch/flops"][-1][1] > with_it["scalewatch/flops"][-1][1]
+
+
+def test_the_factory_reads_the_environment(tmp_path, monkeypatch) -> None:
+    for k in ("SCALEWATCH", "SCALEWATCH_CONFIG"):
+        monkeypatch.delenv(k, raising=False)
+    assert callbacks() == []
+    monkeypatch.setenv("SCALEWATCH", "0")
+    assert callbacks() == []
+    monkeypatch.setenv("SCALEWATCH", "1")
+    (cb,) = callbacks()
+    assert type(cb).__name__ == "ScaleWatch" and cb.config.flops == "6N"
+    (tmp_path / "plain.yaml").write_text("flops: 6N+attn\nn_layer: 2\nd_model: 8\nlog_every_n_steps: 7\n")
+    monkeypatch.setenv("SCALEWATCH_CONFIG", str(tmp_path / "plain.yaml"))
+    (cb,) = callbacks()
+    assert (cb.config.flops, cb.config.log_every_n_steps) == ("6N+attn", 7)
+    (tmp_path / "bad.yaml").write_text("trainer:\n  callbacks: []\n")
+    with pytest.raises(ScaleWatchConfigError, match="no scalewatch.ScaleWatch"):
+        settings_from_yaml(tmp_path / "bad.yaml")
