@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['gns/b_crit']:,.0f} tokens (the critical-batch estimate) vs a batch of "
               f"{s['gns/batch_tokens']:,.0f} tokens: {s['gns/compute_factor']:.2f}x the minimum compute, "
               f"{s['gns/steps_factor']:.2f}x the minimum steps")
-    print(f"TensorBoard logs: {trainer.logger.log_dir}\n  view them with: tensorboard --logdir {args.logdir}")
+    firing = watch.monitor.alerts.firing()
+    print("health at the end: " + (", ".join(f"{kind} ({severity})" for (kind, _), severity in firing.items())
+                                   or "no alert firing") + " (the alert table is in TensorBoard's text tab)")
+    print(f"TensorBoard logs: {trainer.logger.log_dir}\n  view them with: tensorboard --logdir {args.logdir} "
+          "--samples_per_plugin scalars=100000")
     return 0
 
 
