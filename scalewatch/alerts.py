@@ -172,8 +172,8 @@ class AlertBook:
         for a in firing + [a for a in reversed(self.recent) if a not in firing]:
             now = "**FIRING**" if a in firing and (a.kind, a.key) not in seen else a.state
             seen.add((a.kind, a.key))
-            lines.append(f"| {now} | {a.severity} | {a.kind} | {a.step:,} | {a.tokens:.3g} | "
-                         f"{a.message.replace('|', '/')} |")
+            cells = [_md(x) for x in (a.severity, a.kind, f"{a.step:,}", f"{a.tokens:.3g}", a.message)]
+            lines.append(f"| {now} | " + " | ".join(cells) + " |")
         return "\n".join(lines) if len(lines) > 2 else "No alerts."
 
     def state_dict(self) -> dict[str, Any]:
@@ -193,6 +193,11 @@ class AlertBook:
                              tokens=int(d["tokens"]), message=d["message"], run=d.get("run", self.run),
                              key=d.get("key", ""), time=d.get("time", ""), values=dict(d.get("data", {})))
                        for d in state.get("recent", [])]
+
+
+def _md(text: str) -> str:
+    """A Markdown table cell: no column breaks, ``*`` and ``_`` literal."""
+    return text.replace("|", "/").replace("*", "\\*").replace("_", "\\_")
 
 
 # ------------------------------------------------------------------ sinks

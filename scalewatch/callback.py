@@ -40,7 +40,13 @@ from scalewatch.accounting import (
 )
 from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
 from scalewatch.alerts import HEALTH_LEVEL, LogSink
-from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, curve_law_warnings
+from scalewatch.config import (
+    ScaleWatchConfig,
+    ScaleWatchConfigError,
+    build_monitor,
+    curve_law_warnings,
+    describe_laws,
+)
 from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
 from scalewatch.detectors import AllocationDetector, HealthConfig
 from scalewatch.forecast import CurvePlugin
@@ -511,6 +517,7 @@ class ScaleWatch(Callback):
                 loss = self._fallback_loss(trainer)  # else every loss was non-finite: record, never raise
             obs = self._observation(trainer, loss, interval)
             self.monitor.texts["conventions"] = self.describe()
+            self.monitor.texts["laws"] = describe_laws(self.config.curve_law, self.config.law)
             if self.config.gns != "off":
                 self.monitor.texts["gns/method"] = f"{self.noise_scale.method or 'none'}: {self.noise_scale.description}"
             if trainer.is_global_zero:  # detection runs once, on the reduced observation

@@ -167,6 +167,25 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
     return out
 
 
+def describe_laws(curve_law: Any, law: Any) -> str:
+    """The laws a run is compared with, and what they were fitted on, for TensorBoard's text tab.
+
+    Example:
+        >>> from scalewatch.laws import ChinchillaLaw
+        >>> describe_laws(None, ChinchillaLaw.epoch_refit()).splitlines()[0][:40]
+        'Chinchilla law: E=1.817, A=482, B=2085, '
+    """
+    lines = []
+    if law is not None:
+        params = ", ".join(f"{k}={v:.4g}" for k, v in law.params().items())
+        lines.append(f"Chinchilla law: {params} (conventions: {getattr(law, 'conventions', {}) or 'not recorded'})")
+    if curve_law is not None:
+        fitted = {k: v for k, v in curve_law.fitted_on.items() if not isinstance(v, (list, dict))}
+        lines.append(f"Curve law ({curve_law.family}): n_ref={curve_law.n_ref:.4g}, 90% band ±{curve_law.band_rel:.2%}; "
+                     f"fitted on {fitted or 'not recorded'}; conventions: {curve_law.conventions or 'not recorded'}")
+    return "\n\n".join(lines) if lines else "No law given: the undertraining check uses ~20 tokens per parameter."
+
+
 def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_flops: float | None = None,
                   sinks: Iterable[Sink] = (), stages: Iterable[Any] = (), total_steps: int | None = None) -> Monitor:
     """The Monitor this configuration asks for: forecasters (noise scale, curve law), then ``stages``, then sinks.

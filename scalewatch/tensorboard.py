@@ -28,32 +28,64 @@ LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "lr-AdamW", "lr-A
            "optim/LR (group 0)", "learning-rate")
 TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "throughput/total_tokens")
 
-# The custom-scalars layout: what an on-call researcher opens first. Health (alert levels by kind,
-# a regex over every health tag) comes first; the live loss inside the predicted band (margin charts)
-# next, for runs with a curve law.
+# The custom-scalars layout, in the order an on-call researcher reads it: health first (alert levels
+# by kind), then the loss against its predicted band and forecast (runs with a curve law), the loss
+# against tokens and compute, throughput, and the noise scale against the batch. Multiline tags are
+# regular expressions: they are anchored, or "scalewatch/loss" would match every loss_* series.
 HEALTH_LAYOUT = {
-    "scalewatch health": {
+    "scalewatch 1 health": {
         "alerts by kind (0 ok, 1 info, 2 warning, 3 critical)": ["Multiline", [f"^{PREFIX}health/"]],
         "loss, largest micro-batch loss, gradient norm": [
-            "Multiline", [f"^{PREFIX}(loss|loss_max|grad_norm)$"]],
+            "Multiline", [f"^{PREFIX}(loss|loss_max|grad_norm|grad_norm_max)$"]],
     }
 }
 CURVE_LAYOUT = {
-    "scalewatch": {
+    "scalewatch 2 loss vs prediction": {
         "loss vs predicted curve (90% band)": [
             "Margin", [PREFIX + "loss", PREFIX + "loss_pred_low", PREFIX + "loss_pred_high"]],
         "final loss forecast (90% band)": [
             "Margin", [PREFIX + "loss_forecast_final", PREFIX + "loss_forecast_final_low",
                        PREFIX + "loss_forecast_final_high"]],
-        "loss, predicted, forecast": [  # Multiline tags are regular expressions: anchored, or "loss" matches all
+        "loss, predicted, forecast": [
             "Multiline", [f"^{PREFIX}(loss|loss_pred|loss_forecast_final)$"]],
     }
+}
+RUN_LAYOUT = {
+    "scalewatch 3 tokens and compute": {
+        "loss against tokens (x: tokens)": ["Multiline", [f"^{PREFIX}loss_vs_tokens$"]],
+        "loss against compute (x: GFLOP)": ["Multiline", [f"^{PREFIX}loss_vs_gflop$"]],
+        "tokens per parameter (Chinchilla-optimal ~20)": ["Multiline", [f"^{PREFIX}tokens_per_param$"]],
+    },
+    "scalewatch 4 throughput": {
+        "tokens/s": ["Multiline", [f"^{PREFIX}tokens_per_sec$"]],
+        "model FLOPs utilisation": ["Multiline", [f"^{PREFIX}mfu$"]],
+    },
+    "scalewatch 5 noise scale": {
+        "critical batch vs batch (tokens)": ["Multiline", [f"^{PREFIX}gns/(b_crit|batch_tokens)$"]],
+        "cost of this batch (x minimum compute, x minimum steps)": [
+            "Multiline", [f"^{PREFIX}gns/(compute_factor|steps_factor)$"]],
+    },
 }
 
 
 def layout(with_curve: bool) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout for a run (the curve charts only where a curve law predicts)."""
-    return {**HEALTH_LAYOUT, **(CURVE_LAYOUT if with_curve else {})}
+    """The custom-scalars layout for a run (the prediction charts only where a curve law predicts).
+
+    Example:
+        >>> list(layout(with_curve=False))[:2]
+        ['scalewatch 1 health', 'scalewatch 3 tokens and compute']
+    """
+    return {**HEALTH_LAYOUT, **(CURVE_LAYOUT if with_curve else {}), **RUN_LAYOUT}
+
+
+def md_escape(text: str) -> str:
+    r"""Plain text for TensorBoard's Markdown: ``*`` and ``_`` kept literal.
+
+    Example:
+        >>> print(md_escape("6*N + 12*n_layer*d_model*T"))
+        6\*N + 12\*n\_layer\*d\_model\*T
+    """
+    return text.replace("*", "\\*").replace("_", "\\_")
 
 
 def tag(name: str) -> str:
@@ -81,7 +113,9 @@ class TensorBoardExtras:
     def write(self, writer: Any, report: Report) -> None:
         obs = report.observation
         for name, text in report.texts.items():
-            writer.add_text(tag(name), text, global_step=report.step)
+            # TensorBoard renders text as Markdown: 6*N*D would turn into italics. The alert table is
+            # Markdown already (its cells escaped by the alert book).
+            writer.add_text(tag(name), text if name == "alerts" else md_escape(text), global_step=report.step)
         with_curve = "loss_pred" in report.scalars
         if self.layout_written in (None, False) and self.layout_written != with_curve \
                 and hasattr(writer, "add_custom_scalars"):

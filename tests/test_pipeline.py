@@ -101,7 +101,7 @@ def test_a_failing_stage_becomes_an_internal_error_alert_and_the_log_point_survi
     assert m.observe(_obs(3)).alerts == []  # still failing: one alert, not one per log point
     r = m.observe(_obs(4))
     assert [(a.kind, a.state) for a in r.alerts] == [("internal_error", "resolved")] and r.scalars["boom/ok"] == 1.0
-    assert "internal_error" in m.texts["alerts"] and "boom" in m.texts["alerts"]
+    assert r"internal\_error" in m.texts["alerts"] and "boom" in m.texts["alerts"]  # Markdown-escaped
     assert len(m.history) == 4
 
 
