@@ -252,8 +252,9 @@ class GradNormSpikeDetector(_SpikeDetector):
 class DivergenceDetector(_Detector):
     """A sustained rise of the loss above its best so far: slow blow-ups that a spike rule misses.
 
-    Fires when the last ``divergence_points`` interval losses all sit above the best (lowest median
-    of 5 consecutive points) by ``divergence_rel`` and by ``noise_sigma`` x the log-to-log noise,
+    Fires when the last ``divergence_points`` interval losses all sit above the recent best (the lowest
+    median of 5 consecutive points in the last ``window`` log points) by ``divergence_rel`` and by
+    ``noise_sigma`` x the log-to-log noise,
     and the loss is not coming down fast (a spike it recovers from is the spike detector's).
     """
 
@@ -263,8 +264,11 @@ class DivergenceDetector(_Detector):
     def __init__(self, config: HealthConfig | None = None) -> None:
         super().__init__(config)
         self.recent: deque[float] = deque(maxlen=self.cfg.divergence_points)
-        self.best: float | None = None  # the lowest median-of-3 loss so far
+        self.best: float | None = None  # the lowest median-of-5 loss of the last `window` log points
         self.best_step = 0
+        # The best of a recent window, not of all time: over a long noisy run the all-time minimum of a
+        # noisy statistic drifts far below the loss's typical value, and healthy points then exceed it.
+        self._bests: deque[tuple[int, float]] = deque(maxlen=self.cfg.window)
         self.last_healthy_step = 0
         self._smooth: deque[float] = deque(maxlen=5)  # "best" is the lowest median of 5: a noisy series'
         # running minimum of single points (or of 3) sits far below its typical value
@@ -286,9 +290,8 @@ class DivergenceDetector(_Detector):
         if obs.loss <= limit:
             self.last_healthy_step = obs.step
         if len(self._smooth) == self._smooth.maxlen and not rising:
-            smooth = statistics.median(self._smooth)
-            if self.best is None or smooth < self.best:
-                self.best, self.best_step = smooth, obs.step
+            self._bests.append((obs.step, statistics.median(self._smooth)))
+            self.best_step, self.best = min(self._bests, key=lambda b: b[1])
         if self.best is None:
             return StageOutput()
         return StageOutput(findings=[Finding(

@@ -25,6 +25,8 @@ from scalewatch.data import pick_column
 from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, TOKEN_TAGS, find_tag, tag
 
+_CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
+
 #: Exit status by the worst alert firing at the end.
 EXIT_CODES = {"ok": 0, "info": 0, "warning": 1, "critical": 2}
 
@@ -99,25 +101,32 @@ class TableSource:
         self.jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
 
     def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
+        """The complete lines appended since the last poll, read 1 MiB at a time (memory stays flat)."""
         try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
+            f = self.path.open("rb")
         except OSError as exc:
             raise WatchError(f"{self.path}: cannot read ({exc.strerror})") from None
-        lines = data.split(b"\n")
-        tail = lines.pop()  # after the last newline: a line still being written (or empty)
-        if final and tail.strip():
-            lines.append(tail)
-            tail = b""
-        self._offset += len(data) - len(tail)
-        for raw in lines:
-            text = raw.decode("utf-8", errors="replace").strip()
-            if not text:
-                continue
-            row = self._parse(text)
-            if row is not None:
-                yield row
+        with f:
+            start, read, buf = self._offset, 0, b""
+            f.seek(start)
+            while True:
+                data = f.read(_CHUNK)
+                read += len(data)
+                at_end = len(data) < _CHUNK
+                lines = (buf + data).split(b"\n")
+                buf = lines.pop()  # after the last newline: a line still being written (or empty)
+                if final and at_end and buf.strip():
+                    lines.append(buf)
+                    buf = b""
+                self._offset = start + read - len(buf)  # a partial line is read again next time
+                for raw in lines:
+                    text = raw.decode("utf-8", errors="replace").strip()
+                    if text:
+                        row = self._parse(text)
+                        if row is not None:
+                            yield row
+                if at_end:
+                    return
 
     def _parse(self, text: str) -> tuple[int, dict[str, float]] | None:
         if self.jsonl:

@@ -117,3 +117,14 @@ def test_a_half_written_jsonl_line_is_not_lost_or_misread(tmp_path) -> None:
     with path.open("a") as f:
         f.write('0, "loss": 2.5}\n')
     assert list(src.poll()) == [(110, {"loss": 2.5})]
+
+
+def test_lines_longer_than_a_read_chunk_and_many_chunks(tmp_path, monkeypatch) -> None:
+    import scalewatch.watch as w
+
+    monkeypatch.setattr(w, "_CHUNK", 64)  # force many chunks and lines longer than one
+    path = tmp_path / "run.jsonl"
+    rows = [{"step": s, "loss": 3.0 - s / 1000, "note": "x" * (s % 150)} for s in range(1, 200)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = list(w.TableSource(path).poll())
+    assert [s for s, _ in got] == list(range(1, 200)) and got[-1][1]["loss"] == pytest.approx(3.0 - 199 / 1000)
