@@ -6,7 +6,7 @@ point (this package registers :func:`callbacks`) whenever a Trainer is built. Wi
 changes no run that did not ask for it. ``SCALEWATCH_CONFIG=path.yaml`` reads ScaleWatch's
 arguments from a YAML file: a plain mapping (``flops: 6N+attn``) or one of the LightningCLI
 presets in ``callbacks/`` (``trainer: callbacks: - class_path: scalewatch.ScaleWatch``).
-A script that already lists ScaleWatch needs neither: Lightning refuses two of them.
+A script that already lists ScaleWatch keeps its own: the attached one then steps aside.
 """
 
 from __future__ import annotations
@@ -55,8 +55,35 @@ def callbacks() -> list[Any]:
     """The entry-point factory: ``[ScaleWatch(...)]`` when asked for by the environment, else ``[]``."""
     flag = os.environ.get(ENABLE, "").strip().lower()
     path = os.environ.get(CONFIG)
-    if not path and flag in ("", "0", "false", "no", "off"):
-        return []
+    if flag in ("0", "false", "no", "off") or (not path and not flag):
+        return []  # an explicit off wins over a config path
+    return [_attached(**(settings_from_yaml(path) if path else {}))]
+
+
+def _attached(**kwargs: Any) -> Any:
+    """A ScaleWatch with its own checkpoint key that stands down when the script attaches one itself."""
+    import logging
+
     from scalewatch.callback import ScaleWatch
 
-    return [ScaleWatch(**(settings_from_yaml(path) if path else {}))]
+    class AttachedScaleWatch(ScaleWatch):
+        @property
+        def state_key(self) -> str:
+            return "ScaleWatch[attached]"  # Lightning refuses two callbacks with one key
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if any(isinstance(cb, ScaleWatch) and cb is not self for cb in trainer.callbacks):
+                logging.getLogger("scalewatch").warning(
+                    "scalewatch: %s is set but the script attaches ScaleWatch itself; using the script's", ENABLE)
+                for hook in _HOOKS:  # every hook of this instance becomes a no-op
+                    setattr(self, hook, lambda *a, **k: None)
+                self.state_dict = dict  # type: ignore[method-assign]
+                return
+            super().setup(trainer, pl_module, stage)
+
+    return AttachedScaleWatch(**kwargs)
+
+
+_HOOKS = ("on_fit_start", "on_train_start", "on_train_batch_start", "on_train_batch_end", "on_after_backward",
+          "on_before_optimizer_step", "on_validation_start", "on_validation_end", "on_train_end", "teardown",
+          "load_state_dict")

@@ -52,6 +52,7 @@ class EventSource:
         self.path = path
         self._loaders: dict[Path, Any] = {}
         self._pending: dict[int, dict[str, float]] = {}  # steps not yet complete (a later step may add tags)
+        self._seen: set[str] = set()
 
     def _files(self) -> list[Path]:
         return sorted(self.path.glob("events.out.tfevents.*"))
@@ -68,6 +69,7 @@ class EventSource:
                         value = _scalar_value(v)
                         if value is not None:
                             self._pending.setdefault(int(event.step), {})[v.tag] = value
+                            self._seen.add(v.tag)
             except Exception as exc:  # a truncated or corrupt record: keep what was read
                 print(f"scalewatch watch: {f.name}: stopped reading at a damaged record ({type(exc).__name__})",
                       file=sys.stderr)
@@ -78,16 +80,20 @@ class EventSource:
             yield s, self._pending.pop(s)
 
     def tags(self) -> list[str]:
-        return sorted({t for row in self._pending.values() for t in row})
+        return sorted(self._seen)
 
 
 def _scalar_value(v: Any) -> float | None:
     if v.HasField("simple_value"):
         return float(v.simple_value)
     if v.HasField("tensor") and v.metadata.plugin_data.plugin_name in ("scalars", ""):
-        t = v.tensor
-        vals = list(t.float_val) or list(t.double_val)
-        return float(vals[0]) if len(vals) == 1 else None
+        from tensorboard.util.tensor_util import make_ndarray
+
+        try:  # float_val, double_val or packed tensor_content (TF2 / Keras writers)
+            arr = make_ndarray(v.tensor)
+        except Exception:  # not a numeric tensor
+            return None
+        return float(arr.reshape(-1)[0]) if arr.size == 1 else None
     return None
 
 
@@ -98,6 +104,7 @@ class TableSource:
         self.path = path
         self._offset = 0
         self._header: list[str] | None = None
+        self._seen: set[str] = set()
         self.jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
 
     def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
@@ -107,6 +114,9 @@ class TableSource:
         except OSError as exc:
             raise WatchError(f"{self.path}: cannot read ({exc.strerror})") from None
         with f:
+            if self.path.stat().st_size < self._offset:  # rewritten (e.g. a CSV logger adding a column)
+                print(f"scalewatch watch: {self.path.name} was rewritten; reading it again", file=sys.stderr)
+                self._offset, self._header = 0, None
             start, read, buf = self._offset, 0, b""
             f.seek(start)
             while True:
@@ -139,11 +149,14 @@ class TableSource:
         else:
             values = next(csv.reader([text]))
             if self._header is None:
-                self._header = values
+                self._header = [values[0].lstrip("\ufeff"), *values[1:]] if values else values  # a byte-order mark
                 return None
             cells = dict(zip(self._header, values, strict=False))
+        self._seen.update(cells)
         key = pick_column(list(cells), ("step", "_step", "global_step", "iteration"))
         if key is None:
+            if self.jsonl:
+                return None  # a metadata line (e.g. the run's config): not a log point
             raise WatchError(f"{self.path}: no step column (columns: {', '.join(cells)}); name it 'step'")
         numbers = {}
         for k, v in cells.items():
@@ -151,12 +164,12 @@ class TableSource:
                 numbers[k] = float(v)
             except (TypeError, ValueError):
                 continue
-        if key not in numbers:
+        if key not in numbers or not math.isfinite(numbers[key]):
             return None
         return int(numbers.pop(key)), numbers
 
     def tags(self) -> list[str]:
-        return list(self._header or [])
+        return list(self._header or sorted(self._seen))
 
 
 def open_source(path: str | Path) -> EventSource | TableSource:
@@ -207,6 +220,7 @@ class Replayer:
         return self.monitor.observe(obs)
 
     def _observation(self, step: int, row: Mapping[str, float]) -> Observation:
+        row = {k: v for k, v in row.items() if math.isfinite(v) or k == self.tags.loss}  # bad counts: missing
         loss = row[self.tags.loss]  # type: ignore[index]
         tokens = row.get(self.tags.tokens) if self.tags.tokens else None
         if tokens is None:
@@ -252,23 +266,37 @@ class ConsoleSink:
                       flush=True)
 
 
+def tb_targets(paths: list[str | Path], tb_out: str | Path) -> list[Path]:
+    """Where each watched path's own TensorBoard run goes; never into (or around) a watched path."""
+    base = Path(tb_out).resolve()
+    watched = [Path(p).resolve() for p in paths]
+    targets = [base / (w.stem or "run") if len(paths) > 1 else base for w in watched]
+    for t in targets:
+        for w in watched:
+            if t == w or w in t.parents or t in w.parents:
+                raise WatchError(f"--tb-out {t} would write into or around the watched {w}; choose another directory")
+    return targets
+
+
 def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: bool = False, poll: float = 5.0,
-          idle: float = 600.0, tb_out: str | Path | None = None, on_report: Any = None) -> Monitor | None:
-    """Replay (and with ``follow``, keep polling) each path; return the last Monitor.
+          idle: float = 600.0, tb_out: str | Path | None = None, on_report: Any = None) -> list[Monitor | None]:
+    """Replay (and with ``follow``, keep polling) each path; return each path's Monitor.
 
     Several paths are watched one after the other (``follow`` applies to the last one).
     """
-    monitor = None
-    for i, path in enumerate(paths):
+    if not (poll > 0 and math.isfinite(poll) and idle > 0):
+        raise WatchError(f"--poll and --idle must be positive seconds, got {poll} and {idle}")
+    targets = tb_targets(paths, tb_out) if tb_out is not None else [None] * len(paths)
+    monitors: list[Monitor | None] = []
+    for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
         source = open_source(path)
         sinks = list(replayer_kwargs.get("sinks", []))
         writer = None
-        if tb_out is not None:
+        if target is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             from scalewatch.tensorboard import TensorBoardSink
 
-            target = Path(tb_out) / Path(path).name if len(paths) > 1 else Path(tb_out)
             writer = SummaryWriter(str(target))
             sinks.append(TensorBoardSink(writer))
         rp = Replayer(**{**replayer_kwargs, "sinks": sinks})
@@ -303,8 +331,8 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
                 f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
             raise WatchError(f"{path}: no {wanted}; tags/columns: {', '.join(source.tags()) or 'none'}; "
                              "name it with --loss-tag")
-        monitor = rp.monitor
-    return monitor
+        monitors.append(rp.monitor)
+    return monitors
 
 
 def add_parser(sub: Any) -> None:
@@ -338,23 +366,31 @@ def run_cli(args: Any) -> int:
     try:
         cfg = ScaleWatchConfig(gns="off", curve_law=args.curve_law, schedule=args.schedule, law=args.law,
                                unique_tokens=args.unique_tokens, alerts_jsonl=args.jsonl, webhook_url=args.webhook,
-                               run_name=args.run_name or Path(args.paths[-1]).name, forecast_in_background=False)
+                               run_name=args.run_name or Path(args.paths[-1]).resolve().name,
+                               forecast_in_background=False)
     except ScaleWatchConfigError as exc:
         raise WatchError(str(exc).removeprefix("scalewatch: ")) from None
+    for name in ("n_params", "tokens_per_step", "unique_tokens"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise WatchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     tb_out = None
     if not args.no_tb:
-        last = Path(args.paths[-1])
-        tb_out = args.tb_out or str(last.parent / f"{last.stem}-scalewatch-watch")
-        for p in args.paths:  # never into the watched run
-            if Path(tb_out).resolve() == Path(p).resolve():
-                raise WatchError(f"--tb-out {tb_out} is the watched run itself; choose another directory")
+        last = Path(args.paths[-1]).resolve()
+        tb_out = args.tb_out or str(last.parent / f"{last.stem or 'run'}-scalewatch-watch")
     kwargs = dict(config=cfg, loss_tag=args.loss_tag, lr_tag=args.lr_tag, tokens_tag=args.tokens_tag,
                   tokens_per_step=args.tokens_per_step, n_params=int(args.n_params) if args.n_params else None,
                   total_steps=args.total_steps, sinks=[ConsoleSink(as_json=args.json)])
-    monitor = watch(args.paths, kwargs, follow=args.follow, poll=args.poll, idle=args.idle, tb_out=tb_out)
-    state = worst_state(monitor)
+    try:
+        monitors = watch(args.paths, kwargs, follow=args.follow, poll=args.poll, idle=args.idle, tb_out=tb_out)
+    except (WatchError, ScaleWatchConfigError):
+        raise
+    except Exception as exc:  # exit 1 and 2 mean the run's health: a failure of watch itself must not read so
+        raise WatchError(f"could not read the logs: {type(exc).__name__}: {exc}") from None
+    states = [worst_state(m) for m in monitors]
+    state = max(states, key=["ok", "info", "warning", "critical"].index)  # the worst over every path
     if not args.json:
-        n = len(monitor.history) if monitor else 0
+        n = sum(len(m.history) for m in monitors if m)
         print(f"scalewatch watch: {n} log points kept; state at the end: {state}"
               + (f"; TensorBoard: {tb_out}" if tb_out else ""), file=sys.stderr)
     return EXIT_CODES[state]

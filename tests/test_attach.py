@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import scalars
 
+from scalewatch import ScaleWatch
 from scalewatch.attach import callbacks, settings_from_yaml
 from scalewatch.config import ScaleWatchConfigError
 
@@ -59,7 +60,7 @@ def test_the_factory_reads_the_environment(tmp_path, monkeypatch) -> None:
     assert callbacks() == []
     monkeypatch.setenv("SCALEWATCH", "1")
     (cb,) = callbacks()
-    assert type(cb).__name__ == "ScaleWatch" and cb.config.flops == "6N"
+    assert isinstance(cb, ScaleWatch) and cb.config.flops == "6N" and cb.state_key == "ScaleWatch[attached]"
     (tmp_path / "plain.yaml").write_text("flops: 6N+attn\nn_layer: 2\nd_model: 8\nlog_every_n_steps: 7\n")
     monkeypatch.setenv("SCALEWATCH_CONFIG", str(tmp_path / "plain.yaml"))
     (cb,) = callbacks()
@@ -67,3 +68,23 @@ def test_the_factory_reads_the_environment(tmp_path, monkeypatch) -> None:
     (tmp_path / "bad.yaml").write_text("trainer:\n  callbacks: []\n")
     with pytest.raises(ScaleWatchConfigError, match="no scalewatch.ScaleWatch"):
         settings_from_yaml(tmp_path / "bad.yaml")
+
+
+def test_an_attached_scalewatch_stands_down_when_the_script_has_its_own(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    import lightning.pytorch as pl
+    from helpers import TinyLM, VarLenDataset, loader
+
+    monkeypatch.setenv("SCALEWATCH", "1")
+    own = ScaleWatch(log_every_n_steps=2)
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        t = pl.Trainer(max_steps=4, accelerator="cpu", callbacks=[own], logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+        (attached,) = [cb for cb in t.callbacks if isinstance(cb, ScaleWatch) and cb is not own]
+        t.fit(TinyLM(), loader(VarLenDataset(n=16), 4))
+    assert own.tokens > 0 and attached.tokens == 0  # the script's counts; the attached one stood down
+    assert "using the script's" in caplog.text
+    monkeypatch.setenv("SCALEWATCH", "0")
+    monkeypatch.setenv("SCALEWATCH_CONFIG", str(tmp_path / "missing.yaml"))
+    assert callbacks() == []  # an explicit off wins over a (bad) config path

@@ -128,3 +128,23 @@ def test_lines_longer_than_a_read_chunk_and_many_chunks(tmp_path, monkeypatch) -
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = list(w.TableSource(path).poll())
     assert [s for s, _ in got] == list(range(1, 200)) and got[-1][1]["loss"] == pytest.approx(3.0 - 199 / 1000)
+
+
+def test_odd_but_valid_logs_and_several_paths(tmp_path, capsys) -> None:
+    # a byte-order mark, a NaN step, a non-finite token count, a metadata line in JSONL
+    (tmp_path / "bom.csv").write_text("\ufeffstep,loss,tokens\nnan,3.0,10\n" +
+                                      "".join(f"{s},{3.0 - s / 1000},{'inf' if s == 5 else s * 10}\n"
+                                              for s in range(1, 60)), encoding="utf-8")
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"config": {"lr": 1e-3}}) + "\n" +
+                                         "".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 40)))
+    assert main(["watch", str(tmp_path / "bom.csv"), "--no-tb"]) == 0
+    assert main(["watch", str(tmp_path / "meta.jsonl"), "--no-tb"]) == 0
+    # the exit status is the worst over every path, not the last one's
+    crit = tmp_path / "crit.jsonl"
+    crit.write_text("".join(json.dumps({"step": s, "loss": 3.0 if s < 30 else float("nan")}) + "\n"
+                            for s in range(1, 40)))
+    assert main(["watch", str(crit), str(tmp_path / "meta.jsonl"), "--no-tb"]) == 2
+    # never into (or around) a watched path
+    assert main(["watch", str(crit), "--tb-out", str(tmp_path)]) == 3
+    assert "would write into or around" in capsys.readouterr().err
+    assert main(["watch", str(crit), "--no-tb", "--poll", "0"]) == 3
