@@ -48,7 +48,7 @@ from scalewatch.config import (
     describe_laws,
 )
 from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
-from scalewatch.detectors import AllocationDetector, HealthConfig
+from scalewatch.detectors import AllocationDetector, DivergenceDetector, HealthConfig
 from scalewatch.forecast import CurvePlugin
 from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method, grad_norm
 from scalewatch.monitor import Observation, Report
@@ -104,6 +104,21 @@ def lookahead_schedule(trainer: Trainer, total: int) -> Any:
                 sched.step()
             lrs[step] = float(stand_in.param_groups[0]["lr"])
     return lrs
+
+
+def checkpoint_at_or_before(trainer: Trainer, step: int) -> str | None:
+    """The newest checkpoint file the run's ModelCheckpoint callbacks saved at or before ``step``
+    (read from the ``step=N`` in Lightning's file names), for the divergence alert's message."""
+    import re
+
+    best: tuple[int, str] | None = None
+    for cb in trainer.checkpoint_callbacks:
+        folder = getattr(cb, "dirpath", None)
+        for path in Path(folder).glob("*.ckpt") if folder and Path(folder).is_dir() else ():
+            m = re.search(r"step=(\d+)", path.name)
+            if m and int(m.group(1)) <= step and (best is None or int(m.group(1)) > best[0]):
+                best = (int(m.group(1)), str(path))
+    return best[1] if best else None
 
 
 def _total_steps(trainer: Trainer) -> int | None:
@@ -339,6 +354,8 @@ class ScaleWatch(Callback):
         for plugin in self.monitor.plugins:
             if isinstance(plugin, AllocationDetector):
                 plugin.total_steps = _total_steps(trainer)
+            if isinstance(plugin, DivergenceDetector):
+                plugin.checkpoint_before = lambda step: checkpoint_at_or_before(trainer, step)
 
     def _start_gns(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.noise_scale.remove()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -273,6 +273,8 @@ class DivergenceDetector(_Detector):
         self._smooth: deque[float] = deque(maxlen=5)  # "best" is the lowest median of 5: a noisy series'
         # running minimum of single points (or of 3) sits far below its typical value
         self._window: deque[float] = deque(maxlen=self.cfg.window)  # for the noise scale
+        # step -> path of the newest checkpoint saved at or before it; set by the Lightning callback
+        self.checkpoint_before: Callable[[int], str | None] | None = None
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         if not math.isfinite(obs.loss):
@@ -294,12 +296,18 @@ class DivergenceDetector(_Detector):
             self.best_step, self.best = min(self._bests, key=lambda b: b[1])
         if self.best is None:
             return StageOutput()
+        ckpt = self.checkpoint_before(self.last_healthy_step) if rising and self.checkpoint_before else None
+        where = f"the last healthy checkpoint: {ckpt}" if ckpt else \
+            f"a checkpoint at or before step {self.last_healthy_step:,}"
         return StageOutput(findings=[Finding(
             "divergence", rising, "critical",
             f"loss diverging since step {self.last_healthy_step:,}: {self.best:.4g} (best, step {self.best_step:,}) "
             f"-> {obs.loss:.4g} at step {obs.step:,} (tokens {obs.tokens:.3g}); stop, lower the LR (or check the "
-            f"fp16 loss scale) and resume from a checkpoint at or before step {self.last_healthy_step:,}",
+            f"fp16 loss scale) and resume from {where}",
             values={"best": self.best, "loss": obs.loss, "last_healthy_step": float(self.last_healthy_step)})])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "checkpoint_before"}
 
 
 class SaturationDetector(_Detector):

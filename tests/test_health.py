@@ -202,15 +202,17 @@ class NaNAt(TinyGPTModule):
 
 
 def _train(tmp_path, fault=None, nan_step=None, n_layer=1, n_embd=32, batch=16, steps=300, lr=3e-3, accumulate=1,
-           **watch_kw) -> tuple[ScaleWatch, pl.Trainer]:
+           enable_checkpointing=False, **watch_kw) -> tuple[ScaleWatch, pl.Trainer]:
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, n_layer=n_layer, n_embd=n_embd, n_head=2)
     train, _ = make_loaders(cfg, batch, num_train=steps * batch * accumulate, max_bytes=600_000)
     model = NaNAt(cfg, lr=lr, warmup_steps=20, max_steps=steps)
     model.nan_step = nan_step
     watch = ScaleWatch(log_every_n_steps=LOG_EVERY, **watch_kw)
-    t = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=[watch] + ([fault] if fault else []),
-                   logger=TensorBoardLogger(str(tmp_path), name="tb", version=0), enable_checkpointing=False,
+    extra = fault if isinstance(fault, list) else [fault] if fault else []
+    t = pl.Trainer(max_steps=steps, accelerator="cpu", callbacks=[watch, *extra],
+                   logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
+                   enable_checkpointing=enable_checkpointing,
                    enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate)
     t.fit(model, train)
     return watch, t
@@ -251,10 +253,15 @@ def test_lr_spike_is_a_spike_within_one_interval(tmp_path) -> None:
     assert all(st > FAULT_STEP for st in first.values())  # nothing before the fault
 
 
-def test_lr_raised_tenfold_is_a_divergence(tmp_path) -> None:
-    watch, _ = _train(tmp_path, fault=LRFault(FAULT_STEP, 10**9, 10.0), lr=1e-2)
+def test_lr_raised_tenfold_is_a_divergence_naming_the_last_healthy_checkpoint(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=50, save_top_k=-1)
+    watch, _ = _train(tmp_path, fault=[LRFault(FAULT_STEP, 10**9, 10.0), ckpt], lr=1e-2, enable_checkpointing=True)
     divergence = [(s, st) for k, s, st in _firing(watch) if k == "divergence"]
     assert divergence and divergence[0] == ("critical", FAULT_STEP + 2 * LOG_EVERY)  # within 2 log intervals
+    (alert,) = [a for a in watch.monitor.alerts.recent if a.kind == "divergence" and a.state == "firing"][:1]
+    assert f"last healthy checkpoint: {tmp_path / 'ckpt'}" in alert.message and "step=150.ckpt" in alert.message
     assert all(st > FAULT_STEP for _, _, st in _firing(watch))
     control, _ = _train(tmp_path / "control", lr=1e-2)  # the same run without the fault is quiet
     assert _firing(control) == []
