@@ -38,12 +38,12 @@ def _norm(grad: Tensor) -> Tensor:
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 
-def _sq_norm(grad: Tensor) -> Tensor:
-    return _norm(grad).float().square()
-
-
-def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
+def grad_sq_norm(params: Iterable[Tensor]) -> Tensor | None:
     """Squared L2 norm of the ``.grad`` of ``params`` (float32 0-d device tensor), None if no grads.
+
+    One fused foreach kernel per dtype/device group, no host read. The per-tensor norms are taken
+    in float32 (a float16 total above 65504 would read as inf), and parts on several devices (a
+    model split across devices in one process) are gathered on the first one.
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
@@ -54,35 +54,22 @@ def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
     if not grads:
         return None
     dense = [g for g in grads if not g.is_sparse]
-    parts = []
-    if dense:
-        norms = torch._foreach_norm(dense, 2)  # one fused kernel per dtype/device group
-        parts.append(torch.stack([n.float() for n in norms]).square().sum())
-    parts.extend(_sq_norm(g) for g in grads if g.is_sparse)
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    norms = list(torch._foreach_norm(dense, 2, dtype=torch.float32)) if dense else []
+    norms += [_norm(g).float() for g in grads if g.is_sparse]
+    device = norms[0].device
+    return torch.stack([n.to(device, non_blocking=True) for n in norms]).square().sum()
 
 
 def grad_norm(params: Iterable[Tensor]) -> Tensor | None:
-    """Global L2 norm of the ``.grad`` of ``params`` (0-d float32 device tensor), None if no grads.
-
-    One fused foreach kernel per dtype/device group and no host read: cheap enough for every step.
+    """Global L2 norm of the ``.grad`` of ``params`` (the square root of :func:`grad_sq_norm`).
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
         >>> round(float(grad_norm([p])), 4)   # sqrt(12)
         3.4641
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    if any(g.is_sparse for g in grads):
-        sq = grad_sq_norm([p for p in params if p.grad is not None])  # type: ignore[arg-type]
-        return None if sq is None else sq.sqrt()
-    # float32 norms (a float16 total above 65504 would read as inf); parts on several devices are
-    # gathered on the first one (a model split across devices in one process).
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device, non_blocking=True) for n in norms]))
+    sq = grad_sq_norm(params)
+    return None if sq is None else sq.sqrt()
 
 
 class _BackwardNorms:
