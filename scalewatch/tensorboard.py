@@ -8,7 +8,9 @@ Scalars are logged as ``scalewatch/<name>``, ``<name>`` being a key of ``Report.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -178,32 +180,126 @@ def find_tag(tags: Sequence[str], aliases: Sequence[str], given: str | None = No
         return None
 
 
+@dataclass
+class Tags:
+    """Which tag (or column) holds what; None where the log has none."""
+
+    loss: str | None = None
+    lr: str | None = None
+    tokens: str | None = None
+
+
+class EventSource:
+    """A TensorBoard event directory read incrementally: call :meth:`poll` again to get what was appended."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._loaders: dict[Path, Any] = {}
+        self._pending: dict[int, dict[str, float]] = {}  # steps not yet complete (a later step may add tags)
+        self._seen: set[str] = set()
+
+    def _files(self) -> list[Path]:
+        return sorted(self.path.glob("events.out.tfevents.*"))
+
+    def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+        for f in self._files():
+            if f not in self._loaders:
+                self._loaders[f] = LegacyEventFileLoader(str(f))
+            try:
+                for event in self._loaders[f].Load():
+                    for v in event.summary.value:
+                        value = _scalar_value(v)
+                        if value is not None:
+                            self._pending.setdefault(int(event.step), {})[v.tag] = value
+                            self._seen.add(v.tag)
+            except Exception as exc:  # a truncated or corrupt record: keep what was read
+                print(f"scalewatch: {f.name}: stopped reading at a damaged record ({type(exc).__name__})",
+                      file=sys.stderr)
+        # A step is complete once a later step has been seen (writers log a step's scalars together).
+        steps = sorted(self._pending)
+        done = steps if final else steps[:-1]
+        for s in done:
+            yield s, self._pending.pop(s)
+
+    def tags(self) -> list[str]:
+        return sorted(self._seen)
+
+
+def _scalar_value(v: Any) -> float | None:
+    if v.HasField("simple_value"):
+        return float(v.simple_value)
+    if v.HasField("tensor") and v.metadata.plugin_data.plugin_name in ("scalars", ""):
+        from tensorboard.util.tensor_util import make_ndarray
+
+        try:  # float_val, double_val or packed tensor_content (TF2 / Keras writers)
+            arr = make_ndarray(v.tensor)
+        except Exception:  # not a numeric tensor
+            return None
+        return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+    return None
+
+
+class RowConverter:
+    """Turns one step's scalars (tag -> value) into an :class:`Observation`, for any trainer's tags.
+
+    The loss, LR and token tags are found on the first row with a loss (common names, or the
+    given ones); ScaleWatch's own ``scalewatch/*`` tags give samples, FLOPs, the max loss and the
+    gradient norm. Non-finite counts are treated as missing; the non-finite losses are counted.
+    """
+
+    def __init__(self, loss_tag: str | None = None, lr_tag: str | None = None, tokens_tag: str | None = None,
+                 tokens_per_step: float | None = None) -> None:
+        self.given = Tags(loss_tag, lr_tag, tokens_tag)
+        self.tokens_per_step = tokens_per_step
+        self.tags = Tags()
+        self._nonfinite = 0
+
+    def has_loss(self, row: Mapping[str, float]) -> bool:
+        if not self.tags.loss:
+            self.tags = Tags(loss=find_tag(list(row), LOSS_TAGS, self.given.loss),
+                             lr=find_tag(list(row), LR_TAGS, self.given.lr),
+                             tokens=find_tag(list(row), TOKEN_TAGS, self.given.tokens))
+        return bool(self.tags.loss) and self.tags.loss in row
+
+    def observation(self, step: int, row: Mapping[str, float], n_params: float | None = None) -> Observation:
+        """The observation of a row :meth:`has_loss` accepted; FLOPs as 6·N·D when the log has none."""
+        row = {k: v for k, v in row.items() if math.isfinite(v) or k == self.tags.loss}  # bad counts: missing
+        loss = row[self.tags.loss]  # type: ignore[index]
+        tokens = row.get(self.tags.tokens) if self.tags.tokens else None
+        if tokens is None:
+            tokens = step * self.tokens_per_step if self.tokens_per_step else 0
+        nonfinite = int(row.get(tag("nonfinite_losses"), self._nonfinite + (0 if math.isfinite(loss) else 1)))
+        all_finite = nonfinite == self._nonfinite and math.isfinite(loss)
+        self._nonfinite = nonfinite
+        flops = row.get(tag("flops"), 6.0 * n_params * tokens if n_params else 0.0)
+        grad = row.get(tag("grad_norm"))
+        return Observation(step=step, tokens=int(tokens), samples=int(row.get(tag("samples"), 0)), flops=int(flops),
+                           loss=loss if math.isfinite(loss) else math.nan,
+                           lr=row.get(self.tags.lr) if self.tags.lr else None, nonfinite=nonfinite,
+                           loss_max=row.get(tag("loss_max"), math.nan), all_finite=all_finite, grad_norm=grad,
+                           grad_norm_max=row.get(tag("grad_norm_max"), grad))
+
+
+def no_loss_message(path: str | Path, loss_tag: str | None, tags: Sequence[str]) -> str:
+    """The one-line error for a log without a (findable) loss: what was looked for, what was found."""
+    wanted = f"the loss tag {loss_tag!r}" if loss_tag else \
+        f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
+    return f"{path}: no {wanted}; tags/columns: {', '.join(tags) or 'none'}; name it with --loss-tag"
+
+
 def read_observations(logdir: str | Path, loss_tag: str | None = None, lr_tag: str | None = None,
                       tokens_tag: str | None = None, tokens_per_step: int | None = None) -> list[Observation]:
     """The run in a TensorBoard event directory as Observations, one per step that logged a loss.
 
     ScaleWatch's own logs give tokens, samples and FLOPs; another trainer's give the loss (its tag
     found among common names, or ``loss_tag``), the LR and tokens where logged, else tokens as
-    ``step * tokens_per_step``.
+    ``step * tokens_per_step``. The same conversion as ``scalewatch watch``.
     """
-    series = read_scalars(logdir)
-    tags = list(series)
-    y_tag = find_tag(tags, LOSS_TAGS, loss_tag)
-    if y_tag is None:
-        wanted = f"the tag {loss_tag!r}" if loss_tag else f"a loss tag ({', '.join(LOSS_TAGS)})"
-        raise ValueError(f"{logdir}: no {wanted} among {', '.join(tags) or 'no scalars'}; name it with --loss-tag")
-
-    def by_step(name: str | None) -> Mapping[int, float]:
-        return dict(series[name]) if name is not None else {}
-
-    lr = by_step(find_tag(tags, LR_TAGS, lr_tag))
-    tokens = by_step(find_tag(tags, TOKEN_TAGS, tokens_tag))
-    samples, flops = by_step(tag("samples") if tag("samples") in series else None), \
-        by_step(tag("flops") if tag("flops") in series else None)
-    out = []
-    for step, loss in series[y_tag]:
-        n_tokens = tokens.get(step, step * tokens_per_step if tokens_per_step else 0)
-        out.append(Observation(step=int(step), tokens=int(n_tokens), samples=int(samples.get(step, 0)),
-                               flops=int(flops.get(step, 0)), loss=float(loss) if math.isfinite(loss) else math.nan,
-                               lr=lr.get(step)))
+    source = EventSource(Path(logdir))
+    rows = RowConverter(loss_tag, lr_tag, tokens_tag, tokens_per_step)
+    out = [rows.observation(step, row) for step, row in source.poll(final=True) if rows.has_loss(row)]
+    if not out:
+        raise ValueError(no_loss_message(logdir, loss_tag, source.tags()))
     return out

@@ -22,8 +22,8 @@ from typing import Any
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.data import pick_column
-from scalewatch.monitor import Monitor, Observation, Report
-from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, TOKEN_TAGS, find_tag, tag
+from scalewatch.monitor import Monitor, Report
+from scalewatch.tensorboard import EventSource, RowConverter, no_loss_message, tag
 
 _CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
 
@@ -35,68 +35,7 @@ class WatchError(ValueError):
     """An input ``watch`` cannot read, with the reason and the fix."""
 
 
-@dataclass
-class Tags:
-    """Which tag (or column) holds what; None where the log has none."""
-
-    loss: str | None = None
-    lr: str | None = None
-    tokens: str | None = None
-
-
 # ------------------------------------------------------------------ sources: rows of (step, {name: value})
-class EventSource:
-    """A TensorBoard event directory read incrementally: call :meth:`poll` again to get what was appended."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._loaders: dict[Path, Any] = {}
-        self._pending: dict[int, dict[str, float]] = {}  # steps not yet complete (a later step may add tags)
-        self._seen: set[str] = set()
-
-    def _files(self) -> list[Path]:
-        return sorted(self.path.glob("events.out.tfevents.*"))
-
-    def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
-        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-
-        for f in self._files():
-            if f not in self._loaders:
-                self._loaders[f] = LegacyEventFileLoader(str(f))
-            try:
-                for event in self._loaders[f].Load():
-                    for v in event.summary.value:
-                        value = _scalar_value(v)
-                        if value is not None:
-                            self._pending.setdefault(int(event.step), {})[v.tag] = value
-                            self._seen.add(v.tag)
-            except Exception as exc:  # a truncated or corrupt record: keep what was read
-                print(f"scalewatch watch: {f.name}: stopped reading at a damaged record ({type(exc).__name__})",
-                      file=sys.stderr)
-        # A step is complete once a later step has been seen (writers log a step's scalars together).
-        steps = sorted(self._pending)
-        done = steps if final else steps[:-1]
-        for s in done:
-            yield s, self._pending.pop(s)
-
-    def tags(self) -> list[str]:
-        return sorted(self._seen)
-
-
-def _scalar_value(v: Any) -> float | None:
-    if v.HasField("simple_value"):
-        return float(v.simple_value)
-    if v.HasField("tensor") and v.metadata.plugin_data.plugin_name in ("scalars", ""):
-        from tensorboard.util.tensor_util import make_ndarray
-
-        try:  # float_val, double_val or packed tensor_content (TF2 / Keras writers)
-            arr = make_ndarray(v.tensor)
-        except Exception:  # not a numeric tensor
-            return None
-        return float(arr.reshape(-1)[0]) if arr.size == 1 else None
-    return None
-
-
 class TableSource:
     """A CSV (header row) or JSON-lines file, read incrementally; a half-written last line waits for more."""
 
@@ -199,43 +138,20 @@ class Replayer:
     total_steps: int | None = None
     sinks: list[Any] = field(default_factory=list)
     monitor: Monitor | None = None
-    tags: Tags = field(default_factory=Tags)
     observed: int = 0
-    _nonfinite: int = 0
+    rows: RowConverter | None = None
 
     def feed(self, step: int, row: Mapping[str, float]) -> Report | None:
-        if not self.tags.loss:
-            self.tags = Tags(loss=find_tag(list(row), LOSS_TAGS, self.loss_tag),
-                             lr=find_tag(list(row), LR_TAGS, self.lr_tag),
-                             tokens=find_tag(list(row), TOKEN_TAGS, self.tokens_tag))
-            if not self.tags.loss:
-                return None  # a step without a loss (e.g. only the LR was logged): wait for one that has it
-        if self.tags.loss not in row:
-            return None
+        if self.rows is None:
+            self.rows = RowConverter(self.loss_tag, self.lr_tag, self.tokens_tag, self.tokens_per_step)
+        if not self.rows.has_loss(row):
+            return None  # a step without a loss (e.g. only the LR was logged)
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
-        obs = self._observation(step, row)
+        obs = self.rows.observation(step, row, self.monitor.n_params)
         self.observed += 1
         return self.monitor.observe(obs)
-
-    def _observation(self, step: int, row: Mapping[str, float]) -> Observation:
-        row = {k: v for k, v in row.items() if math.isfinite(v) or k == self.tags.loss}  # bad counts: missing
-        loss = row[self.tags.loss]  # type: ignore[index]
-        tokens = row.get(self.tags.tokens) if self.tags.tokens else None
-        if tokens is None:
-            tokens = step * self.tokens_per_step if self.tokens_per_step else 0
-        nonfinite = int(row.get(tag("nonfinite_losses"), self._nonfinite + (0 if math.isfinite(loss) else 1)))
-        all_finite = nonfinite == self._nonfinite and math.isfinite(loss)
-        self._nonfinite = nonfinite
-        n = self.monitor.n_params if self.monitor else None
-        flops = row.get(tag("flops"), 6.0 * n * tokens if n else 0.0)
-        grad = row.get(tag("grad_norm"))
-        return Observation(step=step, tokens=int(tokens), samples=int(row.get(tag("samples"), 0)), flops=int(flops),
-                           loss=loss if math.isfinite(loss) else math.nan,
-                           lr=row.get(self.tags.lr) if self.tags.lr else None, nonfinite=nonfinite,
-                           loss_max=row.get(tag("loss_max"), math.nan), all_finite=all_finite, grad_norm=grad,
-                           grad_norm_max=row.get(tag("grad_norm_max"), grad))
 
 
 def worst_state(monitor: Monitor | None) -> str:
@@ -327,10 +243,7 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
             if writer is not None:
                 writer.close()
         if rp.observed == 0:
-            wanted = f"the loss tag {rp.loss_tag!r}" if rp.loss_tag else \
-                f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
-            raise WatchError(f"{path}: no {wanted}; tags/columns: {', '.join(source.tags()) or 'none'}; "
-                             "name it with --loss-tag")
+            raise WatchError(no_loss_message(path, rp.loss_tag, source.tags()))
         monitors.append(rp.monitor)
     return monitors
 
