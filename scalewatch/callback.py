@@ -50,7 +50,7 @@ from scalewatch.config import (
 from scalewatch.curves import CurveError, CurveLaw, schedule_from_arg
 from scalewatch.detectors import AllocationDetector, DivergenceDetector, HealthConfig
 from scalewatch.forecast import CurvePlugin
-from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method, grad_norm
+from scalewatch.gns_capture import NoiseScaleTracker, PerExampleNorms, choose_gns_method, grad_sq_norm
 from scalewatch.monitor import Observation, Report
 from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
@@ -270,7 +270,8 @@ class ScaleWatch(Callback):
         # The schedule is read when training starts (the trainer knows the run's length and scheduler).
         self.monitor = build_monitor(dataclasses.replace(self.config, schedule=None))
         self._own_sinks = list(self.monitor.sinks)  # JSONL, webhook: the trainer's sinks are added per fit
-        self._stop_kinds: set[str] = set()  # alerts that fired in this session (stop_on considers only these)
+        self._stop_kinds: set[str] = set()
+        self._gns_shares_norm = False  # set when training starts  # alerts that fired in this session (stop_on considers only these)
         self.noise_scale = NoiseScaleTracker(
             self.config.gns_decay, note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
         self.params: ParamCount | None = None
@@ -368,6 +369,13 @@ class ScaleWatch(Callback):
                                                  getattr(trainer.strategy, "process_group", None)):
             if trainer.is_global_zero:
                 log.info("scalewatch: gradient noise scale from %s", self.noise_scale.description)
+        # The noise scale's big-batch norm is the squared norm of .grad over the capture's parameters:
+        # when those are the optimizer's, the gradient-norm detector has just read it; no second read.
+        capture = self.noise_scale.capture
+        trained = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
+                   if p.requires_grad}
+        self._gns_shares_norm = (capture is not None and not isinstance(capture, PerExampleNorms)
+                                 and len(trainer.optimizers) == 1 and {id(p) for p in capture.params} == trained)
 
     # ------------------------------------------------------------------ predicted curve
     def _setup_schedule(self, trainer: Trainer) -> None:
@@ -444,31 +452,37 @@ class ScaleWatch(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
+        sq = None
         try:
             if self.config.detect and self._acc is not None:
-                self._add_grad_norm(trainer, optimizer)
+                sq = self._add_grad_norm(trainer, optimizer)
         except Exception as exc:  # monitoring must never crash the run
             self._note("grad_norm", f"gradient norm not measured: {type(exc).__name__}: {exc}")
         try:
             automatic = pl_module.automatic_optimization
             self.noise_scale.step(trainer.accumulate_grad_batches if automatic else 1, automatic, trainer.world_size,
-                                  self._amp_scale(trainer, pl_module, optimizer))
+                                  self._amp_scale(trainer, pl_module, optimizer),
+                                  big_sq=sq if self._gns_shares_norm else None)
         except Exception as exc:  # monitoring must never crash the run; the state stays, updates stop
             self._note("gns_error", f"gradient noise scale: stopped after {type(exc).__name__}: {exc}")
             self.noise_scale.remove()
 
-    def _add_grad_norm(self, trainer: Trainer, optimizer: Any) -> None:
-        """The global gradient norm before clipping: one fused foreach kernel, kept on the device."""
+    def _add_grad_norm(self, trainer: Trainer, optimizer: Any) -> Tensor | None:
+        """The global gradient norm before clipping: one fused foreach kernel, kept on the device.
+
+        Returns the squared norm of ``.grad`` as read (the noise scale reuses it)."""
         assert self._acc is not None
-        norm = grad_norm([p for group in optimizer.param_groups for p in group["params"]])
-        if norm is None:
-            return
+        sq = grad_sq_norm([p for group in optimizer.param_groups for p in group["params"]])
+        if sq is None:
+            return None
+        norm = sq.sqrt()
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         raw = getattr(optimizer, "_optimizer", optimizer)
         scale = getattr(scaler, "_scale", None)
         if isinstance(scale, Tensor) and getattr(raw, "_step_supports_amp_scaling", False):
             norm = norm / scale.to(norm.device, norm.dtype)  # such optimizers unscale inside step(): undo here
         self._acc.add_grad_norm(norm, loss_scaled=scaler is not None)
+        return sq
 
     @staticmethod
     def _amp_scale(trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> Tensor | None:

@@ -487,7 +487,8 @@ class NoiseScaleTracker:
         if self.capture is not None:
             self.capture.end_backward()
 
-    def step(self, accumulate: int, automatic: bool, world_size: int, amp_scale: Tensor | None) -> None:
+    def step(self, accumulate: int, automatic: bool, world_size: int, amp_scale: Tensor | None,
+             big_sq: Tensor | None = None) -> None:
         """Fold this optimizer step's norms into the EMAs (tensor ops only; no host read).
 
         Args:
@@ -495,6 +496,8 @@ class NoiseScaleTracker:
             automatic: whether Lightning runs the optimization (how the losses were scaled is known).
             world_size: number of data-parallel ranks.
             amp_scale: the fp16 loss scale when the hooks saw scaled gradients but ``.grad`` is unscaled.
+            big_sq: the squared norm of the step's ``.grad`` over the capture's parameters, when the
+                caller already took it this step (it is not read twice).
         """
         sizes, self._sizes = self._sizes, []
         if self.capture is None or self.ema is None:
@@ -521,7 +524,7 @@ class NoiseScaleTracker:
                 return
             if len(set(sizes[-backwards:])) != 1 or len(sizes) < backwards:
                 return  # unequal micro-batches (a short last batch): the two-size estimator does not apply
-            big = grad_sq_norm(self.capture.params)
+            big = big_sq if big_sq is not None else grad_sq_norm(self.capture.params)
             if big is None:
                 return
             # Lightning divides each micro-batch loss by accumulate (k); the step's gradient is
