@@ -255,6 +255,14 @@ class FlopConvention:
         base = int(base) if float(self.per_token).is_integer() else int(round(base))
         return base + self.attention_coeff * tokens_x_seq_len
 
+    def to_state(self) -> dict[str, Any]:
+        """A plain dict for a checkpoint (:meth:`from_state` reads it back)."""
+        return {"per_token": self.per_token, "attention_coeff": self.attention_coeff, "description": self.description}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> FlopConvention:
+        return cls(float(state["per_token"]), int(state["attention_coeff"]), str(state["description"]))
+
     def per_token_at(self, seq_len: int) -> float:
         """FLOPs per token at a given context length."""
         return self.per_token + self.attention_coeff * seq_len
@@ -300,6 +308,30 @@ def measured_flops_per_token(total_flops: int, tokens: int) -> FlopConvention:
         description=(f"measured: {total_flops:,} matmul FLOPs (torch FlopCounterMode, forward+backward) "
                      f"over the first batch of {tokens:,} tokens"),
     )
+
+
+class FirstBatchFlops:
+    """``flops="measured"``: a ``FlopCounterMode`` entered before the first training batch and left after
+    it, so that the user's own forward AND backward of that batch are what gets counted.
+
+    Example:
+        >>> lin = torch.nn.Linear(8, 4, bias=False)
+        >>> counter = FirstBatchFlops()
+        >>> lin(torch.randn(3, 8)).sum().backward()
+        >>> counter.finish(tokens=3).per_token
+        128.0
+    """
+
+    def __init__(self) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def finish(self, tokens: int) -> FlopConvention:
+        """Leave the counter; the FLOPs per token of that batch."""
+        self._mode.__exit__(None, None, None)
+        return measured_flops_per_token(int(self._mode.get_total_flops()), int(tokens))
 
 
 def measure_flops(fn: Callable[[], Any]) -> int:
@@ -367,8 +399,11 @@ def choose_flop_convention(flops: str | float, n_params: int, module: nn.Module,
 
 
 def count_with(batch: Any, tokens_fn: Callable[[Any], Any] | None, samples_fn: Callable[[Any], int] | None,
-               first: bool) -> BatchCount:
+               first: bool, needs_seq_len: bool = False) -> BatchCount:
     """One micro-batch's counts, with the user's ``tokens_fn`` / ``samples_fn`` where given.
+
+    ``needs_seq_len`` (``flops="6N+attn"`` without a fixed ``context_length``): the first batch must
+    show its sequence length, else a :class:`ScaleWatchConfigError` names the fix.
 
     Example:
         >>> count_with(torch.zeros(4, 8, dtype=torch.long), lambda b: 30, None, first=True)
@@ -386,6 +421,9 @@ def count_with(batch: Any, tokens_fn: Callable[[Any], Any] | None, samples_fn: C
         count = BatchCount(tokens=tokens, samples=samples, seq_len=seq_len)
     if samples_fn is not None:
         count = BatchCount(tokens=count.tokens, samples=int(samples_fn(batch)), seq_len=count.seq_len)
+    if first and needs_seq_len and not count.seq_len:
+        raise ScaleWatchConfigError("scalewatch: flops='6N+attn' cannot see a sequence length in the batch; "
+                                    "pass ScaleWatch(context_length=...)")
     return count
 
 

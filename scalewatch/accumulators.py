@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from scalewatch.accounting import BatchCount, FlopConvention
+from scalewatch.monitor import Observation
 
 # Per-step device values are only appended to lists (no kernel launch, no sync); past this many
 # they are folded into running device sums, so that memory stays bounded for any log interval.
@@ -98,6 +99,23 @@ class Totals:
         self.nonfinite += interval.nonfinite
         if convention is not None:
             self.flops += convention.flops(interval.tokens, interval.tokens_x_seq_len)
+
+    def observation(self, step: int, loss: float, time: float, lr: float | None, interval: Interval | None = None,
+                    gns: tuple[float, float] | None = None) -> Observation:
+        """The :class:`~scalewatch.monitor.Observation` of a log point: these totals, the interval's
+        statistics (max loss, finiteness, gradient norms) and the noise-scale sums ``(|G|², tr Σ)``.
+
+        Example:
+            >>> Totals(tokens=64, samples=2).observation(step=1, loss=3.5, time=0.1, lr=1e-3).tokens
+            64
+        """
+        i = interval
+        return Observation(step=step, tokens=self.tokens, samples=self.samples, flops=self.flops, loss=loss,
+                           time=time, lr=lr, nonfinite=self.nonfinite, loss_max=i.loss_max if i else math.nan,
+                           all_finite=not i.nonfinite if i else True, grad_norm=i.mean_grad_norm if i else None,
+                           grad_norm_max=i.grad_norm_max if i and i.grad_norm_count else None,
+                           grad_nonfinite=i.grad_nonfinite if i else 0,
+                           gns_g2=gns[0] if gns else None, gns_trace=gns[1] if gns else None)
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -23,6 +23,8 @@ log = logging.getLogger("scalewatch")
 SEVERITIES = ("info", "warning", "critical")
 #: ``scalewatch/health/<kind>``: 0 ok, 1 info, 2 warning, 3 critical.
 HEALTH_LEVEL = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
+#: Kinds that never stop a run under ``stop_on``: scalewatch's own errors and the planning findings.
+NEVER_STOP = ("internal_error", "undertrained", "overtrained", "repeated_data", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,24 @@ class AlertBook:
     def firing(self) -> dict[tuple[str, str], str]:
         """(kind, key) -> severity of every alert firing now."""
         return dict(self._firing)
+
+    def reasons_to_stop(self, stop_on: str, fired_kinds: Iterable[str]) -> list[str]:
+        """``"kind (severity)"`` of each firing alert that should stop the run under ``stop_on``.
+
+        Only the run's own health stops it: not scalewatch's internal errors, not the planning
+        findings (they fire at the first log point by design), and only kinds in ``fired_kinds``
+        (those that fired in this session, not alerts restored from a checkpoint).
+
+        Example:
+            >>> book = AlertBook()
+            >>> _ = book.update([Finding("divergence", True, "critical", "loss rising")], step=5, tokens=50)
+            >>> book.reasons_to_stop("critical", {"divergence"})
+            ['divergence (critical)']
+        """
+        level = HEALTH_LEVEL[stop_on]
+        kinds = set(fired_kinds) - set(NEVER_STOP)
+        return [f"{kind} ({sev})" for (kind, _), sev in self._firing.items()
+                if HEALTH_LEVEL[sev] >= level and kind in kinds]
 
     def health(self) -> dict[str, int]:
         """``kind -> level`` (0 ok .. 3 critical, the worst over keys) for every kind known so far."""

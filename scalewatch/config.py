@@ -37,9 +37,69 @@ def _positive_int(name: str, value: Any) -> None:
 
 @dataclass
 class ScaleWatchConfig:
-    """Everything ScaleWatch is told, validated once when it is made (see :class:`ScaleWatch` for each field).
+    """Everything ScaleWatch is told, validated once when it is made: the arguments of
+    :class:`~scalewatch.callback.ScaleWatch`, of ``scalewatch watch`` and of :func:`build_monitor`.
 
     A curve law given as a path is read here, so a malformed law file fails at construction.
+
+    Args:
+        tokens_fn: ``tokens_fn(batch) -> int | integer tensor`` overrides token counting
+            (default: read ``[B, T]`` ids, a dict with ``input_ids`` / ``attention_mask`` /
+            ``labels``, or a tuple holding the ids).
+        samples_fn: ``samples_fn(batch) -> int`` overrides the sequence count.
+        n_params: N to use instead of counting the module's trainable parameters.
+        param_convention: ``"total"`` (Chinchilla: all trainable parameters) or
+            ``"non_embedding"`` (Kaplan).
+        flops: ``"6N"`` (default), ``"6N+attn"`` (adds ``12·n_layer·d_model·T``, the
+            PaLM/nanoGPT convention, T = the batch's sequence length or ``context_length``),
+            ``"measured"`` (``torch.utils.flop_counter.FlopCounterMode`` over the first
+            training batch, forward and backward), or a number of FLOPs per token.
+        n_layer, d_model: architecture for ``"6N+attn"``; inferred from common attribute
+            names (``n_layer``, ``num_hidden_layers``, ``n_embd``, ``hidden_size``, ... on the
+            module or its ``config``/``hparams``) when not given.
+        context_length: fixed attention context for ``"6N+attn"`` instead of the batch's.
+        peak_flops: peak FLOP/s of ONE device, for MFU; default: Lightning's table for the
+            device and precision (none for CPUs, then MFU is not logged).
+        log_every_n_steps: optimizer steps between log points (default: the trainer's).
+        loss_key: name under which the module logs its training loss, used when
+            ``training_step`` returns no loss (default: tries ``train_loss``, ``loss``, ...).
+        history_size: observations kept in the bounded history.
+        gns: gradient noise scale capture. ``"auto"`` (default) uses what the training
+            already computes: under DDP each rank's local gradient before the all-reduce
+            against the global one, under gradient accumulation each micro-batch's gradient
+            against the step's; with neither it says so once and logs no noise scale.
+            ``"per_example"`` (single device, no accumulation, opt-in: extra compute, about
+            +30% step time on the example GPT on CPU) takes per-example gradient norms of the
+            Linear/LayerNorm/RMSNorm weights; ``"per_example_norm"`` of the LayerNorm/RMSNorm
+            weights only (Gray et al.: they track the whole model's noise scale), far cheaper.
+            ``"ddp"`` / ``"accumulation"`` insist on one method; ``"off"`` disables it.
+            Logged under ``scalewatch/gns/``: ``b_simple`` (sequences), ``b_simple_tokens``,
+            ``b_crit`` (tokens), ``batch_size``, ``batch_tokens``, ``steps_factor``,
+            ``compute_factor``, ``g2``, ``trace`` and ``b_crit_kaplan_ref``.
+        gns_decay: EMA decay per optimizer step of the noise-scale estimates.
+        curve_law: a curve-law file from ``scalewatch fit --curves --out`` (or a
+            :class:`~scalewatch.curves.CurveLaw`): logs ``loss_pred`` with ``loss_pred_low`` /
+            ``loss_pred_high`` (90% band), ``loss_residual`` (in units of the band's
+            half-width), ``loss_forecast_final`` with its band, and a TensorBoard
+            custom-scalars chart of the live loss inside the predicted band.
+        schedule: the run's LR per optimizer step for the prediction (a sequence, a
+            ``step,lr`` CSV path, or ``fn(step) -> lr``). Default: the configured LR
+            scheduler evaluated ahead on a copy (training state untouched).
+        forecast_in_background: run the final-loss forecast (a small fit, milliseconds) on a
+            worker thread, off the training loop; each log point then reports the latest
+            finished forecast and the step it was based on (``loss_forecast_at_step``).
+        alerts_jsonl: also append every alert (firing / resolved) to this JSON-lines file.
+        detect: run the run-health detectors (non-finite values, loss and gradient-norm spikes,
+            divergence, saturation, off-curve, under/over-training, batch size); see the README.
+        health: their thresholds (:class:`~scalewatch.detectors.HealthConfig`).
+        law: a Chinchilla law file (``scalewatch fit --out``) for the compute-optimal tokens per
+            parameter and the losses in the ``undertrained`` alert (default: about 20 tokens/param).
+        unique_tokens: distinct tokens in the training data, to flag more than ~4 epochs of repetition.
+        stop_on: ``"critical"`` (or ``"warning"``) stops training cleanly, all ranks together, once an
+            alert of that severity fires.
+        webhook_url: a Slack-compatible webhook for alerts (default: ``SCALEWATCH_WEBHOOK_URL``); sent
+            from a background thread, never written anywhere.
+        run_name: the run's name in alerts.
 
     Example:
         >>> ScaleWatchConfig(flops="6N+attn", n_layer=12, d_model=768).flops
