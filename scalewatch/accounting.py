@@ -19,144 +19,24 @@ Conventions (see ``docs`` in the README):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from scalewatch.config import ScaleWatchConfigError  # noqa: F401  (re-exported: raised here, defined torch-free)
 
-IGNORE_INDEX = -100
-
-Count = Union[int, Tensor]
-"""A count that is either known on the host (from shapes) or lives on the device."""
-
-
-@dataclass(frozen=True)
-class BatchCount:
-    """What one (micro-)batch contributes.
-
-    Attributes:
-        tokens: training tokens (positions that carry loss); ``int`` or a 0-d device tensor.
-        samples: sequences in the batch.
-        seq_len: the sequence (context) length attention runs over, from the batch shape;
-            0 where unknown.
-    """
-
-    tokens: Count
-    samples: int
-    seq_len: int
-
-
-def _is_int_tensor(x: Any) -> bool:
-    return isinstance(x, Tensor) and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-
-
-def _token_tensor_count(ids: Tensor) -> BatchCount:
-    if ids.ndim < 2:
-        raise ScaleWatchConfigError(
-            f"scalewatch: token ids must be shaped [batch, seq], got shape {tuple(ids.shape)}; "
-            "pass ScaleWatch(tokens_fn=lambda batch: ...) to count tokens yourself"
-        )
-    samples, seq_len = int(ids.shape[0]), int(ids.shape[1])
-    return BatchCount(tokens=ids.numel(), samples=samples, seq_len=seq_len)
-
-
-def _mapping_count(batch: Mapping[str, Any], use_masks: bool) -> BatchCount:
-    ids = batch.get("input_ids")
-    if not _is_int_tensor(ids):
-        raise ScaleWatchConfigError(
-            "scalewatch: the batch is a dict without an integer 'input_ids' tensor "
-            f"(keys: {sorted(map(str, batch.keys()))}); pass ScaleWatch(tokens_fn=lambda batch: ...) "
-            "to count tokens yourself"
-        )
-    base = _token_tensor_count(ids)
-    if not use_masks:
-        return base
-    mask = batch.get("attention_mask")
-    labels = batch.get("labels")
-    counted: Tensor | None = None
-    if isinstance(mask, Tensor):
-        counted = mask.reshape(ids.shape) != 0
-    if _is_int_tensor(labels) and labels.shape == ids.shape:
-        keep = labels != IGNORE_INDEX
-        counted = keep if counted is None else counted & keep
-    if counted is None:
-        return base
-    # Stays on the device: reading it here would stall the step.
-    return BatchCount(tokens=counted.sum(), samples=base.samples, seq_len=base.seq_len)
-
-
-def count_batch(batch: Any, use_masks: bool = True) -> BatchCount:
-    """Count the training tokens and samples of a batch, without a host sync.
-
-    With ``use_masks=False`` only the shapes are read (samples and sequence length for a
-    user's ``tokens_fn``), so no device work is launched.
-
-    Understood layouts: a token-id tensor ``[B, T]``; a dict with ``input_ids``
-    (positions where ``attention_mask`` is 0 or ``labels`` is -100 do not count);
-    a tuple or list whose first integer tensor of rank >= 2 holds the token ids.
-
-    Raises:
-        ScaleWatchConfigError: the batch has no readable token ids; the message
-            names ``tokens_fn``.
-
-    Example:
-        >>> import torch
-        >>> count_batch(torch.zeros(4, 16, dtype=torch.long)).tokens
-        64
-        >>> b = {"input_ids": torch.ones(2, 3, dtype=torch.long),
-        ...      "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
-        >>> int(count_batch(b).tokens), count_batch(b).samples
-        (3, 2)
-    """
-    if _is_int_tensor(batch):
-        return _token_tensor_count(batch)
-    if isinstance(batch, Mapping):
-        return _mapping_count(batch, use_masks)
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
-        for item in batch:
-            if _is_int_tensor(item) and item.ndim >= 2:
-                return _token_tensor_count(item)
-            if isinstance(item, Mapping) and "input_ids" in item:
-                return _mapping_count(item, use_masks)
-    raise ScaleWatchConfigError(
-        f"scalewatch: cannot find token ids in a batch of type {type(batch).__name__}; "
-        "pass ScaleWatch(tokens_fn=lambda batch: <number of training tokens>) to count them"
-    )
-
-
-def check_tokens_fn_result(value: Any, first_batch: bool) -> Count:
-    """Validate what a user's ``tokens_fn`` returned; returns it as a count.
-
-    Python numbers are checked every batch (free). A tensor is checked for its
-    dtype every batch and for its sign only on the first batch, the one batch
-    where a host read is allowed.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, Tensor)):
-        raise ScaleWatchConfigError(
-            f"scalewatch: tokens_fn must return an int or an integer tensor, got {type(value).__name__} "
-            f"({value!r}); return the number of training tokens in the batch"
-        )
-    if isinstance(value, Tensor):
-        if not _is_int_tensor(value) or value.numel() != 1:
-            raise ScaleWatchConfigError(
-                f"scalewatch: tokens_fn returned a tensor of dtype {value.dtype} and shape {tuple(value.shape)}; "
-                "return a single integer (for example mask.sum())"
-            )
-        value = value.reshape(())
-        if first_batch and int(value) < 0:
-            raise ScaleWatchConfigError(
-                f"scalewatch: tokens_fn returned a negative count ({int(value)}); return the number of tokens"
-            )
-        return value
-    if value < 0:
-        raise ScaleWatchConfigError(
-            f"scalewatch: tokens_fn returned a negative count ({value}); return the number of tokens"
-        )
-    return value
+# Reading batches lives in scalewatch.batches; re-exported here, where it used to be.
+from scalewatch.batches import (  # noqa: F401
+    IGNORE_INDEX,
+    BatchCount,
+    Count,
+    check_tokens_fn_result,
+    count_batch,
+    count_with,
+)
 
 
 @dataclass(frozen=True)
@@ -301,12 +181,16 @@ def fixed_flops_per_token(value: float) -> FlopConvention:
                           description=f"fixed {value:.6g} FLOPs per token (user-given)")
 
 
-def measured_flops_per_token(total_flops: int, tokens: int) -> FlopConvention:
-    """FLOPs per token measured by ``FlopCounterMode`` over one training batch (fwd+bwd)."""
+def measured_flops_per_token(total_flops: int, positions: int) -> FlopConvention:
+    """FLOPs per token measured by ``FlopCounterMode`` over one training batch (fwd+bwd).
+
+    ``positions``: the token positions the model ran in that batch, padding included (``B·T``):
+    dividing by the training tokens instead would charge the first batch's padding share to the
+    whole run."""
     return FlopConvention(
-        per_token=total_flops / max(tokens, 1), attention_coeff=0,
+        per_token=total_flops / max(positions, 1), attention_coeff=0,
         description=(f"measured: {total_flops:,} matmul FLOPs (torch FlopCounterMode, forward+backward) "
-                     f"over the first batch of {tokens:,} tokens"),
+                     f"over the first batch's {positions:,} token positions, charged per training token"),
     )
 
 
@@ -318,7 +202,7 @@ class FirstBatchFlops:
         >>> lin = torch.nn.Linear(8, 4, bias=False)
         >>> counter = FirstBatchFlops()
         >>> lin(torch.randn(3, 8)).sum().backward()
-        >>> counter.finish(tokens=3).per_token
+        >>> counter.finish(positions=3).per_token
         128.0
     """
 
@@ -328,10 +212,10 @@ class FirstBatchFlops:
         self._mode = FlopCounterMode(display=False)
         self._mode.__enter__()
 
-    def finish(self, tokens: int) -> FlopConvention:
-        """Leave the counter; the FLOPs per token of that batch."""
+    def finish(self, positions: int) -> FlopConvention:
+        """Leave the counter; the FLOPs per token position of that batch (``B·T``, padding included)."""
         self._mode.__exit__(None, None, None)
-        return measured_flops_per_token(int(self._mode.get_total_flops()), int(tokens))
+        return measured_flops_per_token(int(self._mode.get_total_flops()), int(positions))
 
 
 def measure_flops(fn: Callable[[], Any]) -> int:
@@ -396,35 +280,6 @@ def choose_flop_convention(flops: str | float, n_params: int, module: nn.Module,
         raise ScaleWatchConfigError(
             "scalewatch: flops='6N+attn' needs the architecture; pass ScaleWatch(n_layer=..., d_model=...)")
     return six_n_plus_attention(n_params, n_layer, d_model)
-
-
-def count_with(batch: Any, tokens_fn: Callable[[Any], Any] | None, samples_fn: Callable[[Any], int] | None,
-               first: bool, needs_seq_len: bool = False) -> BatchCount:
-    """One micro-batch's counts, with the user's ``tokens_fn`` / ``samples_fn`` where given.
-
-    ``needs_seq_len`` (``flops="6N+attn"`` without a fixed ``context_length``): the first batch must
-    show its sequence length, else a :class:`ScaleWatchConfigError` names the fix.
-
-    Example:
-        >>> count_with(torch.zeros(4, 8, dtype=torch.long), lambda b: 30, None, first=True)
-        BatchCount(tokens=30, samples=4, seq_len=8)
-    """
-    if tokens_fn is None:
-        count = count_batch(batch)
-    else:
-        tokens = check_tokens_fn_result(tokens_fn(batch), first)
-        try:
-            shaped = count_batch(batch, use_masks=False)  # shapes only: tokens come from tokens_fn
-            samples, seq_len = shaped.samples, shaped.seq_len
-        except ScaleWatchConfigError:
-            samples, seq_len = 0, 0
-        count = BatchCount(tokens=tokens, samples=samples, seq_len=seq_len)
-    if samples_fn is not None:
-        count = BatchCount(tokens=count.tokens, samples=int(samples_fn(batch)), seq_len=count.seq_len)
-    if first and needs_seq_len and not count.seq_len:
-        raise ScaleWatchConfigError("scalewatch: flops='6N+attn' cannot see a sequence length in the batch; "
-                                    "pass ScaleWatch(context_length=...)")
-    return count
 
 
 def peak_flops_per_second(device: Any, precision: str, world_size: int, given: float | None = None) -> float | None:

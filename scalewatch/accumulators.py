@@ -142,7 +142,8 @@ class IntervalAccumulator:
         self.device = torch.device(device)
         self.max_pending = MAX_PENDING
         self._host = [0, 0, 0]  # tokens, samples, tokens x seq_len known from shapes
-        self._pending_tokens: list[tuple[Tensor, int]] = []  # mask-derived (tokens, seq_len) per batch
+        # Per batch with a device-side count: (tokens, seq_len, attention sum or None, samples).
+        self._pending_tokens: list[tuple[Any, int, Any, Any]] = []
         self._pending_losses: list[Tensor] = []  # detached 0-d losses, as Lightning returned them
         self._pending_grads: list[Tensor] = []  # 0-d global gradient norms, one per optimizer step
         self._grads_scaled: list[bool] = []  # per norm: under fp16 loss scaling (non-finite is then expected)
@@ -150,17 +151,20 @@ class IntervalAccumulator:
         self._sums: Tensor | None = None  # float64[len(SUMS)] on the device
         self._maxes: Tensor | None = None  # float64[len(MAXES)] on the device
 
-    def add_count(self, count: BatchCount, seq_len: int) -> None:
-        """Add one micro-batch's counts; ``seq_len`` is the attention context charged to its tokens."""
-        if isinstance(count.tokens, Tensor):
-            # Kept as a device tensor: reading it would stall the step.
-            self._pending_tokens.append((count.tokens, seq_len))
+    def add_count(self, count: BatchCount, seq_len: int | None = None) -> None:
+        """Add one micro-batch's counts. ``seq_len`` (a fixed attention context) is charged to every token
+        when given; else the batch's own: ``count.attn`` where the batch knows it (packed), or its length."""
+        attn = count.attn if seq_len is None else None
+        seq_len = seq_len if seq_len is not None else count.seq_len
+        if isinstance(count.tokens, Tensor) or isinstance(attn, Tensor) or isinstance(count.samples, Tensor):
+            # Kept as device tensors: reading them would stall the step.
+            self._pending_tokens.append((count.tokens, seq_len, attn, count.samples))
             if len(self._pending_tokens) >= self.max_pending:
                 self.fold()
-        else:
-            self._host[0] += count.tokens
-            self._host[2] += count.tokens * seq_len
+            return
+        self._host[0] += count.tokens
         self._host[1] += count.samples
+        self._host[2] += count.tokens * seq_len if attn is None else int(round(attn))
 
     def add_loss(self, loss: Tensor, scale: int) -> None:
         """Add one micro-batch loss that was divided by ``scale`` (undone when folding, not per batch)."""
@@ -193,11 +197,7 @@ class IntervalAccumulator:
         zero = self._sums.new_zeros(())
         ninf = torch.full((), -math.inf, dtype=torch.float64, device=self.device)
         if self._pending_tokens:
-            tokens = torch.stack([t.reshape(()) for t, _ in self._pending_tokens]).double()
-            lens = torch.tensor([sl for _, sl in self._pending_tokens], dtype=torch.float64).to(self.device,
-                                                                                                 non_blocking=True)
-            sums.append(("tokens", tokens.sum()))
-            sums.append(("tokens_x_seq_len", (tokens * lens).sum()))
+            sums += self._fold_counts()
         for name, pending in (("loss", self._pending_losses), ("grad_norm", self._pending_grads)):
             if not pending:
                 continue
@@ -221,6 +221,31 @@ class IntervalAccumulator:
             self._maxes = torch.maximum(self._maxes, torch.stack([top.get(k, ninf) for k in MAXES]))
         self._pending_tokens, self._pending_losses, self._pending_grads, self._grads_scaled = [], [], [], []
         return self._sums, self._maxes
+
+    def _fold_counts(self) -> list[tuple[str, Tensor]]:
+        """The pending counts (device tensors and ints mixed) as device sums: one small copy per kind."""
+        def dev(values: list[Any]) -> Tensor:
+            if all(isinstance(v, Tensor) for v in values):
+                return torch.stack([v.reshape(()).to(self.device, torch.float64) for v in values])
+            ints = torch.tensor([0.0 if isinstance(v, Tensor) else float(v) for v in values], dtype=torch.float64)
+            out = ints.to(self.device, non_blocking=True)
+            dense = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
+            if dense:
+                idx = torch.tensor([i for i, _ in dense]).to(self.device, non_blocking=True)
+                out = out.index_add(0, idx, torch.stack([v.reshape(()).to(self.device, torch.float64)
+                                                         for _, v in dense]))
+            return out
+
+        pending = self._pending_tokens
+        tokens = dev([t for t, _, _, _ in pending])
+        lens = dev([sl for _, sl, _, _ in pending])
+        attn_given = [a is not None for _, _, a, _ in pending]
+        attn = tokens * lens
+        if any(attn_given):
+            mask = torch.tensor(attn_given).to(self.device, non_blocking=True)
+            attn = torch.where(mask, dev([a if a is not None else 0 for _, _, a, _ in pending]), attn)
+        return [("tokens", tokens.sum()), ("samples", dev([s for _, _, _, s in pending]).sum()),
+                ("tokens_x_seq_len", attn.sum())]
 
     def reduce(self, world_size: int, extra: Tensor | None = None) -> tuple[Interval, Tensor | None]:
         """Fold, reduce across ranks in ONE collective, read once; every rank must call it together.

@@ -36,6 +36,7 @@ from scalewatch.accounting import (
 )
 from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
 from scalewatch.alerts import LogSink
+from scalewatch.batches import is_causal_lm
 from scalewatch.config import (
     ScaleWatchConfig,
     build_monitor,
@@ -53,6 +54,7 @@ from scalewatch.lightning_io import (
     checkpoint_at_or_before,
     current_lr,
     fallback_loss,
+    logged_step_loss,
     grad_norm_before_clipping,
     lookahead_schedule,
     loss_from_outputs,
@@ -134,6 +136,12 @@ class ScaleWatch(Callback):
             gns="off" if gns is None else gns, gns_decay=gns_decay, curve_law=curve_law, schedule=schedule,
             forecast_in_background=forecast_in_background, alerts_jsonl=alerts_jsonl, detect=detect, health=health,
             law=law, unique_tokens=unique_tokens, stop_on=stop_on, webhook_url=webhook_url, run_name=run_name)
+        self._fits = 0
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """Everything one fit accumulates; a second ``fit`` with the same instance starts from here again
+        (a resumed fit then restores its checkpoint's state on top)."""
         # The schedule is read when training starts (the trainer knows the run's length and scheduler).
         self.monitor = build_monitor(dataclasses.replace(self.config, schedule=None))
         self._own_sinks = list(self.monitor.sinks)  # JSONL, webhook: the trainer's sinks are added per fit
@@ -151,6 +159,8 @@ class ScaleWatch(Callback):
         self._schedule_saved: np.ndarray | None = None  # the schedule of this run, kept for resume
         self._batch_count: BatchCount | None = None
         self._flop_counter: Any = None
+        self._shift_labels = False  # a causal LM that shifts its labels inside (set at setup)
+        self._last_logged_loss: Tensor | None = None  # manual optimization: the last self.log-ged loss taken
         self._seen_batches = 0
         self._last_global_step = 0
         self._last_logged_step = -1
@@ -186,7 +196,12 @@ class ScaleWatch(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._fits:  # the same instance in a second fit (a notebook, a sweep): nothing carries over
+            self.monitor.close()
+            self._fresh_state()
+        self._fits += 1
         self._trainer = trainer
+        self._shift_labels = is_causal_lm(pl_module)
         cfg = self.config
         self.params = count_parameters(pl_module)
         self.n_params, n_label = choose_n_params(self.params, cfg.n_params, cfg.param_convention)
@@ -251,16 +266,26 @@ class ScaleWatch(Callback):
     ) -> None:
         count = self._batch_count if self._batch_count is not None else self._count(batch, self._seen_batches == 0)
         self._batch_count = None
+        automatic = pl_module.automatic_optimization
+        if outputs is None and automatic:  # training_step returned None: Lightning skipped this batch
+            self.noise_scale.drop_batch()
+            return
         self._seen_batches += 1
         assert self._acc is not None
-        self._acc.add_count(count, self.config.context_length or count.seq_len)
+        self._acc.add_count(count, self.config.context_length)
         loss = loss_from_outputs(outputs)
         if loss is not None:
             # Lightning hands back loss / accumulate_grad_batches; undone when folding, not per batch.
-            self._acc.add_loss(loss, trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
+            self._acc.add_loss(loss, trainer.accumulate_grad_batches if automatic else 1)
+        elif not automatic:
+            logged = logged_step_loss(trainer, self.config.loss_key)
+            if logged is not None and logged is not self._last_logged_loss:  # a new self.log call, not a stale one
+                self._last_logged_loss = logged
+                self._acc.add_loss(logged, 1)
+                loss = logged
         if self._flop_counter is not None:
-            # First batch only: one host read of its token count is fine here.
-            self.convention, self._flop_counter = self._flop_counter.finish(int(count.tokens)), None
+            # FLOPs of the positions the model ran (padding included), charged per training token.
+            self.convention, self._flop_counter = self._flop_counter.finish(count.positions or int(count.tokens)), None
             log.info("scalewatch: FLOPs: %s", self.convention.description)
         if trainer.global_step != self._last_global_step:  # an optimizer step happened
             self._last_global_step = trainer.global_step
@@ -271,7 +296,7 @@ class ScaleWatch(Callback):
     def _count(self, batch: Any, first: bool) -> BatchCount:
         cfg = self.config
         needs_seq_len = bool(self.convention and self.convention.attention_coeff and not cfg.context_length)
-        return count_with(batch, cfg.tokens_fn, cfg.samples_fn, first, needs_seq_len)
+        return count_with(batch, cfg.tokens_fn, cfg.samples_fn, first, needs_seq_len, self._shift_labels)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.noise_scale.end_backward()

@@ -479,9 +479,15 @@ class NoiseScaleTracker:
                           "one norm per parameter")
         return ParamGradHooks(model.parameters())
 
-    def add_batch(self, samples: int) -> None:
+    def add_batch(self, samples: Any) -> None:
+        """The next micro-batch's size in sequences (0 when unknown, e.g. a packed batch counted on the device)."""
         if self.capture is not None:
-            self._sizes.append(samples)
+            self._sizes.append(samples if isinstance(samples, int) else 0)
+
+    def drop_batch(self) -> None:
+        """The last micro-batch was skipped (``training_step`` returned None): it had no backward."""
+        if self._sizes:
+            self._sizes.pop()
 
     def end_backward(self) -> None:
         if self.capture is not None:

@@ -30,7 +30,7 @@ from scalewatch.monitor import Report
 from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
 __all__ = ["LoggerSink", "checkpoint_at_or_before", "current_lr", "fallback_loss", "grad_norm_before_clipping",
-           "loss_from_outputs", "lookahead_schedule", "run_schedule", "start_noise_scale", "total_steps"]
+           "logged_step_loss", "loss_from_outputs", "lookahead_schedule", "run_schedule", "start_noise_scale", "total_steps"]
 
 log = logging.getLogger("scalewatch")
 
@@ -65,6 +65,29 @@ def fallback_loss(trainer: Trainer, loss_key: str | None) -> float | None:
             return float(value)
         if isinstance(value, (int, float)):
             return float(value)
+    return None
+
+
+def logged_step_loss(trainer: Trainer, loss_key: str | None) -> Tensor | None:
+    """The training loss the module has ``self.log``-ged in this step, as the device tensor Lightning keeps.
+
+    For manual optimization, where ``training_step`` often returns nothing: read per batch, it gives
+    the interval mean the callback promises, where ``callback_metrics`` at the log step would give
+    the last value only (and reading ``callback_metrics`` every batch converts progress-bar values
+    to numbers: a host sync). Lightning's result collection is private, so any change there returns
+    None and the caller falls back to ``callback_metrics`` at the log step.
+    """
+    try:
+        results = trainer._results
+        if not results:
+            return None
+        keys = (loss_key,) if loss_key else LOSS_KEYS
+        for _, metric in results.valid_items():
+            value = getattr(metric, "_forward_cache", None)
+            if metric.meta.name in keys and metric.meta.on_step and isinstance(value, Tensor) and value.numel() == 1:
+                return value
+    except Exception:  # a Lightning version with another layout
+        return None
     return None
 
 
