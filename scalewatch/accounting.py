@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from scalewatch.config import ScaleWatchConfigError  # noqa: F401  (re-exported: raised here, defined torch-free)
 
@@ -58,8 +58,29 @@ class ParamCount:
         return self.total - self.embedding
 
 
+def global_numel(p: Tensor) -> int:
+    """Elements of the WHOLE parameter, also where this rank holds only a shard of it.
+
+    DTensor (FSDP2 ``fully_shard``, tensor parallel) reports its global size already; DeepSpeed
+    ZeRO-3 keeps the full size in ``ds_numel`` beside the local partition; an FSDP1 ``FlatParameter``
+    in ``_unpadded_unsharded_size``. Everything else is whole on every rank.
+
+    Example:
+        >>> global_numel(torch.zeros(3, 4))
+        12
+    """
+    ds = getattr(p, "ds_numel", None)
+    if isinstance(ds, int) and ds > 0:
+        return ds
+    flat = getattr(p, "_unpadded_unsharded_size", None)
+    if flat is not None:
+        return int(torch.Size(flat).numel())
+    return int(p.numel())
+
+
 def count_parameters(module: nn.Module) -> ParamCount:
-    """Count trainable parameters, total and in embedding tables.
+    """Count trainable parameters, total and in embedding tables; whole sizes under sharding
+    (:func:`global_numel`), so N is the model's, not this rank's shard.
 
     Example:
         >>> from torch import nn
@@ -72,7 +93,7 @@ def count_parameters(module: nn.Module) -> ParamCount:
     for p in module.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += global_numel(p)
     embedding = 0
     counted: set[int] = set()
     for sub in module.modules():
@@ -80,7 +101,7 @@ def count_parameters(module: nn.Module) -> ParamCount:
             for p in sub.parameters(recurse=False):
                 if p.requires_grad and id(p) not in counted:
                     counted.add(id(p))
-                    embedding += p.numel()
+                    embedding += global_numel(p)
     return ParamCount(total=total, embedding=embedding)
 
 

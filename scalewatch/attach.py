@@ -40,11 +40,12 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
         raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: cannot read it ({exc}); point it at a YAML "
                                     "file of ScaleWatch arguments") from None
     if isinstance(doc, dict) and "trainer" in doc:
-        found = [cb for cb in (doc["trainer"] or {}).get("callbacks", []) or []
-                 if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ScaleWatch")]
+        trainer = doc["trainer"] or {}
+        listed = (trainer.get("callbacks+") or []) + (trainer.get("callbacks") or [])  # the presets append
+        found = [cb for cb in listed if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ScaleWatch")]
         if not found:
             raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: no scalewatch.ScaleWatch under "
-                                        "trainer.callbacks")
+                                        "trainer.callbacks+ (or trainer.callbacks)")
         doc = found[0].get("init_args") or {}
     if not isinstance(doc, dict):
         raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: expected a mapping of ScaleWatch arguments")

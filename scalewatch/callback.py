@@ -202,6 +202,13 @@ class ScaleWatch(Callback):
         self._fits += 1
         self._trainer = trainer
         self._shift_labels = is_causal_lm(pl_module)
+        self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self._own_sinks] if trainer.is_global_zero else []
+        # Counted here, before the strategy shards or wraps the module. A model built in configure_model
+        # (which runs after this hook) has no parameters yet: counted at fit start instead, whole sizes.
+        if count_parameters(pl_module).total or self.config.n_params:
+            self._count_model(trainer, pl_module)
+
+    def _count_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
         cfg = self.config
         self.params = count_parameters(pl_module)
         self.n_params, n_label = choose_n_params(self.params, cfg.n_params, cfg.param_convention)
@@ -209,7 +216,6 @@ class ScaleWatch(Callback):
         self.monitor.n_params = self.n_params
         self.monitor.peak_flops = peak_flops_per_second(pl_module.device, str(trainer.precision), trainer.world_size,
                                                         cfg.peak_flops)
-        self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self._own_sinks] if trainer.is_global_zero else []
         if self.curve_plugin is not None:
             self.curve_plugin.n_params = self.n_params
             for message in curve_law_warnings(self.curve_plugin.law, cfg.param_convention):
@@ -220,6 +226,8 @@ class ScaleWatch(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer  # state_dict() has no trainer argument but must reduce across ranks
+        if self.n_params is None:
+            self._count_model(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._acc = IntervalAccumulator(pl_module.device)
@@ -267,13 +275,13 @@ class ScaleWatch(Callback):
         count = self._batch_count if self._batch_count is not None else self._count(batch, self._seen_batches == 0)
         self._batch_count = None
         automatic = pl_module.automatic_optimization
-        if outputs is None and automatic:  # training_step returned None: Lightning skipped this batch
+        loss = loss_from_outputs(outputs)
+        if loss is None and automatic:  # training_step returned None (outputs {}): Lightning skipped the batch
             self.noise_scale.drop_batch()
             return
         self._seen_batches += 1
         assert self._acc is not None
         self._acc.add_count(count, self.config.context_length)
-        loss = loss_from_outputs(outputs)
         if loss is not None:
             # Lightning hands back loss / accumulate_grad_batches; undone when folding, not per batch.
             self._acc.add_loss(loss, trainer.accumulate_grad_batches if automatic else 1)

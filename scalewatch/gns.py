@@ -144,6 +144,12 @@ class NoiseScalePlugin:
         out: dict[str, float] = {}
         batch = obs.batch_samples
         batch_tokens = obs.batch_tokens
+        if obs.gns_g2 is None or obs.gns_trace is None:
+            return out  # nothing measured: no batch-size series beside a noise scale that is not there
+        g2, tr = float(obs.gns_g2), float(obs.gns_trace)
+        b_simple = b_simple_from(g2, tr)
+        if not math.isfinite(b_simple):
+            return out
         if batch:
             out["gns/batch_size"] = float(batch)
         if batch_tokens:
@@ -151,12 +157,6 @@ class NoiseScalePlugin:
         ref = kaplan_b_crit(obs.loss)
         if math.isfinite(ref):
             out["gns/b_crit_kaplan_ref"] = ref
-        if obs.gns_g2 is None or obs.gns_trace is None:
-            return out
-        g2, tr = float(obs.gns_g2), float(obs.gns_trace)
-        b_simple = b_simple_from(g2, tr)
-        if not math.isfinite(b_simple):
-            return out
         out["gns/g2"] = g2
         out["gns/trace"] = tr
         out["gns/b_simple"] = b_simple

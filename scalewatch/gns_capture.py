@@ -217,6 +217,13 @@ def _norm_sq(mod: nn.Module, x: Tensor, g: Tensor, weight: bool, bias: bool) -> 
 _SUPPORTED = (nn.Linear, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def _is_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored transposed
+    (``[in, out]``, ``y = x @ W + b``). The per-example gradient is the same outer product, so it is
+    measured as a Linear; recognised by name so that ``transformers`` need not be imported."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+
+
 class PerExampleNorms:
     """Per-example squared gradient norms of the Linear / LayerNorm / RMSNorm parameters of a model.
 
@@ -253,7 +260,7 @@ class PerExampleNorms:
                 owners[id(p)] = owners.get(id(p), 0) + 1
         self._targets: dict[nn.Module, tuple[bool, bool, list[Tensor]]] = {}
         for mod in model.modules():
-            if not isinstance(mod, supported):
+            if not (isinstance(mod, supported) or (layers == "all" and _is_conv1d(mod))):
                 continue
             w = getattr(mod, "weight", None)
             bias = getattr(mod, "bias", None)
@@ -262,6 +269,7 @@ class PerExampleNorms:
             if use_w or use_b:
                 params = ([w] if use_w else []) + ([bias] if use_b else [])
                 self._targets[mod] = (use_w, use_b, params)
+        self._model_params = list({id(p): p for p in model.parameters()}.values())
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._targets]
         self._calls: dict[nn.Module, int] = {}
         self._pending: list[tuple[nn.Module, Tensor]] = []
@@ -273,6 +281,21 @@ class PerExampleNorms:
     @property
     def n_modules(self) -> int:
         return len(self._targets)
+
+    def coverage(self) -> str:
+        """What is measured, exactly: modules by type and the share of the trainable parameters.
+
+        Example:
+            >>> PerExampleNorms(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Embedding(4, 2))).coverage()
+            '1 Linear: 6 of 14 trainable parameters'
+        """
+        kinds: dict[str, int] = {}
+        for mod in self._targets:
+            kinds[type(mod).__name__] = kinds.get(type(mod).__name__, 0) + 1
+        covered = sum(p.numel() for _, _, params in self._targets.values() for p in params)
+        total = sum(p.numel() for p in self._model_params if p.requires_grad)
+        return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + f": {covered:,} of {total:,} trainable " \
+            "parameters"
 
     def _forward_hook(self, mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if mod in self._excluded or not torch.is_grad_enabled() or not isinstance(output, Tensor) \
@@ -286,7 +309,7 @@ class PerExampleNorms:
         use_w, use_b, _ = self._targets[mod]
         if x.ndim == 0 or g.shape[0] != x.shape[0]:
             return
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
             sq = _linear_sq(x, g.detach(), use_w, use_b)
         else:
             sq = _norm_sq(mod, x, g.detach(), use_w, use_b)
@@ -359,7 +382,8 @@ METHOD_DESCRIPTIONS = {
     "ddp": "each rank's local gradient before the all-reduce (a DDP communication hook) vs the global gradient",
     "accumulation": "each micro-batch's gradient vs the accumulated step gradient",
     "ddp+accumulation": "each rank's micro-batch gradients vs the global step gradient",
-    "per_example": "per-example gradient norms of Linear/LayerNorm/RMSNorm weights vs their batch gradient",
+    "per_example": "per-example gradient norms of Linear (and Hugging Face Conv1D) / LayerNorm / RMSNorm weights "
+                   "vs their batch gradient",
     "per_example_norm": "per-example gradient norms of LayerNorm/RMSNorm weights only (Gray et al.) vs "
                         "their batch gradient",
 }
@@ -392,6 +416,11 @@ def choose_gns_method(mode: str, strategy: Any, world_size: int, accumulate_grad
     accumulation = accumulate_grad_batches > 1 and automatic_optimization
     free = "ddp+accumulation" if ddp and accumulation else "ddp" if ddp else "accumulation" if accumulation else None
     if mode == "auto":
+        if free is None and not automatic_optimization and not ddp:
+            return None, ("not measured: under manual optimization on one device, scalewatch cannot tell which "
+                          "backwards make one step (Lightning's accumulate_grad_batches is not in use); "
+                          "ScaleWatch(gns='per_example') measures it from per-example gradient norms, at extra "
+                          "compute")
         if free is None:
             return None, ("not measured: one device without gradient accumulation gives no second batch size for "
                           "free; ScaleWatch(gns='per_example') measures it from per-example gradient norms of the "
@@ -438,7 +467,10 @@ class NoiseScaleTracker:
 
     @property
     def description(self) -> str:
-        return METHOD_DESCRIPTIONS.get(self.method or "", "not measured")
+        text = METHOD_DESCRIPTIONS.get(self.method or "", "not measured")
+        if isinstance(self.capture, PerExampleNorms):
+            text += f"; covers {self.capture.coverage()}"
+        return text
 
     def start(self, method: str, model: nn.Module, device: torch.device | str, ddp_model: Any = None,
               process_group: Any = None) -> bool:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("preset", sorted((ROOT / "callbacks").glob("*.yaml")), ids=lambda p: p.name)
 def test_preset_builds_the_callback(preset) -> None:
     doc = yaml.safe_load(preset.read_text())
-    (cb,) = doc["trainer"]["callbacks"]
+    (cb,) = doc["trainer"]["callbacks+"]  # appended: the user's own callbacks stay
     module, _, name = cb["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     instance = cls(**(cb.get("init_args") or {}))
