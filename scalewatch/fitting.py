@@ -169,6 +169,133 @@ def _fit_theta(logN, logD, L, delta: float, extra_starts=(), k: int = 4):
     return best
 
 
+# ------------------------------------------------------------ bootstrap
+_LOWER = np.array([-np.inf, -np.inf, -np.inf, 0.0, 0.0])
+_UPPER = np.array([np.inf, np.inf, np.inf, 5.0, 5.0])
+
+
+def bootstrap_indices(n: int, n_bootstrap: int, seed: int, logN: np.ndarray, logD: np.ndarray) -> list[np.ndarray]:
+    """Resampled row indices, skipping resamples with a single N or a single D (exponent undetermined).
+
+    The random stream is the one :func:`fit_chinchilla` has always used, so a seed gives the same
+    resamples as before.
+
+    Example:
+        >>> idx = bootstrap_indices(4, 3, 0, np.log([1., 2., 3., 4.]), np.log([4., 3., 2., 1.]))
+        >>> len(idx), idx[0].shape
+        (3, (4,))
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, n, n)
+        if np.unique(logN[idx]).size < 2 or np.unique(logD[idx]).size < 2:
+            continue
+        out.append(idx)
+    return out
+
+
+def _batch_residuals(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray):
+    """Log residuals ``[B, n]`` and their Jacobian ``[B, n, 5]`` for B parameter vectors at once."""
+    a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
+    t0, t1 = a - alpha * logN, b - beta * logD
+    t2 = np.broadcast_to(e, t0.shape)
+    m = np.maximum(np.maximum(t0, t1), t2)
+    w0, w1, w2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(t2 - m)
+    s = w0 + w1 + w2
+    r = m + np.log(s) - logL
+    w0, w1, w2 = w0 / s, w1 / s, w2 / s
+    return r, np.stack([w0, w1, w2, -w0 * logN, -w1 * logD], axis=2)
+
+
+def _batch_objective(r: np.ndarray, weights: np.ndarray, delta: float) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = (weights * _huber(r, delta)).sum(axis=1)
+    return np.where(np.isfinite(f), f, np.inf)
+
+
+def _batch_huber_lm(theta0: np.ndarray, weights: np.ndarray, logN: np.ndarray, logD: np.ndarray,
+                    logL: np.ndarray, delta: float, max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise ``sum_i w_bi·Huber(r_i(theta_b))`` for every row b of ``weights`` together.
+
+    Levenberg-Marquardt on the exact Gauss-Newton model of the Huber sum (curvature from the
+    residuals inside the quadratic zone, as scipy's ``least_squares(loss="huber")`` uses), damped
+    along the diagonal of the reweighted (IRLS) curvature, which stays positive when few residuals
+    are inside the zone. All resamples share the runs, so one einsum does every resample's
+    normal equations. Returns the solutions and which rows converged.
+    """
+    B = weights.shape[0]
+    th = np.tile(np.asarray(theta0, dtype=float), (B, 1))
+    r, J = _batch_residuals(th, logN, logD, logL)
+    F = _batch_objective(r, weights, delta)
+    lam = np.full(B, 1e-3)
+    active = np.ones(B, dtype=bool)
+    converged = np.zeros(B, dtype=bool)
+    eye = np.eye(5)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        w, ra, Ja = weights[idx], r[idx], J[idx]
+        absr = np.abs(ra)
+        grad = np.einsum("bn,bni->bi", w * np.clip(ra, -delta, delta), Ja)
+        hess = np.einsum("bn,bni,bnj->bij", w * (absr <= delta), Ja, Ja)
+        irls = w * np.minimum(1.0, delta / np.maximum(absr, 1e-300))
+        damp = np.einsum("bn,bni->bi", irls, Ja * Ja) + 1e-300
+        system = hess + (lam[idx, None] * damp)[:, :, None] * eye
+        with np.errstate(all="ignore"):
+            try:
+                step = -np.linalg.solve(system, grad[..., None])[..., 0]
+            except np.linalg.LinAlgError:  # a singular system in the batch: solve one by one
+                step = np.stack([np.linalg.lstsq(A, -g, rcond=None)[0] for A, g in zip(system, grad)])
+            trial = np.clip(th[idx] + step, _LOWER, _UPPER)
+            r_new, J_new = _batch_residuals(trial, logN, logD, logL)
+        F_new = _batch_objective(r_new, w, delta)
+        ok = np.isfinite(step).all(axis=1) & (F_new < F[idx])
+        rel_gain = (F[idx] - F_new) / np.maximum(F[idx], 1e-300)
+        acc = idx[ok]
+        th[acc], r[acc], J[acc], F[acc] = trial[ok], r_new[ok], J_new[ok], F_new[ok]
+        lam[idx] = np.where(ok, lam[idx] / 3.0, lam[idx] * 4.0)
+        done = (ok & (rel_gain < 1e-13)) | (lam[idx] > 1e10)
+        converged[idx[done]] = True
+        active[idx[done]] = False
+    return th, converged
+
+
+def bootstrap_thetas(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
+                     resamples: list[np.ndarray], delta: float = HUBER_DELTA, chunk_cells: int = 2_000_000) -> np.ndarray:
+    """Refit every resample from the full-data solution ``theta``; ``[len(resamples), 5]`` thetas.
+
+    A resample is the same runs with integer weights (how often each was drawn), so the fits are
+    solved together by :func:`_batch_huber_lm` (in chunks of ``chunk_cells`` resample x run cells
+    to bound memory). The global grid search is not repeated per resample: the full-data optimum is
+    the start. A resample the batched solver did not settle falls back to scipy's trust-region
+    solve from the same start.
+
+    Example:
+        >>> true = ChinchillaLaw(E=1.8, A=400.0, B=1500.0, alpha=0.34, beta=0.3)
+        >>> N, D = (a.ravel() for a in np.meshgrid(np.logspace(7, 9, 5), np.logspace(9, 11, 5)))
+        >>> lN, lD, lL = np.log(N), np.log(D), np.log(true.predict(N, D))
+        >>> th = np.array([math.log(400.0), math.log(1500.0), math.log(1.8), 0.34, 0.3])
+        >>> out = bootstrap_thetas(th, lN, lD, lL, bootstrap_indices(25, 4, 0, lN, lD))
+        >>> out.shape, bool(np.allclose(out[:, 3], 0.34))
+        ((4, 5), True)
+    """
+    n = len(logL)
+    if not resamples:
+        return np.empty((0, 5))
+    weights = np.stack([np.bincount(idx, minlength=n) for idx in resamples]).astype(float)
+    out = np.empty((len(resamples), 5))
+    step = max(1, chunk_cells // max(n, 1))
+    for lo in range(0, len(resamples), step):
+        th, ok = _batch_huber_lm(theta, weights[lo:lo + step], logN, logD, logL, delta)
+        for j in np.flatnonzero(~ok):
+            idx = resamples[lo + j]
+            th[j] = _local_fit(theta, logN[idx], logD[idx], logL[idx], delta).x
+        out[lo:lo + step] = th
+    return out
+
+
 @dataclass
 class ResidualStats:
     """Fit quality on log residuals (predicted minus observed log loss)."""
@@ -247,23 +374,19 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
     theta = best.x
     params = _theta_to_params(theta)
     law = ChinchillaLaw(*(float(p) for p in params))
-    r = _residuals_and_jac(theta, logN, logD, np.log(runs.L))[0]
     logL = np.log(runs.L)
+    r = _residuals_and_jac(theta, logN, logD, logL)[0]
     ss_tot = float(np.sum((logL - logL.mean()) ** 2))
     stats = ResidualStats(rmse=float(np.sqrt(np.mean(r * r))), mean=float(np.mean(r)),
                           max_abs=float(np.max(np.abs(r))),
                           r2=1.0 - float(np.sum(r * r)) / ss_tot if ss_tot > 0 else math.nan,
                           huber_sum=huber_objective(theta, logN, logD, logL, delta))
 
-    rng = np.random.default_rng(seed)
-    samples = []
     n = len(runs)
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
-        if np.unique(logN[idx]).size < 2 or np.unique(logD[idx]).size < 2:
-            continue
-        res = _fit_theta(logN[idx], logD[idx], runs.L[idx], delta, extra_starts=[theta], k=1)
-        samples.append(_theta_to_params(res.x))
+    resamples = bootstrap_indices(n, n_bootstrap, seed, logN, logD)
+    thetas = bootstrap_thetas(theta, logN, logD, logL, resamples, delta)
+    with np.errstate(over="ignore"):
+        samples = [p for p in map(_theta_to_params, thetas) if np.all(np.isfinite(p))]
     samples_arr = np.array(samples) if samples else np.empty((0, 5))
     ci = {name: interval(samples_arr[:, i]) for i, name in enumerate(ChinchillaLaw.param_names)} if samples else {}
     converged = bool(best.success) and best.status > 0
@@ -272,7 +395,8 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
                      N_range=(float(runs.N.min()), float(runs.N.max())),
                      D_range=(float(runs.D.min()), float(runs.D.max())),
                      method=(f"approach 3: sum of Huber(delta={delta:g}) on log residuals, variable-projection grid "
-                             f"+ trust-region refinement; {len(samples)} bootstrap resamples"))
+                             f"+ trust-region refinement; {len(samples)} bootstrap resamples, each warm-started from "
+                             "the full-data fit"))
 
 
 # ------------------------------------------------------- Approaches 1 and 2
