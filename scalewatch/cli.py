@@ -78,6 +78,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 0
 
     record = result.to_record()
+    band = None
+    if args.calibrate:
+        from scalewatch.extrapolation import calibrate_extrapolation
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            band = calibrate_extrapolation(runs, n_bootstrap=min(args.bootstrap, 100), seed=args.seed)
+        if band is not None:
+            record.extrapolation = band.to_json()
     if args.n_convention:
         record.law.conventions["n_params"] = args.n_convention
     if args.loss_name:
@@ -95,6 +104,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     r = result.residuals
     lines.append(f"  fit quality: RMSE(log L) {r.rmse:.4f}, max |resid| {r.max_abs:.4f}, R² {r.r2:.4f}; "
                  f"optimiser: {result.message}")
+    if band is not None:
+        lines.append(f"  extrapolation: the log-loss sd grows by {band.k_per_decade:.4f} per decade beyond N "
+                     f"{_fmt(band.N_max)} or C {_fmt(band.C_max)} (from {len(band.held_out)} leave-the-largest-out "
+                     "predictions); `scalewatch plan` widens its intervals by it")
+        payload["extrapolation"] = {"k_per_decade": band.k_per_decade, "N_max": band.N_max, "C_max": band.C_max,
+                                    "n_held_out": len(band.held_out)}
+    elif args.calibrate:
+        lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
+                     "intervals far from the pilots are bootstrap-only and too narrow")
     if args.out:
         save_law(record, args.out)
         lines.append(f"  law written to {args.out}")
@@ -307,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true", help="machine-readable output")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                     help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
     fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                      help="keep only rows where COL equals VALUE (repeatable)")
