@@ -51,6 +51,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return _cmd_fit_curves(args)
     if not args.runs:
         raise CLIError("give one or more CSV/JSON files of pilot runs")
+    if args.data_constrained:
+        return _cmd_fit_data_constrained(args)
+    if args.base:
+        raise CLIError("--base is for --data-constrained fits; add --data-constrained or drop --base")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -118,6 +122,56 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         lines.append(f"  law written to {args.out}")
     _emit(args, payload, "\n".join(lines))
     _maybe_plot(args, runs, result.law, None)
+    if not result.converged:
+        print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
+    from scalewatch.data import read_runs
+    from scalewatch.fitting import FitError, fit_data_constrained
+    from scalewatch.laws import LawFileError, load_law, save_law
+
+    if args.method != 3:
+        raise CLIError("--data-constrained fits the law L(N, D, U); drop --method")
+    base = None
+    if args.base:
+        try:
+            base = load_law(args.base, family="chinchilla").law
+        except LawFileError as exc:
+            raise CLIError(str(exc)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
+            result = fit_data_constrained(runs, base=base, n_bootstrap=args.bootstrap, seed=args.seed)
+        except FitError as exc:
+            raise CLIError(str(exc)) from None
+    for w in caught:
+        print(f"scalewatch fit: warning: {w.message}", file=sys.stderr)
+    record = result.to_record()
+    if args.n_convention:
+        record.law.conventions["n_params"] = args.n_convention
+    if args.loss_name:
+        record.law.conventions["loss"] = args.loss_name
+    params = result.law.params()
+    lines = [f"Data-constrained law (Muennighoff et al. 2023) fitted on {result.n_runs} runs "
+             f"({result.n_repeated} repeat their data)" + (f"; E, A, B, alpha, beta held at {args.base}" if base else ""),
+             f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
+    for k, v in params.items():
+        lo, hi = result.ci95.get(k, (math.nan, math.nan))
+        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+    r = result.residuals
+    lines.append(f"  R_D, R_N: Muennighoff et al.'s R*_D, R*_N (decay constants of repeated data and excess parameters); "
+                 f"fit quality: RMSE(log L) "
+                 f"{r.rmse:.4f}, max |resid| {r.max_abs:.4f}; optimiser: {result.message}")
+    if args.out:
+        save_law(record, args.out)
+        lines.append(f"  law written to {args.out}")
+    payload = {"family": "data_constrained", "params": params, "ci95": {k: list(v) for k, v in result.ci95.items()},
+               "fit": record.fitted_on, "conventions": record.law.conventions}
+    _emit(args, payload, "\n".join(lines))
     if not result.converged:
         print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
         return 1
@@ -325,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true", help="machine-readable output")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--data-constrained", action="store_true",
+                     help="fit Muennighoff et al.'s data-constrained law (R*_D, R*_N); needs a unique_tokens column")
+    fit.add_argument("--base", metavar="LAW",
+                     help="with --data-constrained: hold E, A, B, alpha, beta at this Chinchilla law file, fit R*s only")
     fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares, nnls
 
-from scalewatch.laws import ChinchillaLaw, LawRecord, interval
+from scalewatch.laws import ChinchillaLaw, DataConstrainedLaw, LawRecord, interval
 
 HUBER_DELTA = 1e-3
 _GRID = np.linspace(0.02, 2.0, 34)
@@ -579,3 +579,136 @@ def approach2(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFi
     a, k = _regress(pts)
     ci = _bootstrap_exponent(runs, lambda r: _isoflop_points(r)[0], n_bootstrap, seed)
     return PowerLawFit(exponent=a, ci95=ci, coefficient=k, points=pts, method=f"approach 2: {how}")
+
+
+# ------------------------------------------------------ data-constrained law
+_DC_NAMES = DataConstrainedLaw.param_names  # E, A, B, alpha, beta, R_D, R_N
+
+
+def _dc_law(theta: np.ndarray, base: ChinchillaLaw | None) -> DataConstrainedLaw:
+    """theta = (a, b, e, alpha, beta, log R_D, log R_N), or (log R_D, log R_N) with a fixed base."""
+    if base is not None:
+        return DataConstrainedLaw(base.E, base.A, base.B, base.alpha, base.beta,
+                                  R_D=math.exp(theta[0]), R_N=math.exp(theta[1]))
+    a, b, e, alpha, beta, rd, rn = theta
+    return DataConstrainedLaw(math.exp(e), math.exp(a), math.exp(b), alpha, beta, R_D=math.exp(rd), R_N=math.exp(rn))
+
+
+def _dc_residuals(theta: np.ndarray, runs: RunSet, base: ChinchillaLaw | None) -> np.ndarray:
+    law = _dc_law(theta, base)
+    with np.errstate(all="ignore"):
+        n_eff = law.effective_params(runs.N, runs.U)
+        d_eff = law.effective_tokens(runs.D, runs.U)
+        t = np.stack([math.log(law.A) - law.alpha * np.log(n_eff), math.log(law.B) - law.beta * np.log(d_eff),
+                      np.full(len(runs), math.log(law.E))])
+        r = np.logaddexp(np.logaddexp(t[0], t[1]), t[2]) - np.log(runs.L)
+    return np.where(np.isfinite(r), r, 1e3)
+
+
+def _dc_local(theta0: np.ndarray, runs: RunSet, base: ChinchillaLaw | None, delta: float):
+    lo_r, hi_r = math.log(1e-2), math.log(1e4)
+    if base is None:
+        lower = np.array([-np.inf, -np.inf, -np.inf, 0.0, 0.0, lo_r, lo_r])
+        upper = np.array([np.inf, np.inf, np.inf, 5.0, 5.0, hi_r, hi_r])
+    else:
+        lower, upper = np.array([lo_r, lo_r]), np.array([hi_r, hi_r])
+    theta0 = np.clip(theta0, lower + 1e-9, upper - 1e-9)
+    return least_squares(_dc_residuals, theta0, args=(runs, base), loss="huber", f_scale=delta, method="trf",
+                         bounds=(lower, upper), x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=3000)
+
+
+@dataclass
+class DataConstrainedFit:
+    """A fitted :class:`~scalewatch.laws.DataConstrainedLaw` with bootstrap intervals.
+
+    Attributes:
+        law: the best fit (R_D and R_N are Muennighoff et al.'s R*_D and R*_N).
+        ci95: 95% bootstrap percentile interval per parameter.
+        samples: bootstrap rows ``[n_boot, 7]`` in ``E, A, B, alpha, beta, R_D, R_N`` order.
+        residuals: log-residual statistics on the fitted runs.
+        base_fixed: whether E, A, B, alpha, beta were given (only R*_D, R*_N fitted).
+    """
+
+    law: DataConstrainedLaw
+    ci95: dict[str, tuple[float, float]]
+    samples: np.ndarray
+    residuals: ResidualStats
+    converged: bool
+    message: str
+    n_runs: int
+    n_repeated: int
+    base_fixed: bool
+    method: str
+
+    def to_record(self) -> LawRecord:
+        return LawRecord(law=self.law, ci95=self.ci95, samples=[list(map(float, r)) for r in self.samples],
+                         fitted_on={"n_runs": self.n_runs, "n_repeated_runs": self.n_repeated,
+                                    "base_fixed": self.base_fixed, "method": self.method,
+                                    "converged": self.converged, "message": self.message,
+                                    **self.residuals.as_dict()})
+
+
+def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_bootstrap: int = 200,
+                         delta: float = HUBER_DELTA, seed: int = 0) -> DataConstrainedFit:
+    """Fit Muennighoff et al.'s data-constrained law (R*_D, R*_N) to runs with unique-token counts.
+
+    Same objective as :func:`fit_chinchilla` (sum of Huber losses on log residuals) on the law of
+    effective data ``D'`` and effective parameters ``N'``. With ``base``, E, A, B, alpha, beta
+    are held at it and only R*_D, R*_N are fitted (Muennighoff et al.'s procedure: their base came
+    from single-epoch C4 runs); without, all seven are fitted jointly, starting from a Chinchilla
+    fit of the runs that do not repeat data. Starts for R*_D, R*_N: a 4x4 grid over 1..50.
+
+    Example:
+        >>> true = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.0, R_N=5.0)
+        >>> N, U, ep = (a.ravel() for a in np.meshgrid(np.logspace(7.5, 9, 4), np.logspace(9, 10, 3), [1, 4, 16, 40]))
+        >>> runs = make_runs(N, U * ep, true.predict(N, U * ep, unique=U), U=U)
+        >>> fit = fit_data_constrained(runs, n_bootstrap=0)
+        >>> round(fit.law.R_D, 2), round(fit.law.R_N, 2)
+        (15.0, 5.0)
+    """
+    if runs.U is None:
+        raise FitError("a data-constrained fit needs unique tokens per run; add a unique_tokens column")
+    repeated = int(np.sum(runs.D > runs.U * (1 + 1e-9)))
+    if repeated == 0:
+        raise FitError("no run repeats its data (tokens > unique_tokens); add repeated-data runs to fit R*_D")
+    n_free = 2 if base is not None else 7
+    if len(runs) < n_free + 1:
+        raise FitError(f"{len(runs)} runs cannot determine {n_free} parameters; add runs (at least {n_free + 1})")
+    grid = [(math.log(rd), math.log(rn)) for rd in (1.0, 5.0, 15.0, 50.0) for rn in (1.0, 5.0, 15.0, 50.0)]
+    if base is None:
+        fresh = runs.subset(np.flatnonzero(runs.D <= runs.U))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            start_law = fit_chinchilla(fresh if len(fresh) >= 6 and np.unique(fresh.N).size >= 2
+                                       and np.unique(fresh.D).size >= 2 else runs, n_bootstrap=0).law
+        head = [math.log(start_law.A), math.log(start_law.B), math.log(start_law.E), start_law.alpha, start_law.beta]
+        starts = [np.array(head + list(g)) for g in grid]
+    else:
+        starts = [np.array(g) for g in grid]
+    best = min((_dc_local(s, runs, base, delta) for s in starts), key=lambda r: r.cost)
+    law = _dc_law(best.x, base)
+    r = _dc_residuals(best.x, runs, base)
+    logL = np.log(runs.L)
+    ss_tot = float(np.sum((logL - logL.mean()) ** 2))
+    stats = ResidualStats(rmse=float(np.sqrt(np.mean(r * r))), mean=float(np.mean(r)), max_abs=float(np.max(np.abs(r))),
+                          r2=1.0 - float(np.sum(r * r)) / ss_tot if ss_tot > 0 else math.nan,
+                          huber_sum=float(np.sum(_huber(r, delta))))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(runs), len(runs))
+        sub = runs.subset(idx)
+        if not np.any(sub.D > sub.U) or np.unique(sub.N).size < 2:
+            continue
+        fit_b = _dc_local(best.x, sub, base, delta)  # warm start from the full-data fit
+        rows.append([float(v) for v in _dc_law(fit_b.x, base).params().values()])
+    samples = np.array(rows) if rows else np.empty((0, 7))
+    ci = {k: interval(samples[:, i]) for i, k in enumerate(_DC_NAMES)} if rows else {}
+    what = "R*_D and R*_N with E, A, B, alpha, beta held at the given base law" if base is not None else \
+        "all seven parameters jointly"
+    return DataConstrainedFit(law=law, ci95=ci, samples=samples, residuals=stats,
+                              converged=bool(best.success) and best.status > 0, message=str(best.message),
+                              n_runs=len(runs), n_repeated=repeated, base_fixed=base is not None,
+                              method=(f"data-constrained (Muennighoff et al. 2023): {what}; sum of Huber(delta={delta:g}) "
+                                      f"on log residuals, trust-region from a 4x4 grid of R* starts; {len(rows)} "
+                                      "bootstrap resamples warm-started from the full-data fit"))

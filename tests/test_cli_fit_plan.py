@@ -180,3 +180,22 @@ def test_fit_on_real_gadre_data_with_filters() -> None:
     doc = json.loads(p.stdout)
     assert doc["fit"]["n_runs"] == 34
     assert 0.15 < doc["params"]["alpha"] < 0.45 and doc["fit"]["r2_log"] > 0.95
+
+
+def test_fit_data_constrained_writes_a_law_plan_reads(tmp_path) -> None:
+    from scalewatch.laws import DataConstrainedLaw
+
+    true = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.4, R_N=5.3)
+    N, U, ep = (a.ravel() for a in np.meshgrid(np.logspace(7.5, 9.5, 4), np.logspace(9, 10.5, 3), [1, 2, 4, 8, 16, 40]))
+    rows = zip(N, U * ep, U, true.predict(N, U * ep, unique=U))
+    csv = _csv(tmp_path / "dc.csv", rows, header="params,tokens,unique_tokens,loss")
+    out = tmp_path / "dc.json"
+    p = _run("fit", str(csv), "--data-constrained", "--bootstrap", "5", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["family"] == "data_constrained" and doc["params"]["R_D"] == pytest.approx(15.4, rel=1e-3)
+    plan = _run("plan", "--flops", "1e21", "--unique-tokens", "5e9", "--law", str(out), "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["data_constrained"]["epochs"] > 1
+    bad = _run("fit", str(csv), "--base", str(out))
+    assert bad.returncode == 2 and "--base is for --data-constrained" in bad.stderr

@@ -275,3 +275,46 @@ def test_bootstrap_of_240_runs_takes_well_under_the_old_time() -> None:
     elapsed = time.perf_counter() - t
     assert len(res.samples) == 200
     assert elapsed < 5.0  # 0.2-0.4 s measured on the shared 2-core machine; the old routine took 7-12 s
+
+
+# ------------------------------------------------- data-constrained fitter (issue 12, item 4)
+DC_TRUE = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.4, R_N=5.3)
+
+
+def _dc_sweep(noise: float = 0.0, seed: int = 0):
+    N, U, epochs = (a.ravel() for a in np.meshgrid(np.logspace(7.5, 9.5, 5), np.logspace(9, 10.5, 4),
+                                                   [0.5, 1, 2, 4, 8, 16, 40]))
+    D = U * epochs
+    rng = np.random.default_rng(seed)
+    return make_runs(N, D, DC_TRUE.predict(N, D, unique=U) * np.exp(rng.normal(0, noise, N.size)), U=U)
+
+
+def test_data_constrained_fit_recovers_r_stars_jointly() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    exact = fit_data_constrained(_dc_sweep(), n_bootstrap=0)
+    for k, v in DC_TRUE.params().items():
+        assert exact.law.params()[k] == pytest.approx(v, rel=1e-3), k
+    noisy = fit_data_constrained(_dc_sweep(noise=0.005, seed=1), n_bootstrap=30)
+    assert noisy.law.R_D == pytest.approx(15.4, rel=0.25) and noisy.law.R_N == pytest.approx(5.3, rel=0.5)
+    assert noisy.ci95["R_D"][0] <= 15.4 <= noisy.ci95["R_D"][1]
+    assert noisy.ci95["R_N"][0] <= 5.3 <= noisy.ci95["R_N"][1]
+
+
+def test_data_constrained_fit_with_a_fixed_base_fits_only_the_r_stars() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    fit = fit_data_constrained(_dc_sweep(noise=0.003, seed=2), base=DC_TRUE.base, n_bootstrap=0)
+    assert fit.base_fixed and fit.law.base == DC_TRUE.base
+    assert fit.law.R_D == pytest.approx(15.4, rel=0.1) and fit.law.R_N == pytest.approx(5.3, rel=0.2)
+
+
+def test_data_constrained_fit_refuses_data_without_unique_tokens_or_repetition() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    runs = _dc_sweep()
+    with pytest.raises(FitError, match="unique_tokens column"):
+        fit_data_constrained(make_runs(runs.N, runs.D, runs.L))
+    fresh = np.flatnonzero(runs.D <= runs.U)
+    with pytest.raises(FitError, match="no run repeats its data"):
+        fit_data_constrained(runs.subset(fresh))
