@@ -314,45 +314,96 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               file=sys.stderr)
     law = record.law
     samples = record.sample_laws()
-    payload: dict[str, Any] = {"law": label, "params": law.params()}
+    band = record.extrapolation_band() if law.family == "chinchilla" else None
+    payload: dict[str, Any] = {"law": label, "params": law.params(), "n_bootstrap_laws": len(samples),
+                               "extrapolation_calibrated": band is not None}
     lines = [f"Law: {label}", "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in law.params().items())]
+    if samples:
+        lines.append(f"  intervals: 95% percentile over the file's {len(samples)} bootstrap laws"
+                     + ("; the predicted loss's also widened for the distance from the pilots" if band is not None
+                        else ""))
+    else:
+        note = (f"no intervals: {args.law or 'the built-in law'} has no bootstrap samples"
+                + ("; refit with `scalewatch fit --bootstrap 200 --out LAW`" if args.law else ""))
+        payload["interval_note"] = note
+        lines.append(f"  {note}")
+
+    def over_samples(fn) -> tuple[list[float] | None, int]:
+        """95% percentile interval of fn(sample law) over the bootstrap laws; and how many could not answer."""
+        if not samples:
+            return None, 0
+        vals, failed = [], 0
+        for s_law in samples:
+            try:
+                vals.append(float(fn(s_law)))
+            except (PlanningError, ValueError, OverflowError, ZeroDivisionError):
+                failed += 1
+        return (list(interval(vals)) if vals else None), failed
+
+    def ci_txt(ci: list[float] | None) -> str:
+        return f" [{_fmt(ci[0])}–{_fmt(ci[1])}]" if ci else ""
+
     try:
         if args.flops is not None:
             n, d = (float(x) for x in optimal_allocation(law, args.flops))
             loss = float(law.predict(n, d))
-            ci_n = interval([float(optimal_allocation(s, args.flops)[0]) for s in samples]) if samples else None
-            ci_d = interval([float(optimal_allocation(s, args.flops)[1]) for s in samples]) if samples else None
+            ci_n, _ = over_samples(lambda s: optimal_allocation(s, args.flops)[0])
+            ci_d, _ = over_samples(lambda s: optimal_allocation(s, args.flops)[1])
+            ci_loss, distance = None, None
+            if samples and law.family == "chinchilla":
+                from scalewatch.extrapolation import predict_with_interval
+
+                pred = predict_with_interval(law, samples, band, n, d)
+                ci_loss = [pred.low, pred.high]
+                distance = pred.distance if band is not None else None
+            elif samples:
+                ci_loss, _ = over_samples(lambda s: s.predict(n, d))
             payload["compute_optimal"] = {"flops": args.flops, "n_params": n, "tokens": d, "tokens_per_param": d / n,
-                                          "loss": loss, "n_params_ci95": ci_n, "tokens_ci95": ci_d}
-            ci_txt = (f" (95% CI N {_fmt(ci_n[0])}–{_fmt(ci_n[1])}, D {_fmt(ci_d[0])}–{_fmt(ci_d[1])})"
-                      if ci_n else " (no interval: the law has no bootstrap samples)")
-            lines.append(f"Compute-optimal for C = {_fmt(args.flops)} FLOPs (C = 6ND): N = {_fmt(n)}, D = {_fmt(d)}, "
-                         f"D/N = {d / n:.1f}, predicted loss {loss:.4f}{ci_txt}")
+                                          "loss": loss, "n_params_ci95": ci_n, "tokens_ci95": ci_d,
+                                          "loss_ci95": ci_loss, "decades_beyond_pilots": distance}
+            lines.append(f"Compute-optimal for C = {_fmt(args.flops)} FLOPs (C = 6ND): N = {_fmt(n)}{ci_txt(ci_n)}, "
+                         f"D = {_fmt(d)}{ci_txt(ci_d)}, D/N = {d / n:.1f}, predicted loss {loss:.4f}"
+                         + (f" [{ci_loss[0]:.4f}–{ci_loss[1]:.4f}]" if ci_loss else "")
+                         + (f"; {distance:.2f} decades beyond the pilots" if distance else ""))
             if args.inference_tokens:
                 target = args.target_loss or loss
                 p = inference_optimal(law, target, args.inference_tokens)
+                ci_ni, fail_i = over_samples(lambda s: inference_optimal(s, target, args.inference_tokens).n_params)
+                ci_di, _ = over_samples(lambda s: inference_optimal(s, target, args.inference_tokens).train_tokens)
                 payload["inference_optimal"] = {**p.__dict__, "target_loss": target,
                                                 "inference_tokens": args.inference_tokens,
-                                                "total_flops": p.total_flops}
+                                                "total_flops": p.total_flops, "n_params_ci95": ci_ni,
+                                                "train_tokens_ci95": ci_di, "bootstrap_laws_that_cannot_reach": fail_i}
                 lines.append(f"Inference-aware (Sardana & Frankle) at loss {target:.4f} serving "
-                             f"{_fmt(args.inference_tokens)} tokens: N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} "
+                             f"{_fmt(args.inference_tokens)} tokens: N = {_fmt(p.n_params)}{ci_txt(ci_ni)}, "
+                             f"D = {_fmt(p.train_tokens)}{ci_txt(ci_di)} "
                              f"({p.train_tokens / p.n_params:.0f} tokens/param); lifetime FLOPs {_fmt(p.total_flops)} "
                              f"vs {_fmt(p.chinchilla_total_flops)} for the Chinchilla-optimal model "
                              f"({100 * (1 - p.total_flops / p.chinchilla_total_flops):.1f}% saved)")
             if args.unique_tokens:
                 p = data_constrained_plan(law, args.flops, args.unique_tokens)
-                payload["data_constrained"] = dict(p.__dict__)
+                plans = [data_constrained_plan(s, args.flops, args.unique_tokens) for s in samples]
+                ci_nd = list(interval([q.n_params for q in plans])) if plans else None
+                ci_dd = list(interval([q.train_tokens for q in plans])) if plans else None
+                ci_ld = list(interval([q.loss for q in plans])) if plans else None
+                payload["data_constrained"] = {**p.__dict__, "n_params_ci95": ci_nd, "train_tokens_ci95": ci_dd,
+                                               "loss_ci95": ci_ld}
                 lines.append(f"Data-constrained (Muennighoff et al.) with U = {_fmt(args.unique_tokens)} unique tokens: "
-                             f"N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} = {p.epochs:.2f} epochs, "
-                             f"predicted loss {p.loss:.4f} (vs {p.unconstrained_loss:.4f} with unlimited data); "
+                             f"N = {_fmt(p.n_params)}{ci_txt(ci_nd)}, D = {_fmt(p.train_tokens)}{ci_txt(ci_dd)} = "
+                             f"{p.epochs:.2f} epochs, predicted loss {p.loss:.4f}"
+                             + (f" [{ci_ld[0]:.4f}–{ci_ld[1]:.4f}]" if ci_ld else "")
+                             + f" (vs {p.unconstrained_loss:.4f} with unlimited data); "
                              f"one more epoch is worth {100 * p.value_of_next_epoch:.0f}% of fresh data; repeating "
                              f"is worth it up to about {p.worthwhile_epochs:.0f} epochs")
         if args.target_loss is not None and args.n_params is not None:
             d = float(tokens_for_loss(law, args.target_loss, args.n_params))
+            ci_t, fail_t = over_samples(lambda s: tokens_for_loss(s, args.target_loss, args.n_params))
             payload["tokens_for_loss"] = {"target_loss": args.target_loss, "n_params": args.n_params, "tokens": d,
-                                          "flops": 6 * args.n_params * d}
-            lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)} "
-                         f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)")
+                                          "flops": 6 * args.n_params * d, "tokens_ci95": ci_t,
+                                          "bootstrap_laws_that_cannot_reach": fail_t}
+            lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)}{ci_txt(ci_t)} "
+                         f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)"
+                         + (f"; {fail_t} of {len(samples)} bootstrap laws cannot reach it at this N" if fail_t else ""))
         elif args.target_loss is not None and args.flops is None:
             raise CLIError("--target-loss needs --n-params N (tokens needed) or --flops with --inference-tokens")
     except PlanningError as exc:
