@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from scalewatch.data import read_runs
-from scalewatch.fitting import approach1, approach2, fit_chinchilla
+from scalewatch.fitting import approach1, approach2, fit_chinchilla, fit_data_constrained
+from scalewatch.laws import DataConstrainedLaw
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -46,9 +47,37 @@ def _fit_and_print(name: str, runs, n_bootstrap: int, published: dict[str, float
     _table(name, res, published)
 
 
+def _rising(runs) -> np.ndarray:
+    """Runs whose loss is above that of a run with the same N and U and fewer tokens (loss rose with repetition)."""
+    out = []
+    for i in range(len(runs)):
+        same = np.isclose(runs.N, runs.N[i], rtol=0.02) & np.isclose(runs.U, runs.U[i], rtol=0.02) & (runs.D < runs.D[i])
+        if same.any() and runs.L[same].min() < runs.L[i]:
+            out.append(i)
+    return np.array(out, dtype=int)
+
+
+def data_constrained(n_bootstrap: int) -> None:
+    """R*_D and R*_N on datablations beside Muennighoff et al.'s 15.4 and 5.3 (issue 12, item 4)."""
+    runs = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
+    kept = runs.subset(np.setdiff1d(np.arange(len(runs)), _rising(runs)))
+    published = DataConstrainedLaw.published()
+    print(f"\ndatablations, data-constrained law (published R*_D = {published.R_D}, R*_N = {published.R_N}):")
+    for label, sub, base in (("all 296 runs, all 7 parameters", runs, None),
+                             ("all 296 runs, base held at the published E, A, B, alpha=beta", runs, published.base),
+                             (f"{len(kept)} runs (loss-rose-with-repetition runs dropped), all 7", kept, None),
+                             (f"{len(kept)} runs, base held at the published", kept, published.base)):
+        t = time.perf_counter()
+        fit = fit_data_constrained(sub, base=base, n_bootstrap=n_bootstrap)
+        rd, rn = fit.ci95.get("R_D", (float("nan"),) * 2), fit.ci95.get("R_N", (float("nan"),) * 2)
+        print(f"  {label}: R*_D = {fit.law.R_D:.4g} (95% CI {rd[0]:.3g}-{rd[1]:.3g}), R*_N = {fit.law.R_N:.4g} "
+              f"({rn[0]:.3g}-{rn[1]:.3g}); RMSE(log L) {fit.residuals.rmse:.3f}; {time.perf_counter() - t:.1f} s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--dc-bootstrap", type=int, default=100, help="resamples for the data-constrained fits")
     args = p.parse_args()
 
     runs = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
@@ -66,6 +95,7 @@ def main() -> int:
                   f"{len(pf.points)} budgets")
         except ValueError as exc:
             print(f"  {fn.__name__}: {exc}")
+    data_constrained(args.dc_bootstrap)
     return 0
 
 

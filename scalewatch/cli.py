@@ -51,6 +51,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return _cmd_fit_curves(args)
     if not args.runs:
         raise CLIError("give one or more CSV/JSON files of pilot runs")
+    if args.data_constrained:
+        return _cmd_fit_data_constrained(args)
+    if args.base:
+        raise CLIError("--base is for --data-constrained fits; add --data-constrained or drop --base")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -78,6 +82,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         return 0
 
     record = result.to_record()
+    band = None
+    if args.calibrate:
+        from scalewatch.extrapolation import calibrate_extrapolation
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            band = calibrate_extrapolation(runs, n_bootstrap=min(args.bootstrap, 100), seed=args.seed)
+        if band is not None:
+            record.extrapolation = band.to_json()
     if args.n_convention:
         record.law.conventions["n_params"] = args.n_convention
     if args.loss_name:
@@ -95,11 +108,70 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     r = result.residuals
     lines.append(f"  fit quality: RMSE(log L) {r.rmse:.4f}, max |resid| {r.max_abs:.4f}, R² {r.r2:.4f}; "
                  f"optimiser: {result.message}")
+    if band is not None:
+        lines.append(f"  extrapolation: the log-loss sd grows by {band.k_per_decade:.4f} per decade beyond N "
+                     f"{_fmt(band.N_max)} or C {_fmt(band.C_max)} (from {len(band.held_out)} leave-the-largest-out "
+                     "predictions); `scalewatch plan` widens its intervals by it")
+        payload["extrapolation"] = {"k_per_decade": band.k_per_decade, "N_max": band.N_max, "C_max": band.C_max,
+                                    "n_held_out": len(band.held_out)}
+    elif args.calibrate:
+        lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
+                     "intervals far from the pilots are bootstrap-only and too narrow")
     if args.out:
         save_law(record, args.out)
         lines.append(f"  law written to {args.out}")
     _emit(args, payload, "\n".join(lines))
     _maybe_plot(args, runs, result.law, None)
+    if not result.converged:
+        print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
+    from scalewatch.data import read_runs
+    from scalewatch.fitting import FitError, fit_data_constrained
+    from scalewatch.laws import LawFileError, load_law, save_law
+
+    if args.method != 3:
+        raise CLIError("--data-constrained fits the law L(N, D, U); drop --method")
+    base = None
+    if args.base:
+        try:
+            base = load_law(args.base, family="chinchilla").law
+        except LawFileError as exc:
+            raise CLIError(str(exc)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
+            result = fit_data_constrained(runs, base=base, n_bootstrap=args.bootstrap, seed=args.seed)
+        except FitError as exc:
+            raise CLIError(str(exc)) from None
+    for w in caught:
+        print(f"scalewatch fit: warning: {w.message}", file=sys.stderr)
+    record = result.to_record()
+    if args.n_convention:
+        record.law.conventions["n_params"] = args.n_convention
+    if args.loss_name:
+        record.law.conventions["loss"] = args.loss_name
+    params = result.law.params()
+    lines = [f"Data-constrained law (Muennighoff et al. 2023) fitted on {result.n_runs} runs "
+             f"({result.n_repeated} repeat their data)" + (f"; E, A, B, alpha, beta held at {args.base}" if base else ""),
+             f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
+    for k, v in params.items():
+        lo, hi = result.ci95.get(k, (math.nan, math.nan))
+        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+    r = result.residuals
+    lines.append(f"  R_D, R_N: Muennighoff et al.'s R*_D, R*_N (decay constants of repeated data and excess parameters); "
+                 f"fit quality: RMSE(log L) "
+                 f"{r.rmse:.4f}, max |resid| {r.max_abs:.4f}; optimiser: {result.message}")
+    if args.out:
+        save_law(record, args.out)
+        lines.append(f"  law written to {args.out}")
+    payload = {"family": "data_constrained", "params": params, "ci95": {k: list(v) for k, v in result.ci95.items()},
+               "fit": record.fitted_on, "conventions": record.law.conventions}
+    _emit(args, payload, "\n".join(lines))
     if not result.converged:
         print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
         return 1
@@ -242,45 +314,96 @@ def _cmd_plan(args: argparse.Namespace) -> int:
               file=sys.stderr)
     law = record.law
     samples = record.sample_laws()
-    payload: dict[str, Any] = {"law": label, "params": law.params()}
+    band = record.extrapolation_band() if law.family == "chinchilla" else None
+    payload: dict[str, Any] = {"law": label, "params": law.params(), "n_bootstrap_laws": len(samples),
+                               "extrapolation_calibrated": band is not None}
     lines = [f"Law: {label}", "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in law.params().items())]
+    if samples:
+        lines.append(f"  intervals: 95% percentile over the file's {len(samples)} bootstrap laws"
+                     + ("; the predicted loss's also widened for the distance from the pilots" if band is not None
+                        else ""))
+    else:
+        note = (f"no intervals: {args.law or 'the built-in law'} has no bootstrap samples"
+                + ("; refit with `scalewatch fit --bootstrap 200 --out LAW`" if args.law else ""))
+        payload["interval_note"] = note
+        lines.append(f"  {note}")
+
+    def over_samples(fn) -> tuple[list[float] | None, int]:
+        """95% percentile interval of fn(sample law) over the bootstrap laws; and how many could not answer."""
+        if not samples:
+            return None, 0
+        vals, failed = [], 0
+        for s_law in samples:
+            try:
+                vals.append(float(fn(s_law)))
+            except (PlanningError, ValueError, OverflowError, ZeroDivisionError):
+                failed += 1
+        return (list(interval(vals)) if vals else None), failed
+
+    def ci_txt(ci: list[float] | None) -> str:
+        return f" [{_fmt(ci[0])}–{_fmt(ci[1])}]" if ci else ""
+
     try:
         if args.flops is not None:
             n, d = (float(x) for x in optimal_allocation(law, args.flops))
             loss = float(law.predict(n, d))
-            ci_n = interval([float(optimal_allocation(s, args.flops)[0]) for s in samples]) if samples else None
-            ci_d = interval([float(optimal_allocation(s, args.flops)[1]) for s in samples]) if samples else None
+            ci_n, _ = over_samples(lambda s: optimal_allocation(s, args.flops)[0])
+            ci_d, _ = over_samples(lambda s: optimal_allocation(s, args.flops)[1])
+            ci_loss, distance = None, None
+            if samples and law.family == "chinchilla":
+                from scalewatch.extrapolation import predict_with_interval
+
+                pred = predict_with_interval(law, samples, band, n, d)
+                ci_loss = [pred.low, pred.high]
+                distance = pred.distance if band is not None else None
+            elif samples:
+                ci_loss, _ = over_samples(lambda s: s.predict(n, d))
             payload["compute_optimal"] = {"flops": args.flops, "n_params": n, "tokens": d, "tokens_per_param": d / n,
-                                          "loss": loss, "n_params_ci95": ci_n, "tokens_ci95": ci_d}
-            ci_txt = (f" (95% CI N {_fmt(ci_n[0])}–{_fmt(ci_n[1])}, D {_fmt(ci_d[0])}–{_fmt(ci_d[1])})"
-                      if ci_n else " (no interval: the law has no bootstrap samples)")
-            lines.append(f"Compute-optimal for C = {_fmt(args.flops)} FLOPs (C = 6ND): N = {_fmt(n)}, D = {_fmt(d)}, "
-                         f"D/N = {d / n:.1f}, predicted loss {loss:.4f}{ci_txt}")
+                                          "loss": loss, "n_params_ci95": ci_n, "tokens_ci95": ci_d,
+                                          "loss_ci95": ci_loss, "decades_beyond_pilots": distance}
+            lines.append(f"Compute-optimal for C = {_fmt(args.flops)} FLOPs (C = 6ND): N = {_fmt(n)}{ci_txt(ci_n)}, "
+                         f"D = {_fmt(d)}{ci_txt(ci_d)}, D/N = {d / n:.1f}, predicted loss {loss:.4f}"
+                         + (f" [{ci_loss[0]:.4f}–{ci_loss[1]:.4f}]" if ci_loss else "")
+                         + (f"; {distance:.2f} decades beyond the pilots" if distance else ""))
             if args.inference_tokens:
                 target = args.target_loss or loss
                 p = inference_optimal(law, target, args.inference_tokens)
+                ci_ni, fail_i = over_samples(lambda s: inference_optimal(s, target, args.inference_tokens).n_params)
+                ci_di, _ = over_samples(lambda s: inference_optimal(s, target, args.inference_tokens).train_tokens)
                 payload["inference_optimal"] = {**p.__dict__, "target_loss": target,
                                                 "inference_tokens": args.inference_tokens,
-                                                "total_flops": p.total_flops}
+                                                "total_flops": p.total_flops, "n_params_ci95": ci_ni,
+                                                "train_tokens_ci95": ci_di, "bootstrap_laws_that_cannot_reach": fail_i}
                 lines.append(f"Inference-aware (Sardana & Frankle) at loss {target:.4f} serving "
-                             f"{_fmt(args.inference_tokens)} tokens: N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} "
+                             f"{_fmt(args.inference_tokens)} tokens: N = {_fmt(p.n_params)}{ci_txt(ci_ni)}, "
+                             f"D = {_fmt(p.train_tokens)}{ci_txt(ci_di)} "
                              f"({p.train_tokens / p.n_params:.0f} tokens/param); lifetime FLOPs {_fmt(p.total_flops)} "
                              f"vs {_fmt(p.chinchilla_total_flops)} for the Chinchilla-optimal model "
                              f"({100 * (1 - p.total_flops / p.chinchilla_total_flops):.1f}% saved)")
             if args.unique_tokens:
                 p = data_constrained_plan(law, args.flops, args.unique_tokens)
-                payload["data_constrained"] = dict(p.__dict__)
+                plans = [data_constrained_plan(s, args.flops, args.unique_tokens) for s in samples]
+                ci_nd = list(interval([q.n_params for q in plans])) if plans else None
+                ci_dd = list(interval([q.train_tokens for q in plans])) if plans else None
+                ci_ld = list(interval([q.loss for q in plans])) if plans else None
+                payload["data_constrained"] = {**p.__dict__, "n_params_ci95": ci_nd, "train_tokens_ci95": ci_dd,
+                                               "loss_ci95": ci_ld}
                 lines.append(f"Data-constrained (Muennighoff et al.) with U = {_fmt(args.unique_tokens)} unique tokens: "
-                             f"N = {_fmt(p.n_params)}, D = {_fmt(p.train_tokens)} = {p.epochs:.2f} epochs, "
-                             f"predicted loss {p.loss:.4f} (vs {p.unconstrained_loss:.4f} with unlimited data); "
+                             f"N = {_fmt(p.n_params)}{ci_txt(ci_nd)}, D = {_fmt(p.train_tokens)}{ci_txt(ci_dd)} = "
+                             f"{p.epochs:.2f} epochs, predicted loss {p.loss:.4f}"
+                             + (f" [{ci_ld[0]:.4f}–{ci_ld[1]:.4f}]" if ci_ld else "")
+                             + f" (vs {p.unconstrained_loss:.4f} with unlimited data); "
                              f"one more epoch is worth {100 * p.value_of_next_epoch:.0f}% of fresh data; repeating "
                              f"is worth it up to about {p.worthwhile_epochs:.0f} epochs")
         if args.target_loss is not None and args.n_params is not None:
             d = float(tokens_for_loss(law, args.target_loss, args.n_params))
+            ci_t, fail_t = over_samples(lambda s: tokens_for_loss(s, args.target_loss, args.n_params))
             payload["tokens_for_loss"] = {"target_loss": args.target_loss, "n_params": args.n_params, "tokens": d,
-                                          "flops": 6 * args.n_params * d}
-            lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)} "
-                         f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)")
+                                          "flops": 6 * args.n_params * d, "tokens_ci95": ci_t,
+                                          "bootstrap_laws_that_cannot_reach": fail_t}
+            lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)}{ci_txt(ci_t)} "
+                         f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)"
+                         + (f"; {fail_t} of {len(samples)} bootstrap laws cannot reach it at this N" if fail_t else ""))
         elif args.target_loss is not None and args.flops is None:
             raise CLIError("--target-loss needs --n-params N (tokens needed) or --flops with --inference-tokens")
     except PlanningError as exc:
@@ -307,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true", help="machine-readable output")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--data-constrained", action="store_true",
+                     help="fit Muennighoff et al.'s data-constrained law (R*_D, R*_N); needs a unique_tokens column")
+    fit.add_argument("--base", metavar="LAW",
+                     help="with --data-constrained: hold E, A, B, alpha, beta at this Chinchilla law file, fit R*s only")
+    fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                     help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
     fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                      help="keep only rows where COL equals VALUE (repeatable)")

@@ -207,12 +207,24 @@ class LawRecord:
         samples: bootstrap parameter vectors (rows in ``law.param_names`` order), for
             propagating the uncertainty into plans and predictions.
         fitted_on: provenance (number of runs, ranges of N and D, fit quality, method).
+        extrapolation: optional calibration of how the interval widens away from the pilots
+            (:class:`scalewatch.extrapolation.ExtrapolationBand` as JSON); written under
+            ``uncertainty.extrapolation``. Files without it load as before (no widening).
     """
 
     law: Law
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
     samples: list[list[float]] = field(default_factory=list)
     fitted_on: dict[str, Any] = field(default_factory=dict)
+    extrapolation: dict[str, Any] | None = None
+
+    def extrapolation_band(self) -> Any:
+        """The :class:`~scalewatch.extrapolation.ExtrapolationBand`, or None when the file has none."""
+        if self.extrapolation is None:
+            return None
+        from scalewatch.extrapolation import ExtrapolationBand
+
+        return ExtrapolationBand.from_json(self.extrapolation)
 
     def sample_laws(self) -> list[Law]:
         cls = type(self.law)
@@ -226,7 +238,8 @@ class LawRecord:
             "family": self.law.family,
             "params": self.law.params(),
             "uncertainty": {"ci95": {k: list(v) for k, v in self.ci95.items()},
-                            "bootstrap_samples": self.samples},
+                            "bootstrap_samples": self.samples,
+                            **({"extrapolation": self.extrapolation} if self.extrapolation is not None else {})},
             "fitted_on": self.fitted_on,
             "conventions": dict(self.law.conventions),
         }
@@ -340,8 +353,14 @@ def law_from_json(doc: Any, source: str = "law file", family: str | None = None)
     if not all(isinstance(r, Sequence) and len(r) == len(cls.param_names) and all(_finite_number(x) for x in r)
                for r in samples):
         raise LawFileError(f"{source}: uncertainty.bootstrap_samples rows must hold {len(cls.param_names)} numbers")
+    extrapolation = unc.get("extrapolation")
+    if extrapolation is not None:
+        from scalewatch.extrapolation import ExtrapolationBand
+
+        ExtrapolationBand.from_json(extrapolation, source)  # validate now: one clear error at load time
+        extrapolation = dict(extrapolation)
     return LawRecord(law=law, ci95=ci, samples=[list(map(float, r)) for r in samples],
-                     fitted_on=dict(doc.get("fitted_on", {}) or {}))
+                     fitted_on=dict(doc.get("fitted_on", {}) or {}), extrapolation=extrapolation)
 
 
 def load_law(path: str | Path, family: str | None = None) -> LawRecord:

@@ -180,3 +180,46 @@ def test_fit_on_real_gadre_data_with_filters() -> None:
     doc = json.loads(p.stdout)
     assert doc["fit"]["n_runs"] == 34
     assert 0.15 < doc["params"]["alpha"] < 0.45 and doc["fit"]["r2_log"] > 0.95
+
+
+def test_fit_data_constrained_writes_a_law_plan_reads(tmp_path) -> None:
+    from scalewatch.laws import DataConstrainedLaw
+
+    true = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.4, R_N=5.3)
+    N, U, ep = (a.ravel() for a in np.meshgrid(np.logspace(7.5, 9.5, 4), np.logspace(9, 10.5, 3), [1, 2, 4, 8, 16, 40]))
+    rows = zip(N, U * ep, U, true.predict(N, U * ep, unique=U))
+    csv = _csv(tmp_path / "dc.csv", rows, header="params,tokens,unique_tokens,loss")
+    out = tmp_path / "dc.json"
+    p = _run("fit", str(csv), "--data-constrained", "--bootstrap", "5", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["family"] == "data_constrained" and doc["params"]["R_D"] == pytest.approx(15.4, rel=1e-3)
+    plan = _run("plan", "--flops", "1e21", "--unique-tokens", "5e9", "--law", str(out), "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["data_constrained"]["epochs"] > 1
+    bad = _run("fit", str(csv), "--base", str(out))
+    assert bad.returncode == 2 and "--base is for --data-constrained" in bad.stderr
+
+
+def test_plan_reports_intervals_of_its_answer_from_the_bootstrap_laws(sweep_csv, tmp_path) -> None:
+    law = tmp_path / "law.json"
+    assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "40").returncode == 0
+    doc = json.loads(_run("plan", "--flops", "1e22", "--law", str(law), "--unique-tokens", "5e9", "--json").stdout)
+    co = doc["compute_optimal"]
+    assert doc["n_bootstrap_laws"] == 40 and doc["extrapolation_calibrated"] is True
+    for key, ci in (("n_params", "n_params_ci95"), ("tokens", "tokens_ci95"), ("loss", "loss_ci95")):
+        assert co[ci][0] < co[key] < co[ci][1], key
+    assert co["decades_beyond_pilots"] > 0  # 1e22 FLOPs is past the pilots' compute
+    dc = doc["data_constrained"]
+    assert dc["loss_ci95"][0] < dc["loss"] < dc["loss_ci95"][1]
+    text = _run("plan", "--flops", "1e22", "--law", str(law)).stdout
+    assert "95% percentile over the file's 40 bootstrap laws" in text and "predicted loss" in text
+
+
+def test_plan_says_clearly_when_the_law_has_no_bootstrap_laws(sweep_csv, tmp_path) -> None:
+    law = tmp_path / "law.json"
+    assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "0", "--no-calibrate").returncode == 0
+    p = _run("plan", "--flops", "1e21", "--law", str(law), "--json")
+    doc = json.loads(p.stdout)
+    assert doc["compute_optimal"]["loss_ci95"] is None
+    assert "has no bootstrap samples; refit with `scalewatch fit --bootstrap 200" in doc["interval_note"]

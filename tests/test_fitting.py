@@ -216,3 +216,105 @@ def test_no_warnings_from_a_clean_fit() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_chinchilla(_sweep(n=40, noise=0.01), n_bootstrap=3)
+
+
+# ------------------------------------------------- fast bootstrap (issue 12, item 3)
+# Pre-change numbers: fit_chinchilla at commit 6611d32 (grid search repeated in every resample)
+# on _noisy80() with n_bootstrap=60.
+_OLD_POINT = {"E": 1.8484368245831415, "A": 665.2829023949558, "B": 1976.9112221251696,
+              "alpha": 0.3694394003594957, "beta": 0.36273782085784506}
+_OLD_CI = {"E": (1.784824450908433, 1.8682500448003618), "A": (337.48474496989417, 1193.7240683700384),
+           "B": (1452.8799657983895, 2727.1140093416225), "alpha": (0.32407037035685515, 0.4041829747558695),
+           "beta": (0.3461792945874722, 0.37996930888151087)}
+
+
+def _noisy80():
+    rng = np.random.default_rng(3)
+    N = 10 ** rng.uniform(7, 10, 80)
+    D = N * 10 ** rng.uniform(0, 2.5, 80)
+    return make_runs(N, D, TRUE.predict(N, D) * np.exp(rng.normal(0, 0.01, 80)))
+
+
+def test_point_estimate_is_the_pre_change_one_and_independent_of_the_bootstrap() -> None:
+    with_boot = fit_chinchilla(_noisy80(), n_bootstrap=60)
+    without = fit_chinchilla(_noisy80(), n_bootstrap=0)
+    assert with_boot.law.params() == without.law.params()  # bit-identical
+    for k, v in _OLD_POINT.items():
+        assert with_boot.law.params()[k] == pytest.approx(v, rel=1e-12), k
+
+
+def test_warm_started_bootstrap_intervals_match_the_pre_change_ones() -> None:
+    # Same resamples (same seed); the old routine re-ran the global grid per resample. Tolerance:
+    # 1e-5 relative on every interval end (measured: about 1e-8).
+    res = fit_chinchilla(_noisy80(), n_bootstrap=60)
+    for k, (lo, hi) in _OLD_CI.items():
+        assert res.ci95[k][0] == pytest.approx(lo, rel=1e-5), k
+        assert res.ci95[k][1] == pytest.approx(hi, rel=1e-5), k
+
+
+def test_each_batched_resample_fit_is_the_per_resample_trust_region_fit() -> None:
+    from scalewatch.fitting import _fit_theta, bootstrap_indices, bootstrap_thetas
+
+    runs = _sweep(n=60, noise=0.02, seed=5)
+    logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.L)
+    theta = _fit_theta(logN, logD, runs.L, 1e-3).x
+    resamples = bootstrap_indices(len(runs), 15, 1, logN, logD)
+    fast = bootstrap_thetas(theta, logN, logD, logL, resamples)
+    for row, idx in zip(fast, resamples):
+        slow = _fit_theta(logN[idx], logD[idx], runs.L[idx], 1e-3, extra_starts=[theta], k=1).x
+        assert np.allclose(row[3:], slow[3:], rtol=1e-5)  # exponents
+        assert np.allclose(np.exp(row[:3]), np.exp(slow[:3]), rtol=1e-4)  # A, B, E
+
+
+def test_bootstrap_of_240_runs_takes_well_under_the_old_time() -> None:
+    import time
+
+    runs = _sweep(n=240, noise=0.01, seed=2)
+    t = time.perf_counter()
+    res = fit_chinchilla(runs, n_bootstrap=200)
+    elapsed = time.perf_counter() - t
+    assert len(res.samples) == 200
+    assert elapsed < 5.0  # 0.2-0.4 s measured on the shared 2-core machine; the old routine took 7-12 s
+
+
+# ------------------------------------------------- data-constrained fitter (issue 12, item 4)
+DC_TRUE = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.4, R_N=5.3)
+
+
+def _dc_sweep(noise: float = 0.0, seed: int = 0):
+    N, U, epochs = (a.ravel() for a in np.meshgrid(np.logspace(7.5, 9.5, 5), np.logspace(9, 10.5, 4),
+                                                   [0.5, 1, 2, 4, 8, 16, 40]))
+    D = U * epochs
+    rng = np.random.default_rng(seed)
+    return make_runs(N, D, DC_TRUE.predict(N, D, unique=U) * np.exp(rng.normal(0, noise, N.size)), U=U)
+
+
+def test_data_constrained_fit_recovers_r_stars_jointly() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    exact = fit_data_constrained(_dc_sweep(), n_bootstrap=0)
+    for k, v in DC_TRUE.params().items():
+        assert exact.law.params()[k] == pytest.approx(v, rel=1e-3), k
+    noisy = fit_data_constrained(_dc_sweep(noise=0.005, seed=1), n_bootstrap=30)
+    assert noisy.law.R_D == pytest.approx(15.4, rel=0.25) and noisy.law.R_N == pytest.approx(5.3, rel=0.5)
+    assert noisy.ci95["R_D"][0] <= 15.4 <= noisy.ci95["R_D"][1]
+    assert noisy.ci95["R_N"][0] <= 5.3 <= noisy.ci95["R_N"][1]
+
+
+def test_data_constrained_fit_with_a_fixed_base_fits_only_the_r_stars() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    fit = fit_data_constrained(_dc_sweep(noise=0.003, seed=2), base=DC_TRUE.base, n_bootstrap=0)
+    assert fit.base_fixed and fit.law.base == DC_TRUE.base
+    assert fit.law.R_D == pytest.approx(15.4, rel=0.1) and fit.law.R_N == pytest.approx(5.3, rel=0.2)
+
+
+def test_data_constrained_fit_refuses_data_without_unique_tokens_or_repetition() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    runs = _dc_sweep()
+    with pytest.raises(FitError, match="unique_tokens column"):
+        fit_data_constrained(make_runs(runs.N, runs.D, runs.L))
+    fresh = np.flatnonzero(runs.D <= runs.U)
+    with pytest.raises(FitError, match="no run repeats its data"):
+        fit_data_constrained(runs.subset(fresh))

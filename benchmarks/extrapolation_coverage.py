@@ -1,0 +1,110 @@
+"""Chinchilla-law intervals far from the pilots: errors and coverage against distance (issue 12, item 2).
+
+    python benchmarks/extrapolation_coverage.py [--bootstrap 200]
+
+1. Gadre et al. 2024, trained and evaluated on C4: fit the runs up to 411M, predict the 1.4B
+   (1x and 4x Chinchilla tokens) and 6.9B (1x) runs. Issue target: <= 1.5% error on each, with
+   95% intervals that contain the truth.
+2. Nested leave-the-largest-out on every suitable set in ../shared/data: hold out the largest
+   model size (then the two largest), fit and calibrate on the rest (the calibration only sees the
+   kept runs), predict the held-out runs. Coverage of the 95% interval, bootstrap only and
+   with the extrapolation term, by distance from the kept pilots (decades, max of N and 6ND).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scalewatch.data import read_runs  # noqa: E402
+from scalewatch.extrapolation import calibrate_extrapolation, predict_with_interval  # noqa: E402
+from scalewatch.fitting import RunSet, _group_by, fit_chinchilla  # noqa: E402
+from scalewatch.laws import ChinchillaLaw  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GADRE = DATA / "gadre2024_overtraining" / "final_losses.csv"
+VAL = "val_data=training/eval_data/"
+SETS = {
+    "Gadre C4 -> c4_val": (GADRE, ["dataset=c4_original", VAL + "c4_val/shard-{0000000..0000010}.tar"]),
+    "Gadre RedPajama -> paloma_redpajama": (GADRE, ["dataset=rpj", VAL + "val_tok_mult/paloma_redpajama/00000001.tar"]),
+    "Gadre RefinedWeb -> paloma_refinedweb": (GADRE, ["dataset=rw_original",
+                                                       VAL + "val_tok_mult/paloma_falcon-refinedweb/00000001.tar"]),
+}
+BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 9.0))
+
+
+def _fit(runs: RunSet, n_bootstrap: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_chinchilla(runs, n_bootstrap=n_bootstrap)
+        band = calibrate_extrapolation(runs)
+    return fit, [ChinchillaLaw(*row) for row in fit.samples], band
+
+
+def gadre_targets(n_bootstrap: int) -> None:
+    runs = read_runs([SETS["Gadre C4 -> c4_val"][0]], where=SETS["Gadre C4 -> c4_val"][1])
+    pilots = runs.subset(np.flatnonzero(runs.N < 5e8))
+    fit, samples, band = _fit(pilots, n_bootstrap)
+    print(f"Gadre C4: fit on {len(pilots)} runs <= 411M; calibration k = {band.k_per_decade:.4f} per decade "
+          f"from {len(band.held_out)} held-out predictions")
+    print(f"  {'target':<16} {'true':>7} {'pred':>7} {'error':>7} {'dist':>5}  {'bootstrap 95%':>17}  "
+          f"{'calibrated 95%':>17}  holds")
+    for i in np.flatnonzero(runs.N > 5e8):
+        p = predict_with_interval(fit.law, samples, band, runs.N[i], runs.D[i])
+        label = f"{runs.N[i] / 1e9:.1f}B {runs.D[i] / runs.N[i] / 20:.0f}x"
+        print(f"  {label:<16} {runs.L[i]:7.4f} {p.loss:7.4f} {100 * (p.loss / runs.L[i] - 1):+6.2f}% {p.distance:5.2f}  "
+              f"{p.bootstrap_low:7.4f}-{p.bootstrap_high:<7.4f}  {p.low:7.4f}-{p.high:<7.4f}  "
+              f"boot {p.bootstrap_low <= runs.L[i] <= p.bootstrap_high}, calibrated {p.contains(runs.L[i])}")
+
+
+def nested(name: str, runs: RunSet, n_bootstrap: int, rows: list) -> None:
+    sizes = _group_by(runs.N, 0.02)
+    for n_out in (1, 2):
+        if len(sizes) - n_out < 4:  # the calibration needs 3 sizes after its own hold-out
+            continue
+        keep, held = np.concatenate(sizes[:-n_out]), np.concatenate(sizes[-n_out:])
+        fit, samples, band = _fit(runs.subset(keep), n_bootstrap)
+        if band is None:
+            continue
+        errs = []
+        for i in held:
+            p = predict_with_interval(fit.law, samples, band, runs.N[i], runs.D[i])
+            rows.append((name, p.distance, p.loss / runs.L[i] - 1, p.bootstrap_low <= runs.L[i] <= p.bootstrap_high,
+                         p.contains(runs.L[i]), p.high / p.low))
+            errs.append(abs(p.loss / runs.L[i] - 1))
+        print(f"  {name}: hold out the {n_out} largest size(s) ({len(held)} runs, N >= {runs.N[held].min():.3g}); "
+              f"k = {band.k_per_decade:.4f}/decade; |error| mean {100 * np.mean(errs):.2f}%, worst {100 * max(errs):.2f}%")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bootstrap", type=int, default=200)
+    args = ap.parse_args()
+    gadre_targets(args.bootstrap)
+    print("\nNested leave-the-largest-out:")
+    rows: list = []
+    for name, (path, where) in SETS.items():
+        nested(name, read_runs([path], where=where), args.bootstrap, rows)
+    dbl = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
+    nested("datablations single-epoch", dbl.subset(np.flatnonzero(dbl.D <= dbl.U)), args.bootstrap, rows)
+    print(f"\n  {'distance (decades)':<20} {'runs':>5} {'mean |err|':>10} {'bootstrap holds':>16} "
+          f"{'calibrated holds':>17} {'median width':>13}")
+    for lo, hi in BUCKETS:
+        sel = [r for r in rows if lo <= r[1] < hi]
+        if not sel:
+            continue
+        err = np.mean([abs(r[2]) for r in sel])
+        boot, cal = np.mean([r[3] for r in sel]), np.mean([r[4] for r in sel])
+        width = np.median([r[5] for r in sel]) - 1
+        print(f"  {f'{lo:.2f}-{hi:.2f}':<20} {len(sel):>5} {100 * err:9.2f}% {100 * boot:15.0f}% {100 * cal:16.0f}% "
+              f"{100 * width:12.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
