@@ -572,10 +572,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], table_id: str, 
 
     Example:
         >>> print(table(["step", "loss"], [[10, 3.25], [20, "<b>"]], "t"))  # doctest: +NORMALIZE_WHITESPACE
-        <div class="scroll"><table id="t"><thead><tr><th>step</th><th>loss</th></tr></thead><tbody><tr><td class="n">10</td><td class="n">3.25</td></tr><tr><td class="n">20</td><td>&lt;b&gt;</td></tr></tbody></table></div>
+        <div class="scroll"><table id="t"><thead><tr><th class="n">step</th><th class="n">loss</th></tr></thead><tbody><tr><td class="n">10</td><td class="n">3.25</td></tr><tr><td class="n">20</td><td>&lt;b&gt;</td></tr></tbody></table></div>
     """
+    rows = list(rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    numeric = [not isinstance(c, str) for c in rows[0]] if rows else [False] * len(headers)
+    head = "".join(f'<th class="n">{esc(h)}</th>' if n else f"<th>{esc(h)}</th>"
+                   for h, n in zip(headers, numeric, strict=True))
     classes = iter(row_classes or ())
     body = "".join((f'<tr class="{esc(next(classes, ""))}">' if row_classes else "<tr>")
                    + "".join(f"<td>{esc(c)}</td>" if isinstance(c, str) else f'<td class="n">{fmt(c)}</td>'
@@ -701,7 +704,7 @@ def _summary(d: RunData) -> str:
     last = d.points[-1]
     fired = [a for a in d.alerts if a.state == "firing"]
     worst = max(fired, key=lambda a: SEVERITY_ORDER.index(a.severity), default=None)
-    cards = [("state at the end", d.state.upper(), f"state-{d.state}"),
+    cards = [("end state", d.state.upper(), f"state-{d.state}"),
              ("worst alert", worst.severity.upper() if worst else "NONE", f"state-{worst.severity if worst else 'ok'}"),
              ("log points", fmt(d.log_points), ""), ("last step", fmt(last.step), ""),
              ("tokens", short(last.tokens) if last.tokens else "–", ""),
@@ -753,7 +756,7 @@ table{border-collapse:collapse;min-width:50%;font-size:12.5px}
 #alert-table{width:100%}
 caption{caption-side:bottom;text-align:left;color:#5a6375;padding:4px 8px;font-size:12px}
 th,td{padding:3px 10px;border-bottom:1px solid #eef1f5;text-align:left;white-space:nowrap}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .chip{display:inline-block;padding:0 7px;border-radius:9px;color:#fff;font-size:12px;font-weight:600}
 .chip.sev-info{background:#3b7dd8} .chip.sev-warning{background:#c99000} .chip.sev-critical{background:#c0392b}
 tr.sev-critical.firing td:first-child{box-shadow:inset 4px 0 #c0392b}

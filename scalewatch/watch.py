@@ -22,7 +22,7 @@ from typing import Any
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.data import pick_column
-from scalewatch.monitor import Monitor, Report
+from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import EventSource, RowConverter, no_loss_message, tag
 
 _CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
@@ -149,6 +149,9 @@ class Replayer:
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
+            # Counts in a log start from zero at step 0, as the live callback's Monitor.start() sees them:
+            # so the first point already has its batch size (and the noise scale its B_crit), like live.
+            self.monitor.start(Observation(step=0, tokens=0, samples=0, flops=0))
         obs = self.rows.observation(step, row, self.monitor.n_params)
         self.observed += 1
         return self.monitor.observe(obs)
