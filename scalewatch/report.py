@@ -355,16 +355,19 @@ def nice_ticks(lo: float, hi: float, log: bool = False, target: int = 6) -> list
     """Tick values covering ``[lo, hi]``: multiples of 1, 2, 2.5 or 5 x 10^k, or decades on a log axis.
 
     Example:
-        >>> nice_ticks(0.3, 2.9), nice_ticks(900, 2e5, log=True)
-        ([0.5, 1.0, 1.5, 2.0, 2.5], [1000.0, 10000.0, 100000.0])
+        >>> nice_ticks(0.3, 2.9)
+        [0.5, 1.0, 1.5, 2.0, 2.5]
+        >>> nice_ticks(900, 2e7, log=True), nice_ticks(25, 1100, log=True)
+        ([1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0], [50.0, 100.0, 200.0, 500.0, 1000.0])
     """
     if log:
         k0, k1 = math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9)
         decades = [10.0 ** k for k in range(k0, k1 + 1)]
-        if len(decades) >= 2:
+        if len(decades) >= 4:
             return decades
+        # a short log axis: 1-2-5 steps, else too few labels to read a value off it
         more = sorted(m * 10.0 ** k for k in range(k0 - 1, k1 + 1) for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi)
-        return more if len(more) >= 2 else nice_ticks(lo, hi, log=False, target=target)
+        return more if len(more) >= 3 else nice_ticks(lo, hi, log=False, target=target)
     span = hi - lo
     if not span > 0:
         return [lo]
@@ -415,18 +418,20 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
     left, right, top, bottom = 78, 24, 40, 48
     pw, ph = W - left - right, H - top - bottom
 
+    def frac(v: float, lo: float, hi: float, log: bool) -> float:
+        return (math.log10(v / lo) / math.log10(hi / lo)) if log else (v - lo) / (hi - lo)
+
     def tx(x: float) -> float:
-        f = (math.log10(x) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) if chart.log_x else (x - x0) / (x1 - x0)
-        return left + f * pw
+        return left + frac(x, x0, x1, chart.log_x) * pw
 
     def ty(y: float) -> float:
-        f = (math.log10(y) - math.log10(y0)) / (math.log10(y1) - math.log10(y0)) if chart.log_y else (y - y0) / (y1 - y0)
-        return top + (1 - f) * ph
+        return top + (1 - frac(y, y0, y1, chart.log_y)) * ph
 
     out = [f'<svg class="chart" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
            f'aria-label="{esc(chart.title)}" xmlns="http://www.w3.org/2000/svg">',
            f"<title>{esc(chart.title)}</title>",
-           f'<defs><clipPath id="{chart_id}-clip"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/></clipPath></defs>',
+           f'<defs><clipPath id="{chart_id}-clip"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/>'
+           "</clipPath></defs>",
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot"/>']
     for t in nice_ticks(y0, y1, chart.log_y):
         y = ty(t)
@@ -442,8 +447,13 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
                f"{esc(chart.y_label + (' (log scale)' if chart.log_y else ''))}</text>")
     out.append(f'<g clip-path="url(#{chart_id}-clip)">')
     for b in chart.bands:
-        for seg in _segments([(x, lo, hi) for x, lo, hi in zip(b.xs, b.lows, b.highs, strict=True)
-                              if _finite(x, chart.log_x) and _finite(lo, chart.log_y) and _finite(hi, chart.log_y)]):
+        runs3: list[list[tuple[float, float, float]]] = [[]]
+        for x, lo, hi in zip(b.xs, b.lows, b.highs, strict=True):
+            if _finite(x, chart.log_x) and _finite(lo, chart.log_y) and _finite(hi, chart.log_y):
+                runs3[-1].append((x, lo, hi))  # type: ignore[arg-type]
+            elif runs3[-1]:
+                runs3.append([])  # where the prediction stops (e.g. past the schedule), so does the band
+        for seg in (r for r in runs3 if len(r) > 1):
             pts = [f"{tx(x):.1f},{ty(hi):.1f}" for x, _, hi in seg] + \
                   [f"{tx(x):.1f},{ty(lo):.1f}" for x, lo, _ in reversed(seg)]
             out.append(f'<polygon points="{" ".join(pts)}" fill="{b.color}" fill-opacity="0.18" stroke="none"/>')
@@ -472,7 +482,8 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
                 out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{s.color}"/>' for x, y in run]
     for m in chart.markers:
         x, y, lo, hi = tx(m.x), ty(m.y), ty(m.low), ty(m.high)
-        out.append(f'<g stroke="{m.color}" stroke-width="2"><line x1="{x:.1f}" x2="{x:.1f}" y1="{lo:.1f}" y2="{hi:.1f}"/>'
+        out.append(f'<g stroke="{m.color}" stroke-width="2">'
+                   f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{lo:.1f}" y2="{hi:.1f}"/>'
                    f'<line x1="{x - 7:.1f}" x2="{x + 7:.1f}" y1="{lo:.1f}" y2="{lo:.1f}"/>'
                    f'<line x1="{x - 7:.1f}" x2="{x + 7:.1f}" y1="{hi:.1f}" y2="{hi:.1f}"/></g>'
                    f'<path d="M{x:.1f},{y - 6:.1f} L{x + 6:.1f},{y:.1f} L{x:.1f},{y + 6:.1f} L{x - 6:.1f},{y:.1f} Z" '
@@ -481,10 +492,6 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
     out.append(_legend(chart, left, 22))
     out.append("</svg>")
     return "".join(out)
-
-
-def _segments(items: list[tuple[float, float, float]]) -> list[list[tuple[float, float, float]]]:
-    return [items] if len(items) > 1 else []
 
 
 def _vlegend(label: str) -> str:
@@ -509,7 +516,7 @@ def _legend(chart: Chart, x: float, y: float) -> str:
             parts.append(f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 3}" y2="{y - 3}" stroke="{color}" '
                          f'stroke-width="2.5"{d}/>')
         parts.append(f'<text x="{x + 28:.1f}" y="{y + 1}" class="legend">{esc(label)}</text>')
-        x += 28 + 7.2 * len(label) + 22  # no text metrics in a static page: ~7 px per character at 12 px
+        x += 28 + 6.6 * len(label) + 20  # no text metrics in a static page: ~6.6 px per character at 12 px
     return "".join(parts)
 
 
@@ -542,7 +549,8 @@ def svg_timeline(alerts: Sequence[Alert], first_step: int, last_step: int, width
     out.append(f'<text x="{left + pw / 2:.1f}" y="{H - 6}" class="axis" text-anchor="middle">step</text>')
     for i, name in enumerate(kinds):
         y = top + row_h * i
-        out.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 4:.1f}" class="tick" text-anchor="end">{esc(name)}</text>')
+        out.append(f'<text x="{left - 10}" y="{y + row_h / 2 + 4:.1f}" class="tick" text-anchor="end">'
+                   f"{esc(name)}</text>")
         mine = [a for a in alerts if f"{a.kind}{' / ' + a.key if a.key else ''}" == name]
         open_at: Alert | None = None
         dots = []
@@ -551,10 +559,10 @@ def svg_timeline(alerts: Sequence[Alert], first_step: int, last_step: int, width
                 end = a.step if a is not None else last_step
                 x0, x1 = tx(open_at.step), tx(end)
                 still = " (still firing at the end)" if a is None else ""
+                tip = f"{open_at.severity} {open_at.kind}: steps {open_at.step:,}–{end:,}{still}"
                 out.append(f'<rect class="span" x="{x0:.1f}" y="{y + 7}" width="{max(x1 - x0, 4):.1f}" '
                            f'height="{row_h - 14}" rx="3" fill="{COLORS[open_at.severity]}">'
-                           f"<title>{esc(f'{open_at.severity} {open_at.kind}: steps {open_at.step:,}–{end:,}{still}')}"
-                           "</title></rect>")
+                           f"<title>{esc(tip)}</title></rect>")
                 open_at = None
             if a is not None and a.state == "firing":
                 open_at = a
@@ -568,11 +576,14 @@ def svg_timeline(alerts: Sequence[Alert], first_step: int, last_step: int, width
 # ------------------------------------------------------------------ the page
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], table_id: str, caption: str = "",
           row_classes: Sequence[str] | None = None) -> str:
-    """An HTML table (numbers right-aligned, every cell escaped) in a scrolling box.
+    r"""An HTML table (numbers right-aligned, every cell escaped) in a scrolling box.
 
     Example:
-        >>> print(table(["step", "loss"], [[10, 3.25], [20, "<b>"]], "t"))  # doctest: +NORMALIZE_WHITESPACE
-        <div class="scroll"><table id="t"><thead><tr><th class="n">step</th><th class="n">loss</th></tr></thead><tbody><tr><td class="n">10</td><td class="n">3.25</td></tr><tr><td class="n">20</td><td>&lt;b&gt;</td></tr></tbody></table></div>
+        >>> print(table(["step", "loss"], [[10, 3.25], [20, "<b>"]], "t").replace("<tr>", "\n<tr>"))
+        <div class="scroll"><table id="t"><thead>
+        <tr><th class="n">step</th><th class="n">loss</th></tr></thead><tbody>
+        <tr><td class="n">10</td><td class="n">3.25</td></tr>
+        <tr><td class="n">20</td><td>&lt;b&gt;</td></tr></tbody></table></div>
     """
     rows = list(rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
@@ -583,7 +594,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], table_id: str, 
     body = "".join((f'<tr class="{esc(next(classes, ""))}">' if row_classes else "<tr>")
                    + "".join(f"<td>{esc(c)}</td>" if isinstance(c, str) else f'<td class="n">{fmt(c)}</td>'
                              for c in r) + "</tr>" for r in rows)
-    return f'<div class="scroll"><table id="{table_id}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return (f'<div class="scroll"><table id="{table_id}">{cap}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _none_line(text: str) -> str:
@@ -680,7 +692,8 @@ def _noise_section(d: RunData) -> str:
                    Series("batch", [p.step for p in pts], [p.batch_tokens for p in pts], COLORS["batch"], dash="7 4")],
                   log_y=True)
     last = pts[-1]
-    note = (f"At step {last.step:,}: batch {fmt(last.batch_tokens, 4)} tokens, B_crit ≈ {fmt(last.b_crit, 4)} tokens: "
+    note = (f"At step {last.step:,}: batch {fmt(last.batch_tokens, 4)} tokens, "
+            f"B_crit ≈ {fmt(last.b_crit, 4)} tokens: "
             f"this batch costs {fmt(last.compute_factor, 3)}× the minimum compute and {fmt(last.steps_factor, 3)}× "
             "the minimum number of steps (McCandlish et al. 2018).")
     rows = [[p.step, p.batch_tokens, p.b_crit, p.compute_factor, p.steps_factor] for p in pts]
@@ -719,7 +732,8 @@ def _summary(d: RunData) -> str:
     items = ", ".join(f'<span class="chip sev-{esc(a.severity)}">{esc(a.kind)}</span> {esc(a.severity)} at step '
                       f"{a.step:,}" + (" (still firing)" if a.kind in firing_now else "") for a in fired[:12])
     more = f" and {len(fired) - 12} more" if len(fired) > 12 else ""
-    return html_cards + f'<p class="note">{len(fired)} alert(s) fired: {items}{more}. <a href="#alerts">Timeline</a></p>'
+    return html_cards + (f'<p class="note">{len(fired)} alert(s) fired: {items}{more}. '
+                         '<a href="#alerts">Timeline</a></p>')
 
 
 def _about(d: RunData) -> str:

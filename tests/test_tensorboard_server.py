@@ -47,7 +47,8 @@ def server(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "logs"),
                              "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false",
                              "--reload_interval", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
