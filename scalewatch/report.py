@@ -415,7 +415,10 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
     x0, x1 = _extent(xs, chart.log_x, 0.02)
     y0, y1 = _extent(ys, chart.log_y, 0.06)
     W, H = chart.width, chart.height
-    left, right, top, bottom = 78, 24, 40, 48
+    left, right, bottom = 78, 24, 48
+    legend, legend_rows = _legend(chart, left, 22, W - right)
+    top = 20 + 20 * legend_rows
+    H += 20 * (legend_rows - 1)  # the plot keeps its height under a legend of several rows
     pw, ph = W - left - right, H - top - bottom
 
     def frac(v: float, lo: float, hi: float, log: bool) -> float:
@@ -489,7 +492,7 @@ def svg_chart(chart: Chart, chart_id: str) -> str:
                    f'<path d="M{x:.1f},{y - 6:.1f} L{x + 6:.1f},{y:.1f} L{x:.1f},{y + 6:.1f} L{x - 6:.1f},{y:.1f} Z" '
                    f'fill="{m.color}"/>')
     out.append("</g>")
-    out.append(_legend(chart, left, 22))
+    out.append(legend)
     out.append("</svg>")
     return "".join(out)
 
@@ -498,14 +501,18 @@ def _vlegend(label: str) -> str:
     return label.split(":")[0]  # one legend entry per colour: "critical alert", not every alert's text
 
 
-def _legend(chart: Chart, x: float, y: float) -> str:
-    parts = []
+def _legend(chart: Chart, x: float, y: float, max_x: float) -> tuple[str, int]:
+    """The legend from (x, y), wrapped into rows before ``max_x``; returns the SVG and the number of rows."""
+    parts, x_start, rows = [], x, 1
     entries = [(s.label, s.color, s.dash, "line") for s in chart.series] + \
               [(b.label, b.color, None, "band") for b in chart.bands] + \
               [(m.label, m.color, None, "marker") for m in chart.markers] + \
               [(h.label, h.color, "8 5", "line") for h in chart.hlines] + \
               list({v.color: (_vlegend(v.label), v.color, "3 3", "line") for v in chart.vlines}.values())
     for label, color, dash, kind in entries:
+        width = 28 + 6.6 * len(label)  # no text metrics in a static page: ~6.6 px per character at 12 px
+        if x > x_start and x + width > max_x:
+            x, y, rows = x_start, y + 20, rows + 1
         if kind == "band":
             parts.append(f'<rect x="{x:.1f}" y="{y - 9}" width="22" height="12" fill="{color}" fill-opacity="0.25"/>')
         elif kind == "marker":
@@ -516,8 +523,8 @@ def _legend(chart: Chart, x: float, y: float) -> str:
             parts.append(f'<line x1="{x:.1f}" x2="{x + 22:.1f}" y1="{y - 3}" y2="{y - 3}" stroke="{color}" '
                          f'stroke-width="2.5"{d}/>')
         parts.append(f'<text x="{x + 28:.1f}" y="{y + 1}" class="legend">{esc(label)}</text>')
-        x += 28 + 6.6 * len(label) + 20  # no text metrics in a static page: ~6.6 px per character at 12 px
-    return "".join(parts)
+        x += width + 20
+    return "".join(parts), rows
 
 
 def svg_timeline(alerts: Sequence[Alert], first_step: int, last_step: int, width: int = 1000) -> str:
