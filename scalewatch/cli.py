@@ -466,9 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=_cmd_plan)
 
-    from scalewatch import watch
+    from scalewatch import report, watch
 
     watch.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 
@@ -488,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"scalewatch {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # watch's WatchError: 3, since 1 and 2 are the health of the run it watched
+    except ValueError as exc:  # watch's and report's WatchError: 3 (1 and 2 are the health of the watched run)
         from scalewatch.watch import WatchError
 
         if not isinstance(exc, WatchError):

@@ -245,8 +245,9 @@ class RowConverter:
     """Turns one step's scalars (tag -> value) into an :class:`Observation`, for any trainer's tags.
 
     The loss, LR and token tags are found on the first row with a loss (common names, or the
-    given ones); ScaleWatch's own ``scalewatch/*`` tags give samples, FLOPs, the max loss and the
-    gradient norm. Non-finite counts are treated as missing; the non-finite losses are counted.
+    given ones); ScaleWatch's own ``scalewatch/*`` tags give samples, FLOPs, the max loss, the
+    gradient norm and the noise-scale EMAs. Non-finite counts are treated as missing; the non-finite
+    losses are counted.
     """
 
     def __init__(self, loss_tag: str | None = None, lr_tag: str | None = None, tokens_tag: str | None = None,
@@ -279,7 +280,9 @@ class RowConverter:
                            loss=loss if math.isfinite(loss) else math.nan,
                            lr=row.get(self.tags.lr) if self.tags.lr else None, nonfinite=nonfinite,
                            loss_max=row.get(tag("loss_max"), math.nan), all_finite=all_finite, grad_norm=grad,
-                           grad_norm_max=row.get(tag("grad_norm_max"), grad))
+                           grad_norm_max=row.get(tag("grad_norm_max"), grad),
+                           # the noise-scale EMAs as logged: a replay recomputes B_crit from them
+                           gns_g2=row.get(tag("gns/g2")), gns_trace=row.get(tag("gns/trace")))
 
 
 def no_loss_message(path: str | Path, loss_tag: str | None, tags: Sequence[str]) -> str:

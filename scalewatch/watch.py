@@ -22,7 +22,7 @@ from typing import Any
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.data import pick_column
-from scalewatch.monitor import Monitor, Report
+from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import EventSource, RowConverter, no_loss_message, tag
 
 _CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
@@ -149,6 +149,9 @@ class Replayer:
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
+            # Counts in a log start from zero at step 0, as the live callback's Monitor.start() sees them:
+            # so the first point already has its batch size (and the noise scale its B_crit), like live.
+            self.monitor.start(Observation(step=0, tokens=0, samples=0, flops=0))
         obs = self.rows.observation(step, row, self.monitor.n_params)
         self.observed += 1
         return self.monitor.observe(obs)
@@ -248,6 +251,43 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
     return monitors
 
 
+def add_run_arguments(parser: Any) -> None:
+    """The arguments ``watch`` and ``report`` share: how to read the run, and the laws to hold it against."""
+    parser.add_argument("--loss-tag", help="the loss tag or column, if not a common name")
+    parser.add_argument("--lr-tag", help="the learning-rate tag or column")
+    parser.add_argument("--tokens-tag", help="the cumulative token-count tag or column")
+    parser.add_argument("--tokens-per-step", type=float,
+                        help="tokens per optimizer step, when the log has no token count")
+    parser.add_argument("--n-params", type=float, help="N, when the log does not carry scalewatch/n_params")
+    parser.add_argument("--total-steps", type=int, help="the run's planned steps (for the undertraining check)")
+    parser.add_argument("--law", help="Chinchilla law file (`scalewatch fit --out`)")
+    parser.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); needs --schedule")
+    parser.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law")
+    parser.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
+    parser.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")
+
+
+def replayer_kwargs(args: Any, path: str | Path, sinks: list[Any], **config: Any) -> dict[str, Any]:
+    """The :class:`Replayer` arguments the shared flags ask for (``config``: more ScaleWatchConfig fields).
+
+    The noise-scale stage is on: a ScaleWatch log carries its EMAs (``gns/g2``, ``gns/trace``), so a
+    replay recomputes the critical batch and the batch-size check as the live callback did.
+    """
+    try:
+        cfg = ScaleWatchConfig(gns="auto", curve_law=args.curve_law, schedule=args.schedule, law=args.law,
+                               unique_tokens=args.unique_tokens, run_name=args.run_name or Path(path).resolve().name,
+                               forecast_in_background=False, **config)
+    except ScaleWatchConfigError as exc:
+        raise WatchError(str(exc).removeprefix("scalewatch: ")) from None
+    for name in ("n_params", "tokens_per_step", "unique_tokens"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise WatchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return dict(config=cfg, loss_tag=args.loss_tag, lr_tag=args.lr_tag, tokens_tag=args.tokens_tag,
+                tokens_per_step=args.tokens_per_step, n_params=int(args.n_params) if args.n_params else None,
+                total_steps=args.total_steps, sinks=sinks)
+
+
 def add_parser(sub: Any) -> None:
     """The ``watch`` subcommand's arguments."""
     w = sub.add_parser("watch", help="replay or follow a run's logs through the detectors; exit 0/1/2 by health",
@@ -256,44 +296,22 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--follow", action="store_true", help="keep polling for new events until the run goes idle")
     w.add_argument("--poll", type=float, default=5.0, help="seconds between polls with --follow (default 5)")
     w.add_argument("--idle", type=float, default=600.0, help="stop after this many seconds without new events")
-    w.add_argument("--loss-tag", help="the loss tag or column, if not a common name")
-    w.add_argument("--lr-tag", help="the learning-rate tag or column")
-    w.add_argument("--tokens-tag", help="the cumulative token-count tag or column")
-    w.add_argument("--tokens-per-step", type=float, help="tokens per optimizer step, when the log has no token count")
-    w.add_argument("--n-params", type=float, help="N, when the log does not carry scalewatch/n_params")
-    w.add_argument("--total-steps", type=int, help="the run's planned steps (for the undertraining check)")
-    w.add_argument("--law", help="Chinchilla law file (`scalewatch fit --out`)")
-    w.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); needs --schedule")
-    w.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law")
-    w.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
+    add_run_arguments(w)
     w.add_argument("--jsonl", help="also append the alerts to this JSON-lines file")
     w.add_argument("--webhook", help="Slack-compatible webhook for the alerts (default: SCALEWATCH_WEBHOOK_URL)")
     w.add_argument("--tb-out", help="TensorBoard directory for watch's own run (default: beside the watched one)")
     w.add_argument("--no-tb", action="store_true", help="write no TensorBoard run")
-    w.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")
     w.add_argument("--json", action="store_true", help="print the alerts as JSON lines")
     w.set_defaults(func=run_cli)
 
 
 def run_cli(args: Any) -> int:
-    try:
-        cfg = ScaleWatchConfig(gns="off", curve_law=args.curve_law, schedule=args.schedule, law=args.law,
-                               unique_tokens=args.unique_tokens, alerts_jsonl=args.jsonl, webhook_url=args.webhook,
-                               run_name=args.run_name or Path(args.paths[-1]).resolve().name,
-                               forecast_in_background=False)
-    except ScaleWatchConfigError as exc:
-        raise WatchError(str(exc).removeprefix("scalewatch: ")) from None
-    for name in ("n_params", "tokens_per_step", "unique_tokens"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise WatchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    kwargs = replayer_kwargs(args, args.paths[-1], [ConsoleSink(as_json=args.json)], alerts_jsonl=args.jsonl,
+                             webhook_url=args.webhook)
     tb_out = None
     if not args.no_tb:
         last = Path(args.paths[-1]).resolve()
         tb_out = args.tb_out or str(last.parent / f"{last.stem or 'run'}-scalewatch-watch")
-    kwargs = dict(config=cfg, loss_tag=args.loss_tag, lr_tag=args.lr_tag, tokens_tag=args.tokens_tag,
-                  tokens_per_step=args.tokens_per_step, n_params=int(args.n_params) if args.n_params else None,
-                  total_steps=args.total_steps, sinks=[ConsoleSink(as_json=args.json)])
     try:
         monitors = watch(args.paths, kwargs, follow=args.follow, poll=args.poll, idle=args.idle, tb_out=tb_out)
     except (WatchError, ScaleWatchConfigError):
