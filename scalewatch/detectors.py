@@ -313,9 +313,11 @@ class DivergenceDetector(_Detector):
 class SaturationDetector(_Detector):
     """The run stopped improving where its schedule says it should still improve.
 
-    Compares the median loss (and LR) of the first and last quarter of a window of log points: a
-    loss that rose while the LR did not rise, or an LR that fell by 30% or more while the loss did not
-    improve. A plateau under a constant LR is not saturation.
+    Without a curve law, compares the median loss (and LR) of the first and last quarter of a window
+    of log points: a loss that rose while the LR did not rise, or an LR that fell by 30% or more while
+    the loss did not improve. A plateau under a constant LR is not saturation. With a curve law, also:
+    the final-loss forecast drifts above the law's prediction for the end of the run (even the low end
+    of its band lies above it) for ``off_curve_points`` forecasts in a row.
     """
 
     name = "saturation"
@@ -325,14 +327,45 @@ class SaturationDetector(_Detector):
         super().__init__(config)
         self.points: deque[tuple[float, float | None]] = deque(maxlen=self.cfg.saturation_window)
         self._noise: deque[float] = deque(maxlen=self.cfg.window)
+        self.drifting = 0  # consecutive new forecasts whose whole band sits above the predicted final loss
+        self._forecast_at: float | None = None
+
+    def _drift(self, monitor: Any) -> str | None:
+        """Why the forecast says the run will end above its law, or None."""
+        fc, low, pred, at = (_scalar(monitor, k) for k in ("loss_forecast_final", "loss_forecast_final_low",
+                                                           "loss_pred_final", "loss_forecast_at_step"))
+        if fc is None or low is None or pred is None or at is None:
+            return None
+        if at != self._forecast_at:  # only a new forecast counts: the same one re-reported is no evidence
+            self._forecast_at = at
+            self.drifting = self.drifting + 1 if low > pred else 0
+        if self.drifting < self.cfg.off_curve_points:
+            return None
+        return (f"the final-loss forecast {fc:.4g} (low end {low:.4g}) has stayed above the law's prediction "
+                f"{pred:.4g} for the end of the run over {self.drifting} forecasts")
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         if not math.isfinite(obs.loss):
             return StageOutput()
+        drift = self._drift(monitor)
         self.points.append((obs.loss, obs.lr))
         self._noise.append(obs.loss)
-        if len(self.points) < self.points.maxlen:
+        change, lr_ratio, rising, stalled = 0.0, 1.0, False, False
+        if len(self.points) == self.points.maxlen:
+            change, lr_ratio, rising, stalled = self._trend()
+        elif drift is None:
             return StageOutput()
+        why = drift or (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did "
+                        "not rise" if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} "
+                        f"log points but the loss changed only {change:+.2%}")
+        return StageOutput(findings=[Finding(
+            "saturation", rising or stalled or drift is not None, "warning",
+            f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or the LR "
+            "schedule, is at its limit: stop early or change the plan",
+            values={"change": change, "lr_ratio": lr_ratio, "forecast_drift": float(self.drifting)})])
+
+    def _trend(self) -> tuple[float, float, bool, bool]:
+        """``(relative change, LR ratio, rising, stalled)`` of the window's first and last quarters."""
         q = max(len(self.points) // 4, 1)
         early = statistics.median(x for x, _ in list(self.points)[:q])
         late = statistics.median(x for x, _ in list(self.points)[-q:])
@@ -347,14 +380,7 @@ class SaturationDetector(_Detector):
         rising = change > max(self.cfg.saturation_rise, self.cfg.noise_sigma * se) and lr_ratio <= 1.01
         stalled = (known and lr_ratio <= self.cfg.saturation_lr_drop
                    and -change + self.cfg.noise_sigma * se < self.cfg.saturation_min_gain)
-        why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not rise"
-               if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points but the "
-               f"loss changed only {change:+.2%}")
-        return StageOutput(findings=[Finding(
-            "saturation", rising or stalled, "warning",
-            f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or the LR "
-            "schedule, is at its limit: stop early or change the plan",
-            values={"change": change, "lr_ratio": lr_ratio, "early": early, "late": late})])
+        return change, lr_ratio, rising, stalled
 
 
 class OffCurveDetector(_Detector):

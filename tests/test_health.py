@@ -125,6 +125,27 @@ def test_off_curve_reads_the_forecasters_band() -> None:
     assert [(k, s) for k, s, _ in _fired(m, [(10 * i, 2.7) for i in range(1, 6)])] == [("off_curve", "info")]
 
 
+def test_saturation_with_a_curve_law_when_the_forecast_drifts_above_the_prediction() -> None:
+    class Forecast:
+        """A curve law predicting 3.0 at the end; the forecast (made at every log point) says ``end``."""
+        name, kind = "curve", "forecaster"
+
+        def __init__(self, end, low_by=0.02) -> None:
+            self.end, self.low_by = end, low_by
+
+        def on_observation(self, obs, monitor):
+            end = self.end(obs.step)
+            return {"loss_pred_final": 3.0, "loss_forecast_final": end, "loss_forecast_final_low": end - self.low_by,
+                    "loss_forecast_at_step": float(obs.step)}
+
+    points = [(10 * i, 4.0 - 0.01 * i) for i in range(1, 9)]  # improving: the trend rule has nothing to say
+    drifting = Forecast(lambda step: 3.0 + (0.1 if step >= 40 else 0.0))
+    fired = _fired(Monitor(plugins=[SaturationDetector(), drifting]), points, lr=1e-3)
+    assert [(k, s, st) for k, s, st in fired] == [("saturation", "warning", 70)]  # 4 forecasts in a row: 40..70
+    inside = Forecast(lambda step: 3.01)  # the band holds the prediction: no drift
+    assert _fired(Monitor(plugins=[SaturationDetector(), inside]), points, lr=1e-3) == []
+
+
 def test_allocation_with_and_without_a_law_and_repetition() -> None:
     m = Monitor(n_params=1_000_000, plugins=[AllocationDetector(total_steps=1000, unique_tokens=50_000)])
     r = m.observe(_obs(10, 3.0))  # 512 tokens a step: 512,000 tokens at the end, 0.5 tokens per parameter
