@@ -57,7 +57,9 @@ def grad_sq_norm(params: Iterable[Tensor]) -> Tensor | None:
     norms = list(torch._foreach_norm(dense, 2, dtype=torch.float32)) if dense else []
     norms += [_norm(g).float() for g in grads if g.is_sparse]
     device = norms[0].device
-    return torch.stack([n.to(device, non_blocking=True) for n in norms]).square().sum()
+    if len(dense) < len(grads) or len({g.device for g in dense}) > 1:  # else no per-norm copy (~1 us each)
+        norms = [n.to(device, non_blocking=True) for n in norms]
+    return torch.stack(norms).square().sum()
 
 
 def grad_norm(params: Iterable[Tensor]) -> Tensor | None:
