@@ -125,14 +125,22 @@ class ByteWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+#: LR schedules of :class:`TinyGPTModule`: the main job's cosine, and the constant LR its pilot sweep adds
+#: (a curve law needs curves under two schedules to tell the power law from the annealing term).
+SCHEDULES = ("cosine", "constant")
+
+
 class TinyGPTModule(pl.LightningModule):
     """The LightningModule a user already has: nothing in it knows about scalewatch."""
 
     def __init__(self, cfg: GPTConfig | None = None, lr: float = 1e-3, warmup_steps: int = 20,
-                 max_steps: int = 1000) -> None:
+                 max_steps: int = 1000, schedule: str = "cosine") -> None:
         super().__init__()
         cfg = cfg or GPTConfig()
-        self.save_hyperparameters({"lr": lr, "warmup_steps": warmup_steps, "max_steps": max_steps, **asdict(cfg)})
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.save_hyperparameters({"lr": lr, "warmup_steps": warmup_steps, "max_steps": max_steps,
+                                   "schedule": schedule, **asdict(cfg)})
         self.model = GPT(cfg)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -151,9 +159,11 @@ class TinyGPTModule(pl.LightningModule):
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
-        def schedule(step: int) -> float:  # linear warmup, cosine to 10% of peak
+        def schedule(step: int) -> float:  # linear warmup, then cosine to 10% of peak (or constant at the peak)
             if step < hp.warmup_steps:
                 return (step + 1) / hp.warmup_steps
+            if hp.schedule == "constant":
+                return 1.0
             t = min(1.0, (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps))
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 

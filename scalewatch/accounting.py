@@ -143,7 +143,8 @@ class FlopConvention:
         per_token: FLOPs charged per token independent of context (``6·N``, a fixed number,
             or a measured value).
         attention_coeff: ``12·n_layer·d_model`` when the attention term is on, else 0.
-        description: a human-readable statement of the convention, logged with the run.
+        description: a human-readable statement of the convention, logged with the run; formulas and
+            values are Markdown code spans (backticks), so TensorBoard's text tab shows them as typed.
     """
 
     per_token: float
@@ -177,7 +178,7 @@ def six_n(n_params: int, label: str = "N") -> FlopConvention:
         60000
     """
     return FlopConvention(per_token=6 * n_params, attention_coeff=0,
-                          description=f"6*N per token, {label}={n_params:,}")
+                          description=f"`6*N` per token, `{label}={n_params:,}`")
 
 
 def six_n_plus_attention(n_params: int, n_layer: int, d_model: int, label: str = "N") -> FlopConvention:
@@ -191,8 +192,8 @@ def six_n_plus_attention(n_params: int, n_layer: int, d_model: int, label: str =
     return FlopConvention(
         per_token=6 * n_params,
         attention_coeff=12 * n_layer * d_model,
-        description=(f"6*N + 12*n_layer*d_model*T per token (PaLM/nanoGPT convention, no causal discount), "
-                     f"{label}={n_params:,}, n_layer={n_layer}, d_model={d_model}"),
+        description=(f"`6*N + 12*n_layer*d_model*T` per token (PaLM/nanoGPT convention, no causal discount), "
+                     f"`{label}={n_params:,}`, `n_layer={n_layer}`, `d_model={d_model}`"),
     )
 
 
@@ -325,10 +326,10 @@ def describe_conventions(n_params: int | None, params: ParamCount | None, conven
 
     Example:
         >>> describe_conventions(90, ParamCount(90, 40), six_n(90), "6N").split(". Tokens")[0]
-        'N = 90 (trainable: 90; non-embedding: 50). FLOPs: 6*N per token, N=90'
+        'N = 90 (trainable: 90; non-embedding: 50). FLOPs: `6*N` per token, `N=90`'
     """
     n = f"N = {n_params:,}" if n_params else "N unknown"
     if params is not None:
         n += f" (trainable: {params.total:,}; non-embedding: {params.non_embedding:,})"
-    flops = convention.description if convention else f"FLOPs: {flops_mode} (pending)"
+    flops = convention.description if convention else f"{flops_mode} (pending)"
     return f"{n}. FLOPs: {flops}. Tokens: positions carrying loss (mask/-100 excluded), summed over ranks."

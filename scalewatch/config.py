@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,9 @@ def _load_curve_law(law: Any) -> CurveLaw | None:
         raise ScaleWatchConfigError(f"scalewatch: curve_law: {exc}") from None
 
 
+_HELD_OUT_WORDS = {"val", "valid", "validation", "eval", "evaluation", "test", "heldout"}
+
+
 def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
     """What a user should know when this curve law is compared with this run's training loss.
 
@@ -213,10 +217,13 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
         >>> law = CurveLaw({}, n_ref=1.0, conventions={"loss": "val_loss", "n_params": "total"})
         >>> [w.split(",")[0] for w in curve_law_warnings(law, "total")]
         ["the curve law predicts 'val_loss'"]
+        >>> curve_law_warnings(CurveLaw({}, n_ref=1.0, conventions={"loss": "train loss per log interval"}), "total")
+        []
     """
     out = []
     law_loss = law.conventions.get("loss", "")
-    if any(k in law_loss.lower() for k in ("val", "eval", "test")):
+    # Whole words of the name ("val_loss", "eval/c4_en-validation/..."), not substrings: "log interval" is not "val".
+    if set(re.split(r"[^a-z]+", law_loss.lower())) & _HELD_OUT_WORDS:
         out.append(f"the curve law predicts {law_loss!r}, a held-out loss, but scalewatch compares it with the "
                    "training loss; expect an offset, or fit the law on training-loss curves (e.g. the TensorBoard "
                    "directories of earlier ScaleWatch runs)")
@@ -227,23 +234,55 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
     return out
 
 
+#: The laws' formulas, as the text tab shows them.
+CHINCHILLA_FORMULA = "L(N, D) = E + A/N^alpha + B/D^beta"
+CURVE_FORMULA = "L(step) = L0 + A*S1^-alpha - C*S2"
+# Law-file entries that are formulas or commands: shown as code spans, as typed.
+_CODE_KEYS = ("flops", "law", "command", "fit_command")
+
+
+def _code(text: Any) -> str:
+    """A Markdown code span: shown verbatim (no italics from ``*`` or ``_``), in a fixed-width font."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+def _entries(mapping: dict[str, Any]) -> str:
+    """``key: value; ...`` of a law's conventions or provenance, formulas and commands as code spans;
+    lists and nested records are left out (the law file has them)."""
+    items = [f"{k}: {_code(v) if k in _CODE_KEYS else v}" for k, v in mapping.items()
+             if not isinstance(v, (list, dict))]
+    return "; ".join(items) or "not recorded"
+
+
 def describe_laws(curve_law: Any, law: Any) -> str:
-    """The laws a run is compared with, and what they were fitted on, for TensorBoard's text tab.
+    """The laws a run is compared with, and what they were fitted on, for TensorBoard's text tab (Markdown).
+
+    Formulas, parameter values and the commands that made a law are code spans, so TensorBoard's
+    Markdown shows them as typed (``scalewatch.tensorboard.md_escape`` leaves code spans alone).
 
     Example:
         >>> from scalewatch.laws import ChinchillaLaw
-        >>> describe_laws(None, ChinchillaLaw.epoch_refit()).splitlines()[0][:40]
-        'Chinchilla law: E=1.817, A=482, B=2085, '
+        >>> print(describe_laws(None, ChinchillaLaw.epoch_refit()).splitlines()[0])
+        Chinchilla law `L(N, D) = E + A/N^alpha + B/D^beta` with `E=1.817, A=482, B=2085, alpha=0.348, beta=0.366`
     """
-    lines = []
+    blocks = []
     if law is not None:
         params = ", ".join(f"{k}={v:.4g}" for k, v in law.params().items())
-        lines.append(f"Chinchilla law: {params} (conventions: {getattr(law, 'conventions', {}) or 'not recorded'})")
+        formula = CHINCHILLA_FORMULA if getattr(law, "family", "") == "chinchilla" else getattr(law, "family", "law")
+        blocks.append(f"Chinchilla law {_code(formula)} with {_code(params)}\n\n"
+                      f"- conventions: {_entries(getattr(law, 'conventions', {}) or {})}")
     if curve_law is not None:
-        fitted = {k: v for k, v in curve_law.fitted_on.items() if not isinstance(v, (list, dict))}
-        lines.append(f"Curve law ({curve_law.family}): n_ref={curve_law.n_ref:.4g}, 90% band ±{curve_law.band_rel:.2%}; "
-                     f"fitted on {fitted or 'not recorded'}; conventions: {curve_law.conventions or 'not recorded'}")
-    return "\n\n".join(lines) if lines else "No law given: the undertraining check uses ~20 tokens per parameter."
+        fitted = dict(curve_law.fitted_on)
+        if isinstance(fitted.get("curves"), list):
+            fitted = {"curves": len(fitted["curves"]), **{k: v for k, v in fitted.items() if k != "curves"}}
+        if fitted.get("sizes"):
+            fitted["sizes"] = ", ".join(f"{n:.3g}" for n in fitted["sizes"])
+        m = curve_law.at(curve_law.n_ref)
+        coef = f"L0={m.L0:.4g}, A={m.A:.4g}, alpha={m.alpha:.4g}, C={m.C:.4g}"
+        blocks.append(f"Curve law ({curve_law.family}) {_code(CURVE_FORMULA)} with {_code(coef)} at "
+                      f"{_code(f'N={curve_law.n_ref:.4g}')} (each linear in ln N), 90% band ±{curve_law.band_rel:.2%}"
+                      f"\n\n- fitted on: {_entries(fitted)}\n- conventions: {_entries(curve_law.conventions)}")
+    return "\n\n".join(blocks) if blocks else "No law given: the undertraining check uses ~20 tokens per parameter."
 
 
 def build_monitor(config: ScaleWatchConfig, n_params: int | None = None, peak_flops: float | None = None,

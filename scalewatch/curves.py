@@ -115,12 +115,23 @@ def check_schedule(schedule: Any) -> np.ndarray:
 def schedule_features(lr: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, np.ndarray]:
     """``(S1, S2)`` at every step for a per-step LR array (index = step).
 
+    Steps before the LR first reaches its peak (a warmup) count at the peak, as in Tissue et al.
+    and as :func:`per_step_lr` does for logged curves: a rising LR is not an annealing, and its
+    negative "drops" would otherwise stay in the momentum and raise the predicted loss for the
+    whole run (by 0.56 nats at step 600 of the example GPT's 40-step warmup, with a law fitted on
+    its logged pilot curves).
+
     Example:
         >>> S1, S2 = schedule_features(np.array([1.0, 1.0, 0.5, 0.5]), lam=0.5)
         >>> S1.tolist(), S2.tolist()
         ([1.0, 2.0, 2.5, 3.0], [0.0, 0.0, 0.5, 0.75])
+        >>> [f.tolist() for f in schedule_features(np.array([0.5, 1.0, 0.5]), lam=0.5)]  # warmup at the peak
+        [[1.0, 2.0, 2.5], [0.0, 0.0, 0.5]]
     """
     lr = np.asarray(lr, dtype=float)
+    peak = int(np.argmax(lr))
+    if peak:
+        lr = np.concatenate([np.full(peak, lr[peak]), lr[peak:]])
     drops = np.concatenate([[0.0], lr[:-1] - lr[1:]])
     momentum = lfilter([1.0], [1.0, -lam], drops)
     return np.cumsum(lr), np.cumsum(momentum)

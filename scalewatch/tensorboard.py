@@ -81,13 +81,29 @@ def layout(with_curve: bool) -> dict[str, dict[str, list]]:
 
 
 def md_escape(text: str) -> str:
-    r"""Plain text for TensorBoard's Markdown: ``*`` and ``_`` kept literal.
+    r"""Plain text for TensorBoard's Markdown: ``*`` and ``_`` kept literal, code spans left as they are.
+
+    Formulas and commands are written as code spans (between backticks), which Markdown shows
+    verbatim in a fixed-width font; a backslash added inside one would be shown, so only the
+    text between code spans is escaped. An unpaired backtick is text, and escaped.
 
     Example:
-        >>> print(md_escape("6*N + 12*n_layer*d_model*T"))
-        6\*N + 12\*n\_layer\*d\_model\*T
+        >>> print(md_escape("FLOPs: `6*N + 12*n_layer*d_model*T` per token, n_layer=4"))
+        FLOPs: `6*N + 12*n_layer*d_model*T` per token, n\_layer=4
+        >>> print(md_escape("6*N, a ` alone"))
+        6\*N, a \` alone
     """
-    return text.replace("*", "\\*").replace("_", "\\_")
+    parts = text.split("`")  # even indices: plain text; odd: inside a code span
+    unpaired = len(parts) % 2 == 0  # an odd number of backticks: the last one opens no span
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            out.append(part.replace("*", "\\*").replace("_", "\\_"))
+        elif unpaired and i == len(parts) - 1:
+            out.append("\\`" + part.replace("*", "\\*").replace("_", "\\_"))
+        else:
+            out.append(f"`{part}`")
+    return "".join(out)
 
 
 def tag(name: str) -> str:
