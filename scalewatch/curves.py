@@ -127,9 +127,15 @@ def schedule_features(lr: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, 
         ([1.0, 2.0, 2.5, 3.0], [0.0, 0.0, 0.5, 0.75])
         >>> [f.tolist() for f in schedule_features(np.array([0.5, 1.0, 0.5]), lam=0.5)]  # warmup at the peak
         [[1.0, 2.0, 2.5], [0.0, 0.0, 0.5]]
+        >>> schedule_features(np.array([1.0, 0.5, 2.0]), lam=0.5)[0].tolist()  # a later rise is kept
+        [1.0, 1.5, 3.5]
     """
     lr = np.asarray(lr, dtype=float)
-    peak = int(np.argmax(lr))
+    # The warmup is the opening stretch where the LR does not fall: a later rise (a restart, an LR
+    # raised by hand mid-run) is part of the schedule and stays as it is.
+    falls = np.flatnonzero(np.diff(lr) < 0)
+    opening = lr[: (int(falls[0]) + 1 if len(falls) else len(lr))]
+    peak = int(np.argmax(opening))
     if peak:
         lr = np.concatenate([np.full(peak, lr[peak]), lr[peak:]])
     drops = np.concatenate([[0.0], lr[:-1] - lr[1:]])
