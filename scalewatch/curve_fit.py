@@ -28,6 +28,10 @@ from scalewatch.curves import (
 from scalewatch.forecast import forecast_final
 
 
+# Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
+FORWARD_CUTS = (0.6, 0.8)
+
+
 @dataclass
 class _Prepared:
     name: str
@@ -258,8 +262,9 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
     """Every pilot curve's final loss forecast from its own prefixes by laws that did not see it.
 
     Three kinds, as the pilots allow: ``leave-out`` (the law without the curve and its branches,
-    3+ curves), ``forward`` (the law fitted on every curve's first 60%, forecasting from prefixes
-    up to 60%: the only kind with 2 curves), and ``size-out`` (the law without the smallest or the
+    3+ curves), ``forward`` (laws fitted on every curve's first 60 and 80%, each forecasting
+    from prefixes within its cut: the only kind with 2 curves; the prefix was in the fit, the
+    final loss was not), and ``size-out`` (the law without the smallest or the
     largest model size, 3+ sizes: these measure how the error grows outside the pilot sizes). Each forecast
     uses the full law's band for its priors, as a live forecast does.
     """
@@ -280,8 +285,21 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
     for j, c in enumerate(curves):
         if groups[j] in left_out:
             replays += replay(c, left_out[groups[j]], law.n_range, "leave-out", REPLAY_FRACTIONS)
-        if forward is not None:
-            replays += replay(c, forward, law.n_range, "forward", [f for f in REPLAY_FRACTIONS if f <= 0.6])
+    # Forward in time, cut at several points: with two pilot curves these are the only replays, and one
+    # cut gives too few of them for a 90% quantile. The 60% cut is the fit the band already made.
+    for cut in FORWARD_CUTS:
+        coef_t: Mapping[str, tuple[float, float]] | None = forward if cut == 0.6 else None
+        if coef_t is None:
+            early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
+                     for m in [np.arange(len(p.y)) < cut * len(p.y)]]
+            try:
+                coef_t, r_t = _fit_coef(early, multi, start=law.coef)
+                fits.append((f"the fit on the first {cut:.0%} of each curve", r_t))
+            except CurveError:
+                fits.append((f"the fit on the first {cut:.0%} of each curve", None))
+                continue
+        for c in curves:
+            replays += replay(c, coef_t, law.n_range, "forward", [f for f in REPLAY_FRACTIONS if f <= cut])
     if multi:
         for n in sorted({c.n_params for c in curves if c.n_params is not None}):
             rest = [p for p, c in zip(prepared, curves, strict=True) if c.n_params != n]

@@ -126,7 +126,10 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     if cal is not None:
         # Calibrated on the pilots' own prefixes (scalewatch.bands): the posterior width of this prefix
         # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
-        half = cal.half_width(sd_rel, float(st.max()) / end, law.n_outside(n_params)) * final
+        # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
+        # widen as the predicted curve's band does there.
+        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end]))
+        half = cal.half_width(sd_rel, float(st.max()) / end, law.n_outside(n_params)) * reach * final
         return Forecast(end, final, final - half, final + half, prior_final, len(st), sd_rel)
     # A law file from before the calibration: the law's band at the final step, never shrunk by how
     # well the prefix pinned the level, and spanning the prior too (an early prefix can pull hard in
@@ -227,7 +230,7 @@ class CurvePlugin:
         S1, S2 = self._S
         model = self.law.at(self.n_params)
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
-        half = self.law.band_at(self.n_params, obs.step / end) * pred
+        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step])) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
         if math.isfinite(obs.loss):
