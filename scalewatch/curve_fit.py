@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeResult, least_squares
 
+from scalewatch.bands import REPLAY_FRACTIONS, Replay, calibrate_forecast, calibrate_reach, sharing_groups
 from scalewatch.curves import (
     BAND_FLOOR_REL,
     BAND_LEVEL,
@@ -24,6 +25,11 @@ from scalewatch.curves import (
     CurveError,
     CurveLaw,
 )
+from scalewatch.forecast import forecast_final
+
+
+# Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
+FORWARD_CUTS = (0.6, 0.8)
 
 
 @dataclass
@@ -57,8 +63,13 @@ def _model(coef: Mapping[str, tuple[float, float]], p: _Prepared) -> np.ndarray:
     return v["L0"] + np.exp(v["lnA"]) * np.power(p.S1, -v["alpha"]) - np.exp(v["lnC"]) * p.S2
 
 
-def _fit_coef(prepared: Sequence[_Prepared], multi: bool) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
-    """The best of a few least-squares starts, with scipy's result for it (convergence, message)."""
+def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tuple[float, float]] | None = None
+              ) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
+    """The best of a few least-squares starts, with scipy's result for it (convergence, message).
+
+    ``start``: a law to start from (the full fit, for a refit without some curves): one start
+    instead of four, and the usual starts only if it does not converge.
+    """
     # Each curve weighs the same whatever its number of points; residuals are relative.
     n_mean = float(np.mean([len(p.y) for p in prepared]))
     weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
@@ -67,6 +78,14 @@ def _fit_coef(prepared: Sequence[_Prepared], multi: bool) -> tuple[dict[str, tup
         coef = _unpack(theta, multi)
         return np.concatenate([w * (_model(coef, p) - p.y) / p.y for w, p in zip(weights, prepared, strict=True)])
 
+    if start is not None:
+        x_mean = float(np.mean([p.x for p in prepared]))
+        theta0 = (np.array([v for k in PARAM_NAMES for v in start[k]]) if multi
+                  else np.array([start[k][0] + start[k][1] * x_mean for k in PARAM_NAMES]))
+        with np.errstate(all="ignore"):
+            r = least_squares(residuals, theta0, loss="soft_l1", f_scale=1e-3, max_nfev=4000)
+        if r.success and np.isfinite(r.cost):
+            return _unpack(r.x, multi), r
     y_min = min(float(p.y.min()) for p in prepared)
     best = None
     for alpha in (0.3, 0.6):
@@ -110,12 +129,15 @@ class CurveFitResult:
 
 
 def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "loss",
-               n_convention: str = "total") -> CurveFitResult:
+               n_convention: str = "total", calibrate: bool = True) -> CurveFitResult:
     """Fit a momentum law to pilot curves; parameters linear in ln N when there are several sizes.
 
-    The 90% band comes from leave-one-curve-out: each curve is predicted by a fit on
-    the others (with its size's other curves when there are several sizes), and the
-    band is the 90th percentile of those relative errors, each curve weighing the same.
+    The predicted curve's 90% band comes from leave-one-curve-out: each curve (with the curves
+    branched from the same run, which share its prefix) is predicted by a fit on the others, and
+    the band is the 90th percentile of those relative errors, each curve weighing the same;
+    it widens where a run's summed LR goes past the pilots' (:class:`~scalewatch.bands.ScheduleReach`).
+    With ``calibrate`` the final-loss forecast's band is calibrated too, by replaying every
+    pilot's own prefixes (:func:`_forecast_replays`, :class:`~scalewatch.bands.ForecastCalibration`).
 
     Example:
         >>> from scalewatch.curves import schedule_features
@@ -156,28 +178,41 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             wts.append(np.full(len(e), 1.0 / len(e)))
             fracs.append(frac)
 
-    # (a) Leave one curve out, when the rest can still identify the law (>= 2 curves per fit).
+    # (a) Leave one curve out, when the rest can still identify the law (>= 2 curves per fit); curves
+    # branched from one run (same first points) leave together, or the fit has seen the prefix.
+    groups = sharing_groups([list(zip(c.steps.tolist(), c.loss.tolist(), strict=True)) for c in curves])
+    left_out: dict[int, dict[str, tuple[float, float]]] = {}  # group -> the law fitted without it
     if len(prepared) >= 3:
-        for i, p in enumerate(prepared):
-            rest = [q for j, q in enumerate(prepared) if j != i]
-            try:
-                c_i, r_i = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2)
-            except CurveError:
-                fits.append((f"the fit without {p.name}", None))
+        for g in sorted(set(groups)):
+            rest = [q for j, q in enumerate(prepared) if groups[j] != g]
+            what = "the fit without " + ", ".join(p.name for j, p in enumerate(prepared) if groups[j] == g)
+            if len(rest) < 2:
                 continue
-            fits.append((f"the fit without {p.name}", r_i))
-            e = mean_err(c_i, p)
-            held_out[p.name] = float(e.mean())
-            add(e, p.frac)
+            try:
+                c_g, r_g = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2, start=coef)
+            except CurveError:
+                fits.append((what, None))
+                continue
+            fits.append((what, r_g))
+            left_out[g] = c_g
+            for j, p in enumerate(prepared):
+                if groups[j] == g:
+                    e = mean_err(c_g, p)
+                    held_out[p.name] = float(e.mean())
+                    add(e, p.frac)
     # (b) Forward in time: fit every curve's first 60%, predict the rest (always possible).
     early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
+    c_t: dict[str, tuple[float, float]] | None = None
+    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (|error|, progress, S1) of each late stretch
     try:
         c_t, r_t = _fit_coef(early, multi)
         fits.append(("the fit on the first 60% of each curve", r_t))
         for p in prepared:
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
-            add(mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x)), p.frac[late])
+            e = mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
+            add(e, p.frac[late])
+            late_points.append((e, p.frac[late], p.S1[late]))
     except CurveError:
         fits.append(("the fit on the first 60% of each curve", None))
     by_progress: list[tuple[float, float, float]] = []
@@ -197,11 +232,21 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         n_range=(sizes[0], sizes[-1]) if sizes else None,
         fitted_on={"curves": [c.name for c in curves], "sizes": sizes, "n_points": int(sum(len(p.y) for p in prepared)),
                    "in_sample_mean_rel_error": in_sample, "held_out_mean_rel_error": held_out,
-                   "band": "90th percentile of held-out relative errors: leave-one-curve-out (3+ curves) "
-                           "and each curve's last 40% predicted from fits on the first 60%"},
+                   "band": "90th percentile of held-out relative errors: leave-one-curve-out (3+ curves; curves "
+                           "branched from one run leave together) and each curve's last 40% predicted from fits "
+                           "on the first 60%"},
         conventions={"loss": loss_name, "n_params": n_convention, "x_axis": "optimizer steps",
                      "law": "L0 + A*S1^-alpha - C*S2 (Tissue et al. 2024); params linear in ln(N/n_ref)"},
     )
+    if late_points:
+        # Points past the summed LR that the 60% fit saw show how the error grows past the pilots'.
+        s1_fit = max(float(p.S1.max()) for p in early)
+        e_l, f_l, s_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
+        law.reach = calibrate_reach(e_l, law.band_at(None, f_l), np.log(s_l / s1_fit),
+                                    s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL)
+    if calibrate:
+        replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits)
+        law.forecast_band = calibrate_forecast(replays, BAND_LEVEL)
     failed = [f"{what} ({'no finite fit' if r is None else r.message})" for what, r in fits
               if r is None or not r.success]
     message = (f"all {len(fits)} least-squares fits converged" if not failed else
@@ -210,3 +255,66 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     return CurveFitResult(law=law, in_sample=in_sample, held_out=held_out, converged=not failed, message=message)
 
 
+def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: CurveLaw,
+                      left_out: Mapping[int, dict[str, tuple[float, float]]],
+                      forward: dict[str, tuple[float, float]] | None, multi: bool,
+                      prepared: Sequence[_Prepared], fits: list[tuple[str, OptimizeResult | None]]) -> list[Replay]:
+    """Every pilot curve's final loss forecast from its own prefixes by laws that did not see it.
+
+    Three kinds, as the pilots allow: ``leave-out`` (the law without the curve and its branches,
+    3+ curves), ``forward`` (laws fitted on every curve's first 60 and 80%, each forecasting
+    from prefixes within its cut: the only kind with 2 curves; the prefix was in the fit, the
+    final loss was not), and ``size-out`` (the law without the smallest or the
+    largest model size, 3+ sizes: these measure how the error grows outside the pilot sizes). Each forecast
+    uses the full law's band for its priors, as a live forecast does.
+    """
+    def replay(c: Curve, coef: Mapping[str, tuple[float, float]], n_range: tuple[float, float] | None,
+               kind: str, fractions: Sequence[float]) -> list[Replay]:
+        sub = CurveLaw(dict(coef), law.n_ref, law.lam, law.band_rel, law.band_by_progress, n_range)
+        sched, end, truth = c.per_step_lr(), int(c.steps[-1]), float(c.loss[-1])
+        out = []
+        for f in fractions:
+            m = c.steps <= f * end
+            if m.sum() < 3:
+                continue
+            fc = forecast_final(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
+            out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind))
+        return out
+
+    replays: list[Replay] = []
+    for j, c in enumerate(curves):
+        if groups[j] in left_out:
+            replays += replay(c, left_out[groups[j]], law.n_range, "leave-out", REPLAY_FRACTIONS)
+    # Forward in time, cut at several points: with two pilot curves these are the only replays, and one
+    # cut gives too few of them for a 90% quantile. The 60% cut is the fit the band already made.
+    for cut in FORWARD_CUTS:
+        coef_t: Mapping[str, tuple[float, float]] | None = forward if cut == 0.6 else None
+        if coef_t is None:
+            early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
+                     for m in [np.arange(len(p.y)) < cut * len(p.y)]]
+            try:
+                coef_t, r_t = _fit_coef(early, multi, start=law.coef)
+                fits.append((f"the fit on the first {cut:.0%} of each curve", r_t))
+            except CurveError:
+                fits.append((f"the fit on the first {cut:.0%} of each curve", None))
+                continue
+        for c in curves:
+            replays += replay(c, coef_t, law.n_range, "forward", [f for f in REPLAY_FRACTIONS if f <= cut])
+    if multi:
+        for n in sorted({c.n_params for c in curves if c.n_params is not None}):
+            rest = [p for p, c in zip(prepared, curves, strict=True) if c.n_params != n]
+            sizes = [c.n_params for c in curves if c.n_params != n and c.n_params is not None]
+            if len(set(sizes)) < 2 or min(sizes) < n < max(sizes):
+                # One size left is a law without any N-dependence, not the kind a live forecast uses;
+                # an inner size is interpolation, which the leave-out replays already cover.
+                continue
+            try:
+                coef, r = _fit_coef(rest, True, start=law.coef)
+            except CurveError:
+                fits.append((f"the fit without N={n:.3g}", None))
+                continue
+            fits.append((f"the fit without N={n:.3g}", r))
+            for c in curves:
+                if c.n_params == n:
+                    replays += replay(c, coef, (min(sizes), max(sizes)), "size-out", REPLAY_FRACTIONS)
+    return [r for r in replays if math.isfinite(r.rel_error) and math.isfinite(r.sd_rel) and r.sd_rel > 0]

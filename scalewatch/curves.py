@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.signal import lfilter
 
+from scalewatch.bands import ForecastCalibration, ScheduleReach
 from scalewatch.data import pick_column
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
@@ -307,6 +308,11 @@ class CurveLaw:
         n_range: smallest and largest pilot N (None for a single unknown size).
         fitted_on: provenance (curves, sizes, errors).
         conventions: loss name, N convention, step unit.
+        forecast_band: the final-loss forecast's band, calibrated on replays of the pilots' own
+            prefixes (:class:`scalewatch.bands.ForecastCalibration`); None in files written before
+            it existed (then the forecast's band is the law's own at the final step).
+        reach: how the band widens where a run's summed LR goes past the pilots'
+            (:class:`scalewatch.bands.ScheduleReach`); None: no widening.
     """
 
     coef: dict[str, tuple[float, float]]
@@ -317,6 +323,8 @@ class CurveLaw:
     n_range: tuple[float, float] | None = None
     fitted_on: dict[str, Any] = field(default_factory=dict)
     conventions: dict[str, str] = field(default_factory=dict)
+    forecast_band: ForecastCalibration | None = None
+    reach: ScheduleReach | None = None
 
     family = FAMILY
 
@@ -325,10 +333,26 @@ class CurveLaw:
         v = {k: a + b * x for k, (a, b) in self.coef.items()}
         return MomentumLaw(L0=v["L0"], A=math.exp(v["lnA"]), alpha=v["alpha"], C=math.exp(v["lnC"]), lam=self.lam)
 
-    def band_at(self, n_params: float | None, progress: float | np.ndarray | None = None) -> Any:
-        """The relative band half-width at N and at ``progress`` = step / last step of the run.
+    def n_outside(self, n_params: float | None) -> float:
+        """How far ln N lies outside the pilot sizes (0 inside, or when N or the sizes are unknown).
 
-        Wider outside the pilot sizes (extrapolation in N).
+        Example:
+            >>> law = CurveLaw({}, n_ref=1e8, n_range=(1e8, 4e8))
+            >>> law.n_outside(2e8), round(law.n_outside(4e8 * math.e), 6)
+            (0.0, 1.0)
+        """
+        if n_params is None or self.n_range is None:
+            return 0.0
+        lo, hi = self.n_range
+        return max(math.log(lo / n_params), math.log(n_params / hi), 0.0)
+
+    def band_at(self, n_params: float | None, progress: float | np.ndarray | None = None,
+                s1: float | np.ndarray | None = None) -> Any:
+        """The relative band half-width at N, at ``progress`` = step / last step of the run, and at
+        ``s1`` = the run's summed LR at that step.
+
+        Wider outside the pilot sizes (extrapolation in N) and, with a calibrated :attr:`reach`,
+        where the summed LR goes past the pilots' (a longer run or a higher LR than theirs).
         """
         width: Any = self.band_rel
         if progress is not None and self.band_by_progress:
@@ -338,11 +362,10 @@ class CurveLaw:
                 width = np.where((prog > lo) & (prog <= hi), w, width)
             width = np.where(prog <= self.band_by_progress[0][0], self.band_by_progress[0][2], width)
             width = width if width.ndim else float(width)
-        if n_params is None or self.n_range is None:
-            return width
-        lo, hi = self.n_range
-        out = max(math.log(lo / n_params), math.log(n_params / hi), 0.0)
-        return width * (1.0 + out)
+        if s1 is not None and self.reach is not None:
+            width = width * self.reach.factor(s1)
+            width = width if np.ndim(width) else float(width)
+        return width * (1.0 + self.n_outside(n_params))
 
     def predict(self, schedule: np.ndarray, n_params: float | None = None,
                 steps: Sequence[int] | None = None) -> CurvePrediction:
@@ -362,7 +385,7 @@ class CurveLaw:
                              "give a schedule that covers the whole run")
         S1, S2 = schedule_features(schedule, self.lam)
         loss = self.at(n_params).loss(S1[idx], S2[idx])
-        half = self.band_at(n_params, idx / (len(schedule) - 1)) * loss
+        half = self.band_at(n_params, idx / (len(schedule) - 1), S1[idx]) * loss
         return CurvePrediction(idx, loss, loss - half, loss + half)
 
     # ------------------------------------------------------------ files
@@ -374,12 +397,17 @@ class CurveLaw:
             "params": {k: [float(a), float(b)] for k, (a, b) in self.coef.items()},
             "n_ref": float(self.n_ref),
             "lam": float(self.lam),
-            "band": {"level": BAND_LEVEL, "relative_half_width": float(self.band_rel),
-                     "by_progress": [[float(a), float(b), float(w)] for a, b, w in self.band_by_progress]},
+            "band": self._band_json(),
             "n_range": None if self.n_range is None else [float(x) for x in self.n_range],
             "fitted_on": self.fitted_on,
             "conventions": dict(self.conventions),
+            **({} if self.forecast_band is None else {"forecast_band": self.forecast_band.to_json()}),
         }
+
+    def _band_json(self) -> dict[str, Any]:
+        band = {"level": BAND_LEVEL, "relative_half_width": float(self.band_rel),
+                "by_progress": [[float(a), float(b), float(w)] for a, b, w in self.band_by_progress]}
+        return band if self.reach is None else band | {"beyond_pilots": self.reach.to_json()}
 
     @classmethod
     def from_json(cls, doc: Any, source: str = "law file") -> CurveLaw:
@@ -394,6 +422,8 @@ class CurveLaw:
                 raise LawFileError(f"{source}: params.{k} must be [value at n_ref, slope per ln N], finite numbers")
             coef[k] = (float(v[0]), float(v[1]))
         band = doc.get("band") or {}
+        if not isinstance(band, Mapping):
+            raise LawFileError(f"{source}: 'band' must be an object with relative_half_width")
         n_ref, lam, width = doc.get("n_ref"), doc.get("lam", LAMBDA), band.get("relative_half_width")
         if not (_finite(n_ref) and n_ref > 0 and _finite(lam) and 0 < lam < 1 and _finite(width) and width >= 0):
             raise LawFileError(f"{source}: n_ref > 0, 0 < lam < 1 and band.relative_half_width >= 0 are required")
@@ -406,11 +436,16 @@ class CurveLaw:
         if not (isinstance(by_progress, Sequence) and all(
                 isinstance(r, Sequence) and len(r) == 3 and all(_finite(x) for x in r) for r in by_progress)):
             raise LawFileError(f"{source}: band.by_progress must be a list of [from, to, half-width]")
+        # Blocks added by issue 14; files written before it have neither and load as before.
+        cal = doc.get("forecast_band")
+        reach = band.get("beyond_pilots")
         return cls(coef=coef, n_ref=float(n_ref), lam=float(lam), band_rel=float(width),
                    band_by_progress=[(float(a), float(b), float(w)) for a, b, w in by_progress],
                    n_range=None if n_range is None else (float(n_range[0]), float(n_range[1])),
                    fitted_on=dict(doc.get("fitted_on", {}) or {}),
-                   conventions={str(k): str(v) for k, v in conv.items()})
+                   conventions={str(k): str(v) for k, v in conv.items()},
+                   forecast_band=None if cal is None else ForecastCalibration.from_json(cal, source),
+                   reach=None if reach is None else ScheduleReach.from_json(reach, source))
 
 
 # What a law-file error tells the user to run.

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
+from scalewatch.bands import EFFECTIVE_POINTS_PER_RUN
 from scalewatch.curves import BAND_LEVEL, SKIP_FRACTION, CurveError, CurveLaw, check_schedule, schedule_features
 from scalewatch.monitor import ForecastBand, StageOutput
 
@@ -64,6 +65,7 @@ class Forecast:
     high: float
     prior_loss: float
     prefix_points: int
+    sd_rel: float = math.nan  # the posterior sd of the final loss, relative (see posterior_sd_rel)
 
 
 def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
@@ -112,13 +114,60 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
 
     fit = least_squares(residuals, np.zeros(2))
     d = fit.x
-    final = float(base.L0 + d[0] + base.A * math.exp(d[1]) * S1[end] ** (-base.alpha) - base.C * S2[end])
-    # Band: the law's at the final step, never shrunk by how well the prefix pinned the level
-    # (shrinking it cost coverage on the OLMo runs).
+    amp_end = base.A * math.exp(d[1]) * S1[end] ** (-base.alpha)
+    final = float(base.L0 + d[0] + amp_end - base.C * S2[end])
+    # The posterior width on the law's error scale within the pilot sizes: the calibration widens the
+    # band for the distance in N itself, by what replays from outside the pilot sizes needed.
+    sp0 = law.band_at(None, 1.0) / _Z90
+    sd_rel = posterior_sd_rel(fit.fun[:-2] * sigma_point / sp0,
+                              base.A * math.exp(d[1]) * np.power(S1[st], -base.alpha) / y / sp0, 1.0 / y / sp0,
+                              amp_end, final, (st.max() - st.min()) / end, sp0 * prior_final, cfg.sigma_lnA)
+    cal = law.forecast_band
+    if cal is not None:
+        # Calibrated on the pilots' own prefixes (scalewatch.bands): the posterior width of this prefix
+        # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
+        # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
+        # widen as the predicted curve's band does there.
+        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end]))
+        half = cal.half_width(sd_rel, float(st.max()) / end, law.n_outside(n_params)) * reach * final
+        return Forecast(end, final, final - half, final + half, prior_final, len(st), sd_rel)
+    # A law file from before the calibration: the law's band at the final step, never shrunk by how
+    # well the prefix pinned the level, and spanning the prior too (an early prefix can pull hard in
+    # the wrong direction).
     half = band * final
-    # Where the prefix pulled the forecast away from the pilots, the band spans both: an early
-    # prefix can pull hard in the wrong direction.
-    return Forecast(end, final, min(final, prior_final) - half, max(final, prior_final) + half, prior_final, len(st))
+    return Forecast(end, final, min(final, prior_final) - half, max(final, prior_final) + half, prior_final, len(st),
+                    sd_rel)
+
+
+def posterior_sd_rel(resid: np.ndarray, d_amp: np.ndarray, d_level: np.ndarray, amp_end: float, final: float,
+                     span: float, sigma_level: float, sigma_lnA: float) -> float:
+    """The relative posterior sd of a prefix forecast's final loss (Laplace approximation), counting
+    the prefix as ``EFFECTIVE_POINTS_PER_RUN * span`` independent points however densely it was
+    logged, and inflated by the fit's reduced chi-square where the prefix disagrees with the law's shape.
+
+    Args:
+        resid: the prefix points' standardised residuals at the fit.
+        d_amp, d_level: each point's standardised residual's derivative by ln A and by the level.
+        amp_end: the power-law term at the final step (the derivative of the final loss by ln A).
+        final: the forecast final loss.
+        span: the prefix's span of steps / the final step.
+        sigma_level, sigma_lnA: the prior sds of the level and of ln A.
+
+    Example:
+        >>> n = 100; ones = np.ones(n)
+        >>> wide = posterior_sd_rel(np.zeros(n), 0.5 * ones, ones, 0.5, 3.0, 0.1, 0.03, 0.3)
+        >>> narrow = posterior_sd_rel(np.zeros(n), 0.5 * ones, ones, 0.5, 3.0, 0.6, 0.03, 0.3)
+        >>> narrow < wide
+        True
+    """
+    n = len(resid)
+    weight = min(1.0, EFFECTIVE_POINTS_PER_RUN * max(span, 0.0) / max(n, 1))
+    J = np.vstack([np.column_stack([d_level, d_amp]) * math.sqrt(weight),
+                   [[1.0 / sigma_level, 0.0], [0.0, 1.0 / sigma_lnA]]])
+    cov = np.linalg.pinv(J.T @ J)
+    g = np.array([1.0, amp_end])
+    chi2 = float(np.mean(np.square(resid))) if n else 1.0
+    return float(math.sqrt(max(g @ cov @ g, 0.0) * max(chi2, 1.0)) / final)
 
 
 # ------------------------------------------------------------------ the monitor plugin
@@ -181,7 +230,7 @@ class CurvePlugin:
         S1, S2 = self._S
         model = self.law.at(self.n_params)
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
-        half = self.law.band_at(self.n_params, obs.step / end) * pred
+        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step])) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
         if math.isfinite(obs.loss):

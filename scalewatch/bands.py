@@ -1,0 +1,277 @@
+"""Calibrated bands for the curve law, measured on the pilots themselves (issue 14).
+
+Two records live in a curve-law file beside the law:
+
+* :class:`ForecastCalibration`: how wide the final-loss forecast's 90% band must be. At fit
+  time every pilot curve's own prefixes are replayed through :func:`scalewatch.forecast.forecast_final`
+  with a law that never saw that curve (nor the curves branched from the same prefix), and the
+  forecast's error is divided by the posterior width of that prefix fit. The band of a live
+  forecast is the posterior width times the conformal quantile of those scores at its prefix
+  fraction: it shrinks as the prefix pins the level, and holds about 90% of the replays.
+* :class:`ScheduleReach`: how much the predicted curve's band widens where a run's schedule
+  goes beyond the pilots' (its summed LR, S1, past the largest any pilot reached), calibrated
+  by predicting each pilot's last 40% from a fit on the first 60%.
+
+Plain numpy; the replays themselves are made in :mod:`scalewatch.curve_fit`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scalewatch.laws import LawFileError
+from scalewatch.laws import _finite_number as _finite
+
+# Prefix fractions (last prefix step / final step) that each pilot curve is replayed at.
+REPLAY_FRACTIONS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The quantile at one fraction pools the replays at its neighbours on the grid too: a 90%
+# quantile from ten replays is mostly noise.
+POOL_NEIGHBOURS = 1
+# The posterior width of a prefix fit counts the prefix as this many independent points per
+# whole run, however often the run logs: a run logged every 10 steps does not know its final
+# loss 10x better than the same run logged every 100 (neighbouring points share their errors).
+EFFECTIVE_POINTS_PER_RUN = 50.0
+# Minimum relative half-width of a forecast band: the final loss is measured on a finite set.
+FORECAST_FLOOR_REL = 0.001
+
+
+def conformal_quantile(scores: Sequence[float] | np.ndarray, level: float) -> float:
+    """The split-conformal quantile: the ``ceil((n + 1) * level)``-th smallest score (the largest when
+    there are too few scores for that), so that a new exchangeable score falls below it with
+    probability at least ``level``.
+
+    Example:
+        >>> conformal_quantile(range(1, 20), 0.9)   # 19 scores: the 18th smallest
+        18.0
+        >>> conformal_quantile([0.5, 1.0], 0.9)     # too few: the largest
+        1.0
+    """
+    s = np.sort(np.asarray(scores, dtype=float))
+    if len(s) == 0:
+        raise ValueError("no scores to take a quantile of")
+    k = min(len(s), math.ceil((len(s) + 1) * level))
+    return float(s[k - 1])
+
+
+def sharing_groups(first_points: Sequence[Sequence[tuple[int, float]]], min_shared: int = 3) -> list[int]:
+    """A group id per curve: curves whose first ``min_shared`` logged (step, loss) points are
+    identical were branched from one run (e.g. WSD cooldowns from a constant-LR run) and must be
+    left out of a fit together, or the fit has already seen the left-out curve's prefix.
+
+    Example:
+        >>> const = [(100, 3.2), (200, 3.0), (300, 2.9)]
+        >>> sharing_groups([const, const, [(100, 3.3), (200, 3.1), (300, 3.0)]])
+        [0, 0, 1]
+    """
+    keys: dict[tuple[tuple[int, float], ...], int] = {}
+    out = []
+    for pts in first_points:
+        key = tuple((int(s), float(y)) for s, y in list(pts)[:min_shared])
+        if len(key) < min_shared:  # too short to tell: its own group
+            key = (("unique", len(out)),)  # type: ignore[assignment]
+        out.append(keys.setdefault(key, len(keys)))
+    return out
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One replayed forecast: a pilot curve's final loss forecast from its own prefix.
+
+    Attributes:
+        curve: the pilot curve's name.
+        fraction: last prefix step / the curve's final step.
+        rel_error: (forecast - truth) / truth.
+        sd_rel: the forecast's posterior sd, relative to the forecast.
+        n_out: how far the curve's ln N lies outside the sizes of the law that forecast it (0 inside).
+        kind: ``"leave-out"`` (a law without the curve and its branches), ``"size-out"`` (a law without
+            the curve's model size) or ``"forward"`` (a law fitted on every curve's first 60%).
+    """
+
+    curve: str
+    fraction: float
+    rel_error: float
+    sd_rel: float
+    n_out: float
+    kind: str
+
+    @property
+    def score(self) -> float:
+        return abs(self.rel_error) / max(self.sd_rel, 1e-12)
+
+
+@dataclass
+class ForecastCalibration:
+    """The final-loss forecast's band, calibrated on replays of the pilots' own prefixes.
+
+    The 90% half-width of a forecast made from a prefix covering ``fraction`` of the run, with
+    posterior sd ``sd_rel`` (relative) and ``n_out`` = how far ln N lies outside the pilots:
+    ``sd_rel * quantile_at(fraction) * (1 + per_ln_n * n_out)``, never below ``floor_rel``.
+
+    Attributes:
+        by_fraction: ``(fraction, quantile, replays)``: the conformal quantile of |error| / sd of
+            the replays at that prefix fraction (and its neighbours), and how many it rests on.
+        per_ln_n: widening per unit of ln N outside the pilots, from replays of each outer size by a
+            law fitted without it on two or more other sizes (a law of the kind a live forecast uses);
+            with fewer sizes nothing measures it and it is 1 (the band doubles at e times the
+            largest pilot N, as the predicted curve's does).
+        per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
+        replays: how many replayed forecasts in all (of ``curves`` pilot curves).
+        curves: how many pilot curves were replayed.
+        level: the band's level.
+        floor_rel: the smallest relative half-width.
+        method: what the replays were, in words.
+
+    Example:
+        >>> cal = ForecastCalibration([(0.2, 4.0, 30), (0.6, 2.0, 30)], per_ln_n=0.5, replays=60, curves=6)
+        >>> cal.quantile_at(0.4), round(cal.half_width(0.001, 0.4, n_out=1.0), 4)
+        (3.0, 0.0045)
+    """
+
+    by_fraction: list[tuple[float, float, int]]
+    per_ln_n: float = 1.0
+    per_ln_n_replays: int = 0
+    replays: int = 0
+    curves: int = 0
+    level: float = 0.9
+    floor_rel: float = FORECAST_FLOOR_REL
+    method: str = ""
+
+    def quantile_at(self, fraction: float) -> float:
+        """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
+        f = np.array([r[0] for r in self.by_fraction])
+        q = np.array([r[1] for r in self.by_fraction])
+        return float(np.interp(fraction, f, q))
+
+    def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0) -> float:
+        """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
+        return max(sd_rel * self.quantile_at(fraction) * (1.0 + self.per_ln_n * max(n_out, 0.0)), self.floor_rel)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
+                "per_ln_n": float(self.per_ln_n),
+                "per_ln_n_replays": int(self.per_ln_n_replays), "floor_rel": float(self.floor_rel),
+                "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str) -> ForecastCalibration:
+        """Read the ``forecast_band`` block; a malformed one is a one-line :class:`LawFileError`."""
+        where = f"{source}: forecast_band"
+        if not isinstance(doc, Mapping):
+            raise LawFileError(f"{where} must be an object (refit with `scalewatch fit --curves --out`)")
+        rows = doc.get("by_fraction")
+        if not (isinstance(rows, Sequence) and rows and all(
+                isinstance(r, Sequence) and len(r) == 3 and all(_finite(x) for x in r) and 0 < r[0] <= 1
+                and r[1] > 0 and r[2] >= 0 for r in rows)):
+            raise LawFileError(f"{where}.by_fraction must be a non-empty list of [fraction in (0, 1], quantile > 0, "
+                               "replays >= 0]")
+        if any(b[0] <= a[0] for a, b in zip(rows[:-1], rows[1:], strict=True)):
+            raise LawFileError(f"{where}.by_fraction must be sorted by increasing fraction")
+        nums = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("per_ln_n_replays", 0), ("replays", 0), ("curves", 0), ("level", 0.9),
+                                              ("floor_rel", FORECAST_FLOOR_REL))}
+        if not all(_finite(v) and v >= 0 for v in nums.values()) or not 0 < nums["level"] < 1:
+            raise LawFileError(f"{where}: per_ln_n, replays, curves and floor_rel must be numbers >= 0, "
+                               "level in (0, 1)")
+        return cls(by_fraction=[(float(f), float(q), int(n)) for f, q, n in rows], per_ln_n=float(nums["per_ln_n"]),
+                   per_ln_n_replays=int(nums["per_ln_n_replays"]),
+                   replays=int(nums["replays"]), curves=int(nums["curves"]), level=float(nums["level"]),
+                   floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")))
+
+
+def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> ForecastCalibration | None:
+    """The forecast band's calibration from replays; None when no replay was possible.
+
+    In-range replays (``n_out == 0``) set the quantile per fraction; replays from outside the
+    sizes of their law set ``per_ln_n``: the smallest widening that holds ``level`` of them.
+
+    Example:
+        >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
+        >>> cal = calibrate_forecast(rs)
+        >>> [round(q, 3) for _, q, _ in cal.by_fraction], cal.replays
+        ([0.944, 0.944], 38)
+    """
+    near = [r for r in replays if r.n_out <= 0 and math.isfinite(r.score)]
+    if not near:
+        return None
+    grid = sorted({r.fraction for r in near})
+    rows = []
+    for i, f in enumerate(grid):
+        pooled = set(grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
+        scores = [r.score for r in near if r.fraction in pooled]
+        rows.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
+    cal = ForecastCalibration(rows, replays=len(near), curves=len({r.curve for r in near}), level=level)
+    far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
+    if far:
+        # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
+        # at the conformal quantile of those needs.
+        needs = [(r.score / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
+        cal.per_ln_n = max(conformal_quantile(needs, level), 0.0)
+        cal.per_ln_n_replays = len(far)
+        cal.replays += len(far)
+    kinds = sorted({r.kind for r in replays})
+    cal.method = (f"conformal: |error| / posterior sd of {cal.replays} replayed prefix forecasts ({', '.join(kinds)}) "
+                  f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}")
+    return cal
+
+
+@dataclass
+class ScheduleReach:
+    """How the predicted curve's band widens where a run's summed LR (S1) goes past the pilots'.
+
+    The half-width at a step with summed LR ``s1`` is multiplied by
+    ``1 + per_ln_s1 * max(0, ln(s1 / s1_max))``.
+
+    Attributes:
+        s1_max: the largest S1 any pilot curve reached.
+        per_ln_s1: widening per unit of ln(S1 / s1_max), from each pilot's last 40% predicted by a fit
+            on every pilot's first 60% (points past that fit's S1); 0 when no point went past it.
+        points: how many such points it rests on.
+
+    Example:
+        >>> ScheduleReach(s1_max=10.0, per_ln_s1=1.0).factor(np.array([5.0, 10.0, 10.0 * math.e])).tolist()
+        [1.0, 1.0, 2.0]
+    """
+
+    s1_max: float
+    per_ln_s1: float = 0.0
+    points: int = 0
+
+    def factor(self, s1: Any) -> Any:
+        beyond = np.log(np.maximum(np.asarray(s1, dtype=float), 1e-300) / self.s1_max)
+        return 1.0 + self.per_ln_s1 * np.maximum(beyond, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str) -> ScheduleReach:
+        if not (isinstance(doc, Mapping) and _finite(doc.get("s1_max")) and doc["s1_max"] > 0
+                and _finite(doc.get("per_ln_s1", 0.0)) and doc.get("per_ln_s1", 0.0) >= 0
+                and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0):
+            raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0}}")
+        return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)))
+
+
+def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarray, s1_max: float,
+                    level: float = 0.9) -> ScheduleReach:
+    """:class:`ScheduleReach` from held-out points: their |relative error|, the band half-width they
+    had, and ``ln(S1 / S1 max of the fit)``; only points past the fit's S1 (``beyond > 0``) count.
+
+    Example:
+        >>> e = np.array([0.01, 0.02, 0.03]); w = np.full(3, 0.01); b = np.array([0.5, 0.5, 1.0])
+        >>> calibrate_reach(e, w, b, s1_max=7.2).per_ln_s1
+        2.0
+    """
+    m = beyond > 0
+    if not m.any():
+        return ScheduleReach(s1_max, 0.0, 0)
+    needs = (np.abs(rel_errors[m]) / widths[m] - 1.0) / beyond[m]
+    return ScheduleReach(s1_max, max(conformal_quantile(needs, level), 0.0), int(m.sum()))
+
+
+__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "calibrate_forecast", "calibrate_reach",
+           "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]
