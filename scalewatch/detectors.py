@@ -498,7 +498,8 @@ class BatchSizeDetector(_Detector):
         big = batch > b_crit
         what = (f"the batch ({batch:.3g} tokens) is {batch / b_crit:.1f}x the critical batch ({b_crit:.3g}): it costs "
                 f"{compute:.2f}x the minimum compute; a smaller batch (or a larger model) would reach the same loss "
-                "cheaper" if big else
+                "cheaper now, but B_crit grows as the loss falls (about 2x per 13% drop, Kaplan et al.): early in a "
+                "run this is expected, act if it persists" if big else
                 f"the batch ({batch:.3g} tokens) is {b_crit / batch:.1f}x below the critical batch ({b_crit:.3g}): it "
                 f"takes {steps:.2f}x the minimum steps; a larger batch would finish sooner at little extra compute")
         return StageOutput(findings=[Finding("batch_size", self.streak >= self.cfg.batch_points, "info",
