@@ -26,6 +26,15 @@ class CLIError(Exception):
     """Bad input on the command line: printed as one line, exit status 2."""
 
 
+def _param_table(params: dict[str, float], ci95: dict[str, tuple[float, float]]) -> list[str]:
+    """A fitted law's parameters with their 95% bootstrap intervals, as printed by ``scalewatch fit``."""
+    lines = [f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
+    for k, v in params.items():
+        lo, hi = ci95.get(k, (math.nan, math.nan))
+        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+    return lines
+
+
 def _fmt(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -101,10 +110,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     lines = [f"Chinchilla law L(N, D) = E + A/N^alpha + B/D^beta, fitted on {result.n_runs} runs "
              f"(N {_fmt(result.N_range[0])}–{_fmt(result.N_range[1])}, D {_fmt(result.D_range[0])}–"
              f"{_fmt(result.D_range[1])})",
-             f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
-    for k, v in params.items():
-        lo, hi = result.ci95.get(k, (math.nan, math.nan))
-        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+             *_param_table(params, result.ci95)]
     r = result.residuals
     lines.append(f"  fit quality: RMSE(log L) {r.rmse:.4f}, max |resid| {r.max_abs:.4f}, R² {r.r2:.4f}; "
                  f"optimiser: {result.message}")
@@ -158,10 +164,7 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
     params = result.law.params()
     lines = [f"Data-constrained law (Muennighoff et al. 2023) fitted on {result.n_runs} runs "
              f"({result.n_repeated} repeat their data)" + (f"; E, A, B, alpha, beta held at {args.base}" if base else ""),
-             f"  {'param':<6} {'value':>12} {'95% CI (bootstrap)':>30}"]
-    for k, v in params.items():
-        lo, hi = result.ci95.get(k, (math.nan, math.nan))
-        lines.append(f"  {k:<6} {_fmt(v):>12} {_fmt(lo):>14} – {_fmt(hi):<14}")
+             *_param_table(params, result.ci95)]
     r = result.residuals
     lines.append(f"  R_D, R_N: Muennighoff et al.'s R*_D, R*_N (decay constants of repeated data and excess parameters); "
                  f"fit quality: RMSE(log L) "
