@@ -232,7 +232,7 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     rp = Replayer(**{**kwargs, "sinks": [*kwargs.get("sinks", []), collector]})
     try:
         for step, row in source.poll(final=True):
-            rp.feed(step, row)
+            rp.feed(step, row, source.tags)
     finally:
         if rp.monitor is not None:
             rp.monitor.finish()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -273,11 +273,16 @@ class RowConverter:
         self.tags = Tags()
         self._nonfinite = 0
 
-    def has_loss(self, row: Mapping[str, float]) -> bool:
+    def has_loss(self, row: Mapping[str, float], known: Callable[[], Sequence[str]] | None = None) -> bool:
+        """Whether the row carries the run's loss. The tags are chosen once, among ``known()`` (every tag
+        the source has read so far) and the row's own: choosing from the first row alone would take
+        Lightning's ``train_loss``, logged one step before ScaleWatch's ``scalewatch/loss`` with its
+        tokens and LR, and lose those for the whole replay."""
         if not self.tags.loss:
-            self.tags = Tags(loss=find_tag(list(row), LOSS_TAGS, self.given.loss),
-                             lr=find_tag(list(row), LR_TAGS, self.given.lr),
-                             tokens=find_tag(list(row), TOKEN_TAGS, self.given.tokens))
+            names = sorted({*row, *(known() if known else ())})
+            self.tags = Tags(loss=find_tag(names, LOSS_TAGS, self.given.loss),
+                             lr=find_tag(names, LR_TAGS, self.given.lr),
+                             tokens=find_tag(names, TOKEN_TAGS, self.given.tokens))
         return bool(self.tags.loss) and self.tags.loss in row
 
     def observation(self, step: int, row: Mapping[str, float], n_params: float | None = None) -> Observation:
@@ -318,7 +323,7 @@ def read_observations(logdir: str | Path, loss_tag: str | None = None, lr_tag: s
     """
     source = EventSource(Path(logdir))
     rows = RowConverter(loss_tag, lr_tag, tokens_tag, tokens_per_step)
-    out = [rows.observation(step, row) for step, row in source.poll(final=True) if rows.has_loss(row)]
+    out = [rows.observation(step, row) for step, row in source.poll(final=True) if rows.has_loss(row, source.tags)]
     if not out:
         raise ValueError(no_loss_message(logdir, loss_tag, source.tags()))
     return out

@@ -14,7 +14,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,10 +141,12 @@ class Replayer:
     observed: int = 0
     rows: RowConverter | None = None
 
-    def feed(self, step: int, row: Mapping[str, float]) -> Report | None:
+    def feed(self, step: int, row: Mapping[str, float], known: Callable[[], Sequence[str]] | None = None
+             ) -> Report | None:
+        """One row of the log; ``known()``: every tag the source has read, for the choice of the loss tag."""
         if self.rows is None:
             self.rows = RowConverter(self.loss_tag, self.lr_tag, self.tokens_tag, self.tokens_per_step)
-        if not self.rows.has_loss(row):
+        if not self.rows.has_loss(row, known):
             return None  # a step without a loss (e.g. only the LR was logged)
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
@@ -226,7 +228,7 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
                 got = False
                 for step, row in source.poll(final=not following):
                     got = True
-                    report = rp.feed(step, row)
+                    report = rp.feed(step, row, source.tags)
                     if report is not None and on_report is not None:
                         on_report(report)
                 if got:
@@ -236,7 +238,7 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
                 time.sleep(poll)
             if following:  # the run went idle: what is left is complete
                 for step, row in source.poll(final=True):
-                    rp.feed(step, row)
+                    rp.feed(step, row, source.tags)
         except KeyboardInterrupt:
             pass
         finally:

@@ -148,3 +148,16 @@ def test_odd_but_valid_logs_and_several_paths(tmp_path, capsys) -> None:
     assert main(["watch", str(crit), "--tb-out", str(tmp_path)]) == 3
     assert "would write into or around" in capsys.readouterr().err
     assert main(["watch", str(crit), "--no-tb", "--poll", "0"]) == 3
+
+
+def test_scalewatch_loss_is_chosen_over_lightnings_train_loss_logged_a_step_earlier() -> None:
+    """Lightning logs ``train_loss`` at step N-1, ScaleWatch its loss, tokens and LR at step N: the tag
+    choice uses every tag the source has read, not the first row's (which would lose tokens and LR)."""
+    from scalewatch.tensorboard import RowConverter
+
+    rows = RowConverter()
+    known = ["train_loss", "scalewatch/loss", "scalewatch/tokens", "scalewatch/lr"]
+    assert not rows.has_loss({"train_loss": 3.0}, lambda: known)  # step 9: not the run's loss series
+    assert rows.has_loss({"scalewatch/loss": 3.1, "scalewatch/tokens": 512.0, "scalewatch/lr": 1e-3}, lambda: known)
+    obs = rows.observation(10, {"scalewatch/loss": 3.1, "scalewatch/tokens": 512.0, "scalewatch/lr": 1e-3})
+    assert (obs.loss, obs.tokens, obs.lr) == (3.1, 512, 1e-3)
