@@ -56,7 +56,7 @@ RUN_LAYOUT = {
     "scalewatch 3 tokens and compute": {
         "loss against tokens (x: tokens)": ["Multiline", [f"^{PREFIX}loss_vs_tokens$"]],
         "loss against compute (x: GFLOP)": ["Multiline", [f"^{PREFIX}loss_vs_gflop$"]],
-        "tokens per parameter (Chinchilla-optimal ~20)": ["Multiline", [f"^{PREFIX}tokens_per_param$"]],
+        "tokens per parameter (vs the compute-optimal ratio in the alerts)": ["Multiline", [f"^{PREFIX}tokens_per_param$"]],
     },
     "scalewatch 4 throughput": {
         "tokens/s": ["Multiline", [f"^{PREFIX}tokens_per_sec$"]],

@@ -187,6 +187,31 @@ class ConsoleSink:
                       flush=True)
 
 
+class _LazyTensorBoard:
+    """watch's own TensorBoard run, created at the first report: bad input leaves no directory behind."""
+
+    name = "tensorboard"
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self._writer: Any = None
+        self._sink: Any = None
+
+    def write(self, report: Report) -> None:
+        if self._sink is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            from scalewatch.tensorboard import TensorBoardSink
+
+            self._writer = SummaryWriter(str(self.target))
+            self._sink = TensorBoardSink(self._writer)
+        self._sink.write(report)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 def tb_targets(paths: list[str | Path], tb_out: str | Path) -> list[Path]:
     """Where each watched path's own TensorBoard run goes; never into (or around) a watched path."""
     base = Path(tb_out).resolve()
@@ -212,14 +237,9 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
         source = open_source(path)
         sinks = list(replayer_kwargs.get("sinks", []))
-        writer = None
-        if target is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            from scalewatch.tensorboard import TensorBoardSink
-
-            writer = SummaryWriter(str(target))
-            sinks.append(TensorBoardSink(writer))
+        writer = _LazyTensorBoard(target) if target is not None else None
+        if writer is not None:
+            sinks.append(writer)
         rp = Replayer(**{**replayer_kwargs, "sinks": sinks})
         following = follow and i == len(paths) - 1
         last_new = time.monotonic()
@@ -301,7 +321,8 @@ def add_parser(sub: Any) -> None:
     add_run_arguments(w)
     w.add_argument("--jsonl", help="also append the alerts to this JSON-lines file")
     w.add_argument("--webhook", help="Slack-compatible webhook for the alerts (default: SCALEWATCH_WEBHOOK_URL)")
-    w.add_argument("--tb-out", help="TensorBoard directory for watch's own run (default: beside the watched one)")
+    w.add_argument("--tb-out", help="TensorBoard directory for watch's own run (default: beside a watched event "
+                   "directory; none for a CSV/JSONL unless given)")
     w.add_argument("--no-tb", action="store_true", help="write no TensorBoard run")
     w.add_argument("--json", action="store_true", help="print the alerts as JSON lines")
     w.set_defaults(func=run_cli)
@@ -311,8 +332,10 @@ def run_cli(args: Any) -> int:
     kwargs = replayer_kwargs(args, args.paths[-1], [ConsoleSink(as_json=args.json)], alerts_jsonl=args.jsonl,
                              webhook_url=args.webhook)
     tb_out = None
-    if not args.no_tb:
-        last = Path(args.paths[-1]).resolve()
+    last = Path(args.paths[-1]).resolve()
+    # Beside a watched TensorBoard run by default (its own run, never inside); a CSV or JSONL log (often
+    # in a shared, read-only data folder) gets one only when asked for with --tb-out.
+    if not args.no_tb and (args.tb_out or last.is_dir()):
         tb_out = args.tb_out or str(last.parent / f"{last.stem or 'run'}-scalewatch-watch")
     try:
         monitors = watch(args.paths, kwargs, follow=args.follow, poll=args.poll, idle=args.idle, tb_out=tb_out)

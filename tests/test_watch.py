@@ -161,3 +161,19 @@ def test_scalewatch_loss_is_chosen_over_lightnings_train_loss_logged_a_step_earl
     assert rows.has_loss({"scalewatch/loss": 3.1, "scalewatch/tokens": 512.0, "scalewatch/lr": 1e-3}, lambda: known)
     obs = rows.observation(10, {"scalewatch/loss": 3.1, "scalewatch/tokens": 512.0, "scalewatch/lr": 1e-3})
     assert (obs.loss, obs.tokens, obs.lr) == (3.1, 512, 1e-3)
+
+
+def test_watch_writes_no_tensorboard_run_beside_a_csv_or_on_bad_input(tmp_path) -> None:
+    from scalewatch.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "run.csv").write_text("step,loss\n" + "".join(f"{s},{3 - s / 1000}\n" for s in range(10, 200, 10)))
+    (data / "bad.csv").write_text("step,val\n10,3.0\n")
+    assert main(["watch", str(data / "run.csv")]) == 0
+    assert main(["watch", str(data / "bad.csv")]) == 3
+    assert sorted(p.name for p in data.iterdir()) == ["bad.csv", "run.csv"]  # nothing written beside them
+    assert main(["watch", str(data / "bad.csv"), "--tb-out", str(tmp_path / "tb")]) == 3
+    assert not (tmp_path / "tb").exists()  # created only at the first report
+    assert main(["watch", str(data / "run.csv"), "--tb-out", str(tmp_path / "tb")]) == 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
