@@ -458,8 +458,8 @@ class AllocationDetector(_Detector):
         values = {"tokens_per_param_end": ratio, "optimal_tokens_per_param": opt_ratio, "n_opt": n_opt,
                   "d_opt": d_opt, "flops_end": flops}
         plan = (f"projected {ratio:.3g} tokens per parameter at step {self.total_steps:,} (N={n:.3g}, D={d_end:.3g}, "
-                f"C={flops:.3g} FLOPs) vs the compute-optimal {opt_ratio:.3g} from {source}: N~{n_opt:.3g}, "
-                f"D~{d_opt:.3g}{losses}")
+                f"C=6ND={flops:.3g} FLOPs, the laws' convention) vs the compute-optimal {opt_ratio:.3g} from "
+                f"{source}: N~{n_opt:.3g}, D~{d_opt:.3g}{losses}")
         findings = [
             Finding("undertrained", ratio < opt_ratio / self.cfg.undertrained_factor, "warning",
                     f"model too big for its token budget: {plan}; a smaller model (or more tokens) reaches a lower "
