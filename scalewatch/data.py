@@ -133,8 +133,9 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
         if cols["D"] is None and cols["C"] is None:
             missing.append("D (or compute C)")
         if missing:
+            hint = "; name the loss column with --loss-column" if "loss" in missing else ""
             raise FitError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)} "
-                           "(see `scalewatch fit --help` for accepted names)")
+                           f"(see `scalewatch fit --help` for accepted names){hint}")
         for k, _ in filters:
             if k not in header:
                 raise FitError(f"{path}: filter column {k!r} not found; columns are {', '.join(header)}")

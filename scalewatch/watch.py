@@ -23,7 +23,7 @@ from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.data import pick_column
 from scalewatch.monitor import Monitor, Observation, Report
-from scalewatch.tensorboard import EventSource, RowConverter, no_loss_message, tag
+from scalewatch.tensorboard import LOSS_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
 
 _CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
 
@@ -268,6 +268,9 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
             if writer is not None:
                 writer.close()
         if rp.observed == 0:
+            found = find_tag(source.tags(), LOSS_TAGS, rp.loss_tag)
+            if found:  # the column is there, no row has a value in it: an empty (or just started) log
+                raise WatchError(f"{path}: the loss {found!r} is there but no row has a value yet: an empty log?")
             raise WatchError(no_loss_message(path, rp.loss_tag, source.tags()))
         monitors.append(rp.monitor)
     return monitors
