@@ -286,6 +286,7 @@ def _maybe_plot(args: argparse.Namespace, runs: Any, law: Any, power: Any) -> No
 def _cmd_plan(args: argparse.Namespace) -> int:
     from scalewatch.laws import (
         ChinchillaLaw,
+        DataConstrainedLaw,
         LawFileError,
         LawRecord,
         PlanningError,
@@ -397,7 +398,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                              + (f" [{ci_ld[0]:.4f}–{ci_ld[1]:.4f}]" if ci_ld else "")
                              + f" (vs {p.unconstrained_loss:.4f} with unlimited data); "
                              f"one more epoch is worth {100 * p.value_of_next_epoch:.0f}% of fresh data; repeating "
-                             f"is worth it up to about {p.worthwhile_epochs:.0f} epochs")
+                             f"is worth it up to about {p.worthwhile_epochs:.0f} epochs"
+                             + ("" if isinstance(law, DataConstrainedLaw) else
+                                "; R*_D = 15.4, R*_N = 5.3 are Muennighoff et al.'s published values (this law has "
+                                "none: fit your own with scalewatch fit --data-constrained)"))
         if args.target_loss is not None and args.n_params is not None:
             d = float(tokens_for_loss(law, args.target_loss, args.n_params))
             ci_t, fail_t = over_samples(lambda s: tokens_for_loss(s, args.target_loss, args.n_params))
