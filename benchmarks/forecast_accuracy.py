@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scalewatch import curve_fit  # noqa: E402
 from scalewatch.curve_fit import fit_curves  # noqa: E402
 from scalewatch.curves import Curve, read_curve_csv, validate_curve  # noqa: E402
 from scalewatch.forecast import ForecastSettings, forecast_final  # noqa: E402
@@ -262,7 +263,12 @@ def cross_size_forecasts(curves: dict[str, list[Curve]]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--form", default=None, help="the cross-size curve-law form to fit (linear_ln_n or "
+                   "power_floor_l0; default: the library's); same-size fits are the same in either")
     args = p.parse_args()
+    if args.form:
+        curve_fit.DEFAULT_FORM = args.form
+    print(f"curve-law form across sizes: {curve_fit.DEFAULT_FORM}")
     root = Path(args.data)
     warnings.simplefilter("ignore")
     results = {"multipowerlaw": multipowerlaw(root / "multipowerlaw")}

@@ -192,7 +192,7 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
         try:
             curves = read_curves(args.curves, loss_column=args.loss_column)
             result = fit_curves(curves, loss_name=args.loss_name or args.loss_column or "loss",
-                                n_convention=args.n_convention or "total")
+                                n_convention=args.n_convention or "total", form=args.curve_form)
         except CurveError as exc:
             raise CLIError(str(exc)) from None
     for w in caught:
@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--curves", nargs="+", metavar="FILE",
                      help="fit a schedule-aware curve law instead: loss-curve CSVs (step,lr,loss[,n_params]) "
                           "or TensorBoard event directories")
+    fit.add_argument("--curve-form", choices=("linear_ln_n", "power_floor_l0"), default=None,
+                     help="with --curves at several sizes: each parameter linear in ln N (linear_ln_n, the default) "
+                          "or the long-training level E + B*N^-beta with a floor E (power_floor_l0, opt-in)")
     fit.set_defaults(func=_cmd_fit)
 
     pred = sub.add_parser("predict", help="predict a run's loss curve from a curve law and its LR schedule")

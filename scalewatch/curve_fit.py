@@ -22,14 +22,27 @@ from scalewatch.curves import (
     PROGRESS_EDGES,
     SKIP_FRACTION,
     Curve,
+    FORM_FLOOR,
+    FORM_LINEAR,
+    FORM_PARAMS,
     CurveError,
     CurveLaw,
+    law_form,
+    momentum_params,
 )
 from scalewatch.forecast import forecast_final
 
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
 FORWARD_CUTS = (0.6, 0.8)
+# FORM_FLOOR's prior on the exponent of L0(N) = E + B*(N/n_ref)^-beta: the published Approach-3
+# exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353). Two pilot
+# sizes give two levels for three numbers (E, B, beta), so there the prior sets beta; with three or
+# more sizes the curves outweigh it.
+BETA_PRIOR = (0.34, 0.1)
+BETA_BOUNDS = (0.02, 2.0)
+# The form fit_curves gives a law of several sizes unless told otherwise.
+DEFAULT_FORM = FORM_LINEAR
 
 
 @dataclass
@@ -52,24 +65,50 @@ def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepare
     return out
 
 
-def _unpack(theta: np.ndarray, multi: bool) -> dict[str, tuple[float, float]]:
+def _unpack(theta: np.ndarray, multi: bool, form: str = FORM_LINEAR) -> dict[str, tuple[float, float]]:
+    if multi and form == FORM_FLOOR:  # E, lnB, beta (one value each), then value and slope of lnA, alpha, lnC
+        out = {k: (float(theta[i]), 0.0) for i, k in enumerate(("E", "lnB", "beta"))}
+        return out | {k: (float(theta[3 + 2 * i]), float(theta[4 + 2 * i])) for i, k in enumerate(PARAM_NAMES[1:])}
     if multi:
         return {k: (float(theta[2 * i]), float(theta[2 * i + 1])) for i, k in enumerate(PARAM_NAMES)}
     return {k: (float(theta[i]), 0.0) for i, k in enumerate(PARAM_NAMES)}
 
 
+def _pack(coef: Mapping[str, tuple[float, float]], multi: bool, form: str) -> np.ndarray:
+    if multi and form == FORM_FLOOR:
+        return np.array([coef[k][0] for k in ("E", "lnB", "beta")] + [v for k in PARAM_NAMES[1:] for v in coef[k]])
+    return np.array([v for k in PARAM_NAMES for v in coef[k]]) if multi else np.array([coef[k][0] for k in PARAM_NAMES])
+
+
 def _model(coef: Mapping[str, tuple[float, float]], p: _Prepared) -> np.ndarray:
-    v = {k: a + b * p.x for k, (a, b) in coef.items()}
-    return v["L0"] + np.exp(v["lnA"]) * np.power(p.S1, -v["alpha"]) - np.exp(v["lnC"]) * p.S2
+    L0, lnA, alpha, lnC = momentum_params(coef, p.x)
+    return L0 + np.exp(lnA) * np.power(p.S1, -alpha) - np.exp(lnC) * p.S2
 
 
-def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tuple[float, float]] | None = None
-              ) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
+def _floor_start(coef: Mapping[str, tuple[float, float]], xs: Sequence[float], y_min: float
+                 ) -> dict[str, tuple[float, float]]:
+    """A FORM_FLOOR start from a linear-form fit: E and B through its levels at the pilot sizes, beta at the prior."""
+    beta = BETA_PRIOR[0]
+    xs = np.array(sorted(set(xs)))
+    levels = coef["L0"][0] + coef["L0"][1] * xs
+    X = np.column_stack([np.ones_like(xs), np.exp(-beta * xs)])
+    (E, B), *_ = np.linalg.lstsq(X, levels, rcond=None)
+    if not (0 < E < y_min and B > 0):
+        E, B = 0.5 * float(levels.min()), 0.5 * float(levels.min())
+    return {"E": (float(E), 0.0), "lnB": (math.log(B), 0.0), "beta": (beta, 0.0)} | {k: coef[k] for k in PARAM_NAMES[1:]}
+
+
+def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tuple[float, float]] | None = None,
+              form: str = FORM_LINEAR) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
     """The best of a few least-squares starts, with scipy's result for it (convergence, message).
 
     ``start``: a law to start from (the full fit, for a refit without some curves): one start
-    instead of four, and the usual starts only if it does not converge.
+    instead of four, and the usual starts only if it does not converge. ``form``: how the
+    parameters depend on N when ``multi`` (:data:`FORM_FLOOR` is fitted from the linear form's
+    best fit, with a prior on beta); one size is always the plain momentum law.
     """
+    if multi and form == FORM_FLOOR:
+        return _fit_floor(prepared, start)
     # Each curve weighs the same whatever its number of points; residuals are relative.
     n_mean = float(np.mean([len(p.y) for p in prepared]))
     weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
@@ -80,6 +119,9 @@ def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tu
 
     if start is not None:
         x_mean = float(np.mean([p.x for p in prepared]))
+        if law_form(start) == FORM_FLOOR:  # a linear-form refit started from a FORM_FLOOR law: its L0 as a line
+            L0 = momentum_params(start, np.array([x_mean - 0.5, x_mean + 0.5]))[0]
+            start = dict(start) | {"L0": (float(L0[0] + (L0[1] - L0[0]) * (0.5 - x_mean)), float(L0[1] - L0[0]))}
         theta0 = (np.array([v for k in PARAM_NAMES for v in start[k]]) if multi
                   else np.array([start[k][0] + start[k][1] * x_mean for k in PARAM_NAMES]))
         with np.errstate(all="ignore"):
@@ -99,6 +141,43 @@ def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tu
     if best is None:
         raise CurveError("the curve fit did not converge; check that the curves are loss vs step of one recipe")
     return _unpack(best.x, multi), best
+
+
+def _fit_floor(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, float]] | None
+               ) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
+    """FORM_FLOOR by least squares, E in [0, lowest loss], beta in :data:`BETA_BOUNDS` with the prior
+    :data:`BETA_PRIOR` as one more residual; from ``start`` or from the linear form's fit."""
+    n_mean = float(np.mean([len(p.y) for p in prepared]))
+    weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
+    y_min = min(float(p.y.min()) for p in prepared)
+    f_scale = 1e-3
+    beta0, beta_sd = BETA_PRIOR
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        coef = _unpack(theta, True, FORM_FLOOR)
+        data = [w * (_model(coef, p) - p.y) / p.y for w, p in zip(weights, prepared, strict=True)]
+        return np.concatenate(data + [[f_scale * (theta[2] - beta0) / beta_sd]])
+
+    lo = np.full(9, -np.inf)
+    hi = np.full(9, np.inf)
+    lo[0], hi[0], lo[2], hi[2] = 0.0, y_min, *BETA_BOUNDS
+    starts = []
+    if start is not None and law_form(start) == FORM_FLOOR:
+        starts.append(_pack(start, True, FORM_FLOOR))
+    else:
+        linear, _ = _fit_coef(prepared, True, None if start is None or law_form(start) == FORM_FLOOR else start)
+        starts.append(_pack(_floor_start(linear, [p.x for p in prepared], y_min), True, FORM_FLOOR))
+    best = None
+    for theta0 in starts:
+        theta0 = np.minimum(np.maximum(theta0, np.where(np.isfinite(lo), lo + 1e-6, lo)),
+                            np.where(np.isfinite(hi), hi - 1e-6, hi))
+        with np.errstate(all="ignore"):
+            r = least_squares(residuals, theta0, bounds=(lo, hi), loss="soft_l1", f_scale=f_scale, max_nfev=4000)
+        if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
+            best = r
+    if best is None:
+        raise CurveError("the curve fit did not converge; check that the curves are loss vs step of one recipe")
+    return _unpack(best.x, True, FORM_FLOOR), best
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -129,8 +208,12 @@ class CurveFitResult:
 
 
 def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "loss",
-               n_convention: str = "total", calibrate: bool = True) -> CurveFitResult:
-    """Fit a momentum law to pilot curves; parameters linear in ln N when there are several sizes.
+               n_convention: str = "total", calibrate: bool = True, form: str | None = None) -> CurveFitResult:
+    """Fit a momentum law to pilot curves; with several sizes its parameters depend on N as ``form`` says.
+
+    ``form`` (several sizes only): :data:`~scalewatch.curves.FORM_LINEAR` (each parameter linear in
+    ln N) or :data:`~scalewatch.curves.FORM_FLOOR` (L0 = E + B·N^-beta with a floor E); None:
+    :data:`DEFAULT_FORM`.
 
     The predicted curve's 90% band comes from leave-one-curve-out: each curve (with the curves
     branched from the same run, which share its prefix) is predicted by a fit on the others, and
@@ -158,9 +241,12 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     if any(c.n_params is None for c in curves) and sizes:
         raise CurveError("some curves have n_params and some do not; give N for every curve (an n_params column)")
     multi = len(sizes) >= 2
+    form = DEFAULT_FORM if form is None else form
+    if form not in FORM_PARAMS:
+        raise CurveError(f"unknown curve-law form {form!r}; choose one of {', '.join(FORM_PARAMS)}")
     n_ref = math.exp(float(np.mean(np.log(sizes)))) if sizes else 1.0
     prepared = _prepare(curves, lam, n_ref)
-    coef, main = _fit_coef(prepared, multi)
+    coef, main = _fit_coef(prepared, multi, form=form)
     # Every least-squares fit made, by what it was, for CurveFitResult.converged / .message:
     # the held-out fits set the band, so one that stopped early matters too.
     fits: list[tuple[str, OptimizeResult | None]] = [("the law's fit", main)]
@@ -189,7 +275,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             if len(rest) < 2:
                 continue
             try:
-                c_g, r_g = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2, start=coef)
+                c_g, r_g = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2, start=coef, form=form)
             except CurveError:
                 fits.append((what, None))
                 continue
@@ -206,7 +292,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     c_t: dict[str, tuple[float, float]] | None = None
     late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (|error|, progress, S1) of each late stretch
     try:
-        c_t, r_t = _fit_coef(early, multi)
+        c_t, r_t = _fit_coef(early, multi, start=coef if law_form(coef) == FORM_FLOOR else None, form=form)
         fits.append(("the fit on the first 60% of each curve", r_t))
         for p in prepared:
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
@@ -236,7 +322,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                            "branched from one run leave together) and each curve's last 40% predicted from fits "
                            "on the first 60%"},
         conventions={"loss": loss_name, "n_params": n_convention, "x_axis": "optimizer steps",
-                     "law": "L0 + A*S1^-alpha - C*S2 (Tissue et al. 2024); params linear in ln(N/n_ref)"},
+                     "law": "L0 + A*S1^-alpha - C*S2 (Tissue et al. 2024); " + (
+                         "L0 = E + B*(N/n_ref)^-beta, lnA, alpha, lnC linear in ln(N/n_ref)"
+                         if law_form(coef) == FORM_FLOOR else "params linear in ln(N/n_ref)")},
     )
     if late_points:
         # Points past the summed LR that the 60% fit saw show how the error grows past the pilots'.
@@ -293,7 +381,7 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
             early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
                      for m in [np.arange(len(p.y)) < cut * len(p.y)]]
             try:
-                coef_t, r_t = _fit_coef(early, multi, start=law.coef)
+                coef_t, r_t = _fit_coef(early, multi, start=law.coef, form=law.form)
                 fits.append((f"the fit on the first {cut:.0%} of each curve", r_t))
             except CurveError:
                 fits.append((f"the fit on the first {cut:.0%} of each curve", None))
@@ -309,7 +397,7 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
                 # an inner size is interpolation, which the leave-out replays already cover.
                 continue
             try:
-                coef, r = _fit_coef(rest, True, start=law.coef)
+                coef, r = _fit_coef(rest, True, start=law.coef, form=law.form)
             except CurveError:
                 fits.append((f"the fit without N={n:.3g}", None))
                 continue

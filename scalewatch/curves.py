@@ -46,6 +46,14 @@ if TYPE_CHECKING:  # for type checkers only: at run time these load on first use
 FAMILY = "momentum_curve"
 LAMBDA = 0.999
 PARAM_NAMES = ("L0", "lnA", "alpha", "lnC")
+# How the parameters depend on N (the law file's "form"; files without one are FORM_LINEAR):
+# - FORM_LINEAR: every parameter linear in x = ln(N / n_ref), L0 included (unbounded below in N).
+# - FORM_FLOOR: the long-training level has the Chinchilla shape, L0(N) = E + B * (N / n_ref)^-beta
+#   with E, B >= 0 shared across sizes, so the loss in N has the floor E; ln A, alpha, ln C stay
+#   linear in x (they carry the shape in steps).
+FORM_LINEAR = "linear_ln_n"
+FORM_FLOOR = "power_floor_l0"
+FORM_PARAMS = {FORM_LINEAR: PARAM_NAMES, FORM_FLOOR: ("E", "lnB", "beta", "lnA", "alpha", "lnC")}
 BAND_LEVEL = 0.90
 # The band is never narrower than this (relative): curves measured on a finite evaluation set
 # are not known better, and a law that fits its pilots perfectly is not perfect elsewhere.
@@ -268,6 +276,26 @@ def read_curves(paths: Sequence[str | Path], loss_column: str | None = None) -> 
 
 
 # ------------------------------------------------------------------ the law
+def law_form(coef: Mapping[str, Any]) -> str:
+    """The form (:data:`FORM_LINEAR` or :data:`FORM_FLOOR`) that a coefficient dict is written in."""
+    return FORM_FLOOR if "E" in coef else FORM_LINEAR
+
+
+def momentum_params(coef: Mapping[str, tuple[float, float]], x: Any) -> tuple[Any, Any, Any, Any]:
+    """``(L0, ln A, alpha, ln C)`` at ``x = ln(N / n_ref)`` (a number or an array) for either form.
+
+    Example:
+        >>> c = {"E": (2.0, 0.0), "lnB": (0.0, 0.0), "beta": (0.5, 0.0), "lnA": (0.0, 0.1),
+        ...      "alpha": (0.5, 0.0), "lnC": (1.0, 0.0)}
+        >>> [round(float(v), 4) for v in momentum_params(c, math.log(4.0))]
+        [2.5, 0.1386, 0.5, 1.0]
+    """
+    v = {k: a + b * x for k, (a, b) in coef.items() if k in PARAM_NAMES}
+    if "E" in coef:
+        v["L0"] = coef["E"][0] + np.exp(coef["lnB"][0] - coef["beta"][0] * x)
+    return v["L0"], v["lnA"], v["alpha"], v["lnC"]
+
+
 @dataclass(frozen=True)
 class MomentumLaw:
     """Tissue et al.'s law for one model size."""
@@ -295,10 +323,16 @@ class CurvePrediction:
 
 @dataclass
 class CurveLaw:
-    """A momentum law shared across model sizes: each parameter linear in ``x = ln(N / n_ref)``.
+    """A momentum law shared across model sizes.
+
+    Two forms (:attr:`form`, the law file's ``form``): :data:`FORM_LINEAR`, each parameter linear
+    in ``x = ln(N / n_ref)`` (L0, lnA, alpha, lnC; every file written before the other form existed),
+    and :data:`FORM_FLOOR`, where the long-training level is L0(N) = E + B·(N/n_ref)^-beta with a
+    floor E (Chinchilla's shape in N) and lnA, alpha, lnC stay linear in x.
 
     Attributes:
-        coef: name -> (value at n_ref, slope per unit of x) for L0, lnA, alpha, lnC.
+        coef: name -> (value at n_ref, slope per unit of x) for L0, lnA, alpha, lnC; in
+            :data:`FORM_FLOOR` E, lnB, beta (slopes 0: one value for every size) instead of L0.
         n_ref: the reference size (geometric mean of the pilot sizes).
         lam: the momentum decay.
         band_rel: half-width of the 90% band, relative to the predicted loss (from
@@ -328,10 +362,16 @@ class CurveLaw:
 
     family = FAMILY
 
+    @property
+    def form(self) -> str:
+        """How the parameters depend on N: :data:`FORM_FLOOR` when the coefficients hold ``E``, else
+        :data:`FORM_LINEAR` (the only form before it existed)."""
+        return law_form(self.coef)
+
     def at(self, n_params: float | None = None) -> MomentumLaw:
         x = 0.0 if n_params is None or not self.n_ref else math.log(n_params / self.n_ref)
-        v = {k: a + b * x for k, (a, b) in self.coef.items()}
-        return MomentumLaw(L0=v["L0"], A=math.exp(v["lnA"]), alpha=v["alpha"], C=math.exp(v["lnC"]), lam=self.lam)
+        L0, lnA, alpha, lnC = momentum_params(self.coef, x)
+        return MomentumLaw(L0=float(L0), A=math.exp(lnA), alpha=float(alpha), C=math.exp(lnC), lam=self.lam)
 
     def n_outside(self, n_params: float | None) -> float:
         """How far ln N lies outside the pilot sizes (0 inside, or when N or the sizes are unknown).
@@ -394,6 +434,7 @@ class CurveLaw:
             "schema": SCHEMA,
             "version": SCHEMA_VERSION,
             "family": FAMILY,
+            "form": self.form,
             "params": {k: [float(a), float(b)] for k, (a, b) in self.coef.items()},
             "n_ref": float(self.n_ref),
             "lam": float(self.lam),
@@ -412,11 +453,16 @@ class CurveLaw:
     @classmethod
     def from_json(cls, doc: Any, source: str = "law file") -> CurveLaw:
         doc = check_law_header(doc, source, family=FAMILY, how_to_write=_HOW_TO_WRITE, needed="a curve law")
+        form = doc.get("form", FORM_LINEAR)  # files written before the form existed are the linear form
+        if form not in FORM_PARAMS:
+            raise LawFileError(f"{source}: unknown curve-law form {form!r}; this scalewatch reads "
+                               f"{', '.join(FORM_PARAMS)} (a newer scalewatch may have written the file)")
+        names = FORM_PARAMS[form]
         params = doc.get("params")
-        if not isinstance(params, Mapping) or any(k not in params for k in PARAM_NAMES):
-            raise LawFileError(f"{source}: 'params' must hold {list(PARAM_NAMES)}, each [value, slope]")
+        if not isinstance(params, Mapping) or any(k not in params for k in names):
+            raise LawFileError(f"{source}: 'params' must hold {list(names)}, each [value, slope]")
         coef = {}
-        for k in PARAM_NAMES:
+        for k in names:
             v = params[k]
             if not (isinstance(v, Sequence) and len(v) == 2 and all(_finite(x) for x in v)):
                 raise LawFileError(f"{source}: params.{k} must be [value at n_ref, slope per ln N], finite numbers")

@@ -170,3 +170,65 @@ def test_band_width_follows_the_stretch_of_the_run_and_survives_the_file(tmp_pat
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(LawFileError, match="by_progress"):
         load_curve_law(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------ the cross-size form with a floor in N
+FLOOR = {"E": 2.0, "B": 0.8, "beta": 0.4, "lnA": (-0.5, -0.1), "alpha": (0.6, -0.03), "lnC": (-0.7, 0.2)}
+
+
+def floor_params(n: float, n_ref: float) -> dict[str, float]:
+    x = math.log(n / n_ref)
+    return {"L0": FLOOR["E"] + FLOOR["B"] * (n / n_ref) ** -FLOOR["beta"],
+            "A": math.exp(FLOOR["lnA"][0] + FLOOR["lnA"][1] * x),
+            "alpha": FLOOR["alpha"][0] + FLOOR["alpha"][1] * x, "C": math.exp(FLOOR["lnC"][0] + FLOOR["lnC"][1] * x)}
+
+
+def test_floor_form_recovers_known_parameters_across_sizes_and_has_a_floor_in_n() -> None:
+    sizes = (5e7, 2e8, 8e8)
+    n_ref = math.exp(np.mean(np.log(sizes)))  # fit_curves' reference size: the coefficients are at it
+    curves = [synthetic(f"{n}-{k}", sch, floor_params(n, n_ref), n, every=250) for n in sizes
+              for k, sch in (("cos", cosine(20000)), ("const", np.full(20001, 3e-4)))]
+    fit = fit_curves(curves, form="power_floor_l0", calibrate=False)
+    law = fit.law
+    assert law.form == "power_floor_l0" and fit.converged
+    assert law.coef["E"][0] == pytest.approx(FLOOR["E"], rel=2e-3)
+    assert math.exp(law.coef["lnB"][0]) == pytest.approx(FLOOR["B"], rel=5e-3)
+    assert law.coef["beta"][0] == pytest.approx(FLOOR["beta"], rel=1e-2)
+    for k in ("lnA", "alpha", "lnC"):
+        assert law.coef[k] == pytest.approx(FLOOR[k], abs=5e-3)
+    target = synthetic("new", cosine(30000), floor_params(3.2e9, n_ref), 3.2e9)
+    p = law.predict(target.schedule, n_params=3.2e9, steps=target.steps)
+    assert abs(p.loss[-1] - target.loss[-1]) / target.loss[-1] < 2e-3
+    # The long-training level falls with N towards E and never below it; the linear form's does not stop.
+    levels = [law.at(n).L0 for n in (1e9, 1e11, 1e13, 1e16)]
+    assert all(a > b > law.coef["E"][0] for a, b in zip(levels, levels[1:]))
+    assert levels[-1] - law.coef["E"][0] < 0.01
+    linear = CurveLaw({"L0": (3.0, -0.3), "lnA": (0, 0), "alpha": (0.5, 0), "lnC": (0, 0)}, n_ref=1e8)
+    assert linear.at(1e16).L0 < 0 < law.at(1e16).L0
+
+
+def test_floor_form_survives_the_file_and_old_files_load_as_the_linear_form(tmp_path) -> None:
+    old = load_curve_law(Path(__file__).resolve().parents[1] / "examples" / "laws" / "curve_law.json")
+    assert old.form == "linear_ln_n" and "form" not in json.loads(
+        (Path(__file__).resolve().parents[1] / "examples" / "laws" / "curve_law.json").read_text())
+    n = 2.0 * old.n_ref
+    m = old.at(n)  # the old form's arithmetic, exactly
+    x = math.log(n / old.n_ref)
+    assert m.L0 == old.coef["L0"][0] + old.coef["L0"][1] * x
+    assert m.C == math.exp(old.coef["lnC"][0] + old.coef["lnC"][1] * x)
+    law = CurveLaw({"E": (2.0, 0.0), "lnB": (0.0, 0.0), "beta": (0.3, 0.0), "lnA": (0.0, 0.1),
+                    "alpha": (0.5, 0.0), "lnC": (1.0, 0.0)}, n_ref=1e8, band_rel=0.01, n_range=(5e7, 2e8))
+    save_curve_law(law, tmp_path / "floor.json")
+    doc = json.loads((tmp_path / "floor.json").read_text())
+    assert doc["form"] == "power_floor_l0"
+    again = load_curve_law(tmp_path / "floor.json")
+    sched = cosine(5000)
+    assert np.array_equal(again.predict(sched, 4e8).loss, law.predict(sched, 4e8).loss)
+    doc["form"] = "something_newer"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(LawFileError, match="unknown curve-law form"):
+        load_curve_law(tmp_path / "bad.json")
+    del doc["form"]  # a floor law's params read as the linear form's: L0 is missing
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(LawFileError, match="L0"):
+        load_curve_law(tmp_path / "bad.json")
