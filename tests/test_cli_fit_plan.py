@@ -182,6 +182,7 @@ def test_fit_on_real_gadre_data_with_filters() -> None:
     assert 0.15 < doc["params"]["alpha"] < 0.45 and doc["fit"]["r2_log"] > 0.95
 
 
+@pytest.mark.slow
 def test_fit_data_constrained_writes_a_law_plan_reads(tmp_path) -> None:
     from scalewatch.laws import DataConstrainedLaw
 
@@ -201,6 +202,7 @@ def test_fit_data_constrained_writes_a_law_plan_reads(tmp_path) -> None:
     assert bad.returncode == 2 and "--base is for --data-constrained" in bad.stderr
 
 
+@pytest.mark.slow
 def test_plan_reports_intervals_of_its_answer_from_the_bootstrap_laws(sweep_csv, tmp_path) -> None:
     law = tmp_path / "law.json"
     assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "40").returncode == 0

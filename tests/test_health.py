@@ -274,6 +274,7 @@ def test_lr_spike_is_a_spike_within_one_interval(tmp_path) -> None:
     assert all(st > FAULT_STEP for st in first.values())  # nothing before the fault
 
 
+@pytest.mark.slow
 def test_lr_raised_tenfold_is_a_divergence_naming_the_last_healthy_checkpoint(tmp_path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -296,6 +297,7 @@ def test_model_far_too_big_for_its_tokens_is_undertrained_at_the_first_log_point
     assert "compute-optimal 20" in alert.message
 
 
+@pytest.mark.slow
 def test_tiny_model_trained_far_past_optimal_is_an_info_not_a_warning(tmp_path) -> None:
     watch, _ = _train(tmp_path, n_embd=8, batch=32, steps=400)
     assert [(k, s) for k, s, _ in _firing(watch)] == [("overtrained", "info")]

@@ -250,6 +250,7 @@ def png_pixels(path: Path) -> np.ndarray:
     return out.reshape(h, w, bpp).astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_headless_chromium(sw_report, tmp_path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -63,6 +63,7 @@ def test_watch_on_the_real_curves_is_quiet_and_catches_an_injected_divergence(tm
     assert main(["watch", str(tmp_path / "bad.csv"), "--no-tb"]) == 2
 
 
+@pytest.mark.slow
 def test_follow_sees_alerts_while_the_run_is_still_being_written(tmp_path) -> None:
     path = tmp_path / "live.jsonl"
     path.write_text("")
