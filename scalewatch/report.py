@@ -729,7 +729,8 @@ def _summary(d: RunData) -> str:
              ("log points", fmt(d.log_points), ""), ("last step", fmt(last.step), ""),
              ("tokens", short(last.tokens) if last.tokens else "–", ""),
              ("N (parameters)", short(d.n_params) if d.n_params else "–", ""),
-             ("tokens / parameter", fmt(last.tokens_per_param, 3), ""), ("last loss", fmt(last.loss, 4), "")]
+             ("tokens / parameter", fmt(last.tokens_per_param, 3) if last.tokens else "–", ""),
+             ("last loss", fmt(last.loss, 4), "")]
     html_cards = '<div class="cards">' + "".join(
         f'<div class="card {cls}"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div></div>'
         for k, v, cls in cards) + "</div>"
@@ -803,7 +804,9 @@ def render_html(d: RunData) -> str:
         >>> page.startswith("<!doctype html>") and "&lt;r&gt;" in page and "<r>" not in page
         True
     """
-    sections = [("Loss against tokens", _loss_section), ("Tokens per parameter", _ratio_section),
+    has_tokens = any(p.tokens for p in d.points)
+    sections = [("Loss against tokens" if has_tokens else "Loss against steps", _loss_section),
+                ("Tokens per parameter", _ratio_section),
                 ("Noise scale against the batch size", _noise_section), ("Alerts", _alert_section)]
     body = []
     for title, make in sections:

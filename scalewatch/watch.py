@@ -183,7 +183,8 @@ class ConsoleSink:
                 print(json.dumps(a.to_json()), file=out, flush=True)
             else:
                 label = "resolved" if a.state == "resolved" else a.severity.upper()
-                print(f"{label:9s} {a.kind:14s} step {a.step:>10,}  tokens {a.tokens:10.3g}  {a.message}", file=out,
+                tokens = f"{a.tokens:10.3g}" if a.tokens else f"{'–':>10}"  # 0: the log has no token count
+                print(f"{label:9s} {a.kind:14s} step {a.step:>10,}  tokens {tokens}  {a.message}", file=out,
                       flush=True)
 
 
