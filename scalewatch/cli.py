@@ -506,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"scalewatch {args.command}: error: {exc}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # `scalewatch predict ... | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
