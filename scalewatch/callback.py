@@ -48,7 +48,6 @@ from scalewatch.detectors import AllocationDetector, DivergenceDetector, HealthC
 from scalewatch.forecast import CurvePlugin
 from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method  # noqa: F401  (re-exported)
 from scalewatch.lightning_io import (
-    LOSS_KEYS,
     LoggerSink,
     amp_scale,
     checkpoint_at_or_before,
@@ -58,6 +57,7 @@ from scalewatch.lightning_io import (
     grad_norm_before_clipping,
     lookahead_schedule,
     loss_from_outputs,
+    loss_keys,
     run_schedule,
     start_noise_scale,
     total_steps,
@@ -347,7 +347,7 @@ class ScaleWatch(Callback):
     def _fallback_loss(self, trainer: Trainer) -> float:
         loss = fallback_loss(trainer, self.config.loss_key)
         if loss is None:
-            keys = (self.config.loss_key,) if self.config.loss_key else LOSS_KEYS
+            keys = loss_keys(self.config.loss_key)
             self._note("loss_source", f"no training loss found (training_step returned none and no "
                        f"{' / '.join(keys)} was logged); pass ScaleWatch(loss_key=...) to name it")
         return math.nan if loss is None else loss

@@ -37,6 +37,11 @@ log = logging.getLogger("scalewatch")
 LOSS_KEYS = ("train_loss", "loss", "train/loss", "training_loss")
 
 
+def loss_keys(loss_key: str | None) -> tuple[str, ...]:
+    """The metric names a module's own training loss is looked for under: ``loss_key``, else the common ones."""
+    return (loss_key,) if loss_key else LOSS_KEYS
+
+
 def loss_from_outputs(outputs: Any) -> Tensor | None:
     """The loss tensor a ``training_step`` returned (a tensor, or a mapping's ``"loss"``), else None.
 
@@ -59,7 +64,7 @@ def fallback_loss(trainer: Trainer, loss_key: str | None) -> float | None:
     """The training loss the module logged itself (``callback_metrics``), for steps that returned none.
 
     None when no such metric exists (the caller says so once)."""
-    for key in (loss_key,) if loss_key else LOSS_KEYS:
+    for key in loss_keys(loss_key):
         value = trainer.callback_metrics.get(key)
         if isinstance(value, Tensor) and value.numel() == 1:
             return float(value)
@@ -81,7 +86,7 @@ def logged_step_loss(trainer: Trainer, loss_key: str | None) -> Tensor | None:
         results = trainer._results
         if not results:
             return None
-        keys = (loss_key,) if loss_key else LOSS_KEYS
+        keys = loss_keys(loss_key)
         for _, metric in results.valid_items():
             value = getattr(metric, "_forward_cache", None)
             if metric.meta.name in keys and metric.meta.on_step and isinstance(value, Tensor) and value.numel() == 1:
