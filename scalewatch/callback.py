@@ -1,11 +1,11 @@
 """``ScaleWatch``: the Lightning callback, a thin adapter around :class:`~scalewatch.monitor.Monitor`.
 
-On every micro-batch it adds the batch's counts and loss to an
-:class:`~scalewatch.accumulators.IntervalAccumulator` (nothing is read back to the host); once per
-log interval it reduces them across ranks in ONE collective, turns them into an
-:class:`~scalewatch.monitor.Observation` and hands it to the Monitor, whose sinks (rank 0 only)
-write the report to the trainer's loggers. Everything else (the pipeline, the noise-scale maths,
-the forecasts, the TensorBoard layout, what is read from the trainer) lives outside this file.
+On every micro-batch a :class:`~scalewatch.counting.RunCounter` adds the batch's counts and loss on
+the device (nothing is read back to the host); once per log interval it reduces them across ranks
+in ONE collective, the callback turns them into an :class:`~scalewatch.monitor.Observation` and hands
+it to the Monitor, whose sinks (rank 0 only) write the report to the trainer's loggers. Everything
+else (the pipeline, the noise-scale maths, the forecasts, the TensorBoard layout, what is read from
+the trainer) lives outside this file.
 """
 
 from __future__ import annotations
@@ -22,45 +22,30 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from scalewatch.accounting import (
-    BatchCount,
-    FlopConvention,
-    ParamCount,
-    choose_flop_convention,
-    choose_n_params,
-    count_parameters,
-    count_with,
-    describe_conventions,
-    FirstBatchFlops,
-    peak_flops_per_second,
-)
-from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
+from scalewatch.accounting import FlopConvention, ParamCount, count_parameters, peak_flops_per_second
+from scalewatch.accumulators import Interval, Totals
 from scalewatch.alerts import LogSink
 from scalewatch.batches import is_causal_lm
-from scalewatch.config import (
-    ScaleWatchConfig,
-    build_monitor,
-    curve_law_warnings,
-    describe_laws,
-)
+from scalewatch.config import ScaleWatchConfig, build_monitor, curve_law_warnings, describe_laws
+from scalewatch.counting import RunCounter
 from scalewatch.curves import CurveLaw
-from scalewatch.detectors import AllocationDetector, DivergenceDetector, HealthConfig
+from scalewatch.detectors import HealthConfig
 from scalewatch.forecast import CurvePlugin
 from scalewatch.gns_capture import NoiseScaleTracker, choose_gns_method  # noqa: F401  (re-exported)
 from scalewatch.lightning_io import (
     LoggerSink,
     amp_scale,
-    checkpoint_at_or_before,
     current_lr,
     fallback_loss,
-    logged_step_loss,
     grad_norm_before_clipping,
+    install_schedule,
+    logged_step_loss,
     lookahead_schedule,
     loss_from_outputs,
     loss_keys,
-    run_schedule,
     start_noise_scale,
-    total_steps,
+    stop_together,
+    wire_detectors,
 )
 from scalewatch.monitor import Observation
 
@@ -78,13 +63,11 @@ class ScaleWatch(Callback):
 
         trainer = Trainer(callbacks=[ScaleWatch()])
 
-    Logged every ``log_every_n_steps`` optimizer steps (all counts global across
-    ranks and since the start of training, resume included), under ``scalewatch/``:
-    ``tokens``, ``samples``, ``flops``, ``n_params``, ``tokens_per_param``,
-    ``tokens_per_sec``, ``samples_per_sec``, ``flops_per_sec``, ``mfu`` (when the
-    peak FLOP/s is known), ``loss`` (mean of the finite micro-batch training losses
-    since the previous log point), ``nonfinite_losses``, ``lr``; and, to TensorBoard,
-    ``loss_vs_tokens`` (x-axis: tokens) and ``loss_vs_gflop`` (x-axis: GFLOP).
+    Every ``log_every_n_steps`` optimizer steps it logs, under ``scalewatch/``, the global counts
+    (all ranks, resumes included: ``tokens``, ``flops``, ``tokens_per_param``, rates, ``mfu``), the
+    interval's mean training ``loss``, the gradient norm and noise scale, the predicted curve and
+    forecast when a curve law is given, and ``health/<kind>`` for the alerts
+    (:mod:`scalewatch.tensorboard` lists every tag).
 
     Every argument is a field of :class:`~scalewatch.config.ScaleWatchConfig`, documented there
     and validated when the callback is made (a bad value raises ``ScaleWatchConfigError`` naming
@@ -149,19 +132,10 @@ class ScaleWatch(Callback):
         self._gns_shares_norm = False  # set when training starts
         self.noise_scale = NoiseScaleTracker(
             self.config.gns_decay, note=lambda key, msg: self._note("gns_" + key, "gradient noise scale: " + msg))
-        self.params: ParamCount | None = None
-        self.n_params: int | None = None
-        self.convention: FlopConvention | None = None
-        self.totals = Totals()  # global totals since the start of training, restored on resume
+        self.counter = RunCounter(self.config)
         self.latest: dict[str, float] = {}  # the scalars of the last log point, on rank 0 (detection runs there)
-        self._acc: IntervalAccumulator | None = None  # this rank's unreduced interval; set when training starts
-        self._carried: Interval | None = None  # reduced at a checkpoint, not yet logged
         self._schedule_saved: np.ndarray | None = None  # the schedule of this run, kept for resume
-        self._batch_count: BatchCount | None = None
-        self._flop_counter: Any = None
-        self._shift_labels = False  # a causal LM that shifts its labels inside (set at setup)
         self._last_logged_loss: Tensor | None = None  # manual optimization: the last self.log-ged loss taken
-        self._seen_batches = 0
         self._last_global_step = 0
         self._last_logged_step = -1
         self._t0 = time.perf_counter()
@@ -174,10 +148,14 @@ class ScaleWatch(Callback):
     def state_key(self) -> str:
         return "ScaleWatch"
 
+    totals: Totals = property(lambda self: self.counter.totals, doc="Global totals since the start of training.")
     tokens = property(lambda self: self.totals.tokens, doc="Training tokens so far, all ranks, resumes included.")
     samples = property(lambda self: self.totals.samples, doc="Sequences so far, all ranks.")
     flops = property(lambda self: self.totals.flops, doc="Model FLOPs so far (the run's convention).")
     nonfinite = property(lambda self: self.totals.nonfinite, doc="Non-finite micro-batch losses so far.")
+    n_params: int | None = property(lambda self: self.counter.n_params, doc="The parameter count used for 6N.")
+    params: ParamCount | None = property(lambda self: self.counter.params, doc="Every parameter count.")
+    convention: FlopConvention | None = property(lambda self: self.counter.convention, doc="FLOPs per token.")
     gns_method = property(lambda self: self.noise_scale.method, doc="The noise-scale capture in use, or None.")
 
     @property
@@ -201,7 +179,7 @@ class ScaleWatch(Callback):
             self._fresh_state()
         self._fits += 1
         self._trainer = trainer
-        self._shift_labels = is_causal_lm(pl_module)
+        self.counter.shift_labels = is_causal_lm(pl_module)
         self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self._own_sinks] if trainer.is_global_zero else []
         # Counted here, before the strategy shards or wraps the module. A model built in configure_model
         # (which runs after this hook) has no parameters yet: counted at fit start instead, whole sizes.
@@ -209,114 +187,77 @@ class ScaleWatch(Callback):
             self._count_model(trainer, pl_module)
 
     def _count_model(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        cfg = self.config
-        self.params = count_parameters(pl_module)
-        self.n_params, n_label = choose_n_params(self.params, cfg.n_params, cfg.param_convention)
-        self.convention = choose_flop_convention(cfg.flops, self.n_params, pl_module, cfg.n_layer, cfg.d_model)
-        self.monitor.n_params = self.n_params
+        label = self.counter.count_model(pl_module)
+        self.monitor.n_params = n = self.counter.n_params
         self.monitor.peak_flops = peak_flops_per_second(pl_module.device, str(trainer.precision), trainer.world_size,
-                                                        cfg.peak_flops)
+                                                        self.config.peak_flops)
         if self.curve_plugin is not None:
-            self.curve_plugin.n_params = self.n_params
-            for message in curve_law_warnings(self.curve_plugin.law, cfg.param_convention):
+            self.curve_plugin.n_params = n
+            for message in curve_law_warnings(self.curve_plugin.law, self.config.param_convention):
                 self._note(message, message)
         if trainer.is_global_zero:
-            log.info("scalewatch: %s = %s; FLOPs: %s", n_label, f"{self.n_params:,}",
-                     self.convention.description if self.convention else "measured on the first batch")
+            conv = self.counter.convention
+            log.info("scalewatch: %s = %s; FLOPs: %s", label, f"{n:,}",
+                     conv.description if conv else "measured on the first batch")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer  # state_dict() has no trainer argument but must reduce across ranks
-        if self.n_params is None:
+        if self.counter.n_params is None:
             self._count_model(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._acc = IntervalAccumulator(pl_module.device)
+        self.counter.start(pl_module.device)
         self._last_global_step = trainer.global_step
         self._t0 = time.perf_counter()
         self.monitor.start(self._observation(trainer, loss=math.nan))
         message, self._gns_shares_norm = start_noise_scale(self.noise_scale, self.config.gns, trainer, pl_module)
         if message is not None:
             self._note("gns_method", f"gradient noise scale: {message}")
-        self._setup_schedule(trainer)
-        for plugin in self.monitor.plugins:
-            if isinstance(plugin, AllocationDetector):
-                plugin.total_steps = total_steps(trainer)
-            if isinstance(plugin, DivergenceDetector):
-                plugin.checkpoint_before = lambda step: checkpoint_at_or_before(trainer, step)
-
-    # ------------------------------------------------------------------ predicted curve
-    def _setup_schedule(self, trainer: Trainer) -> None:
-        plugin = self.curve_plugin
-        if plugin is None:
-            return
-        try:
-            schedule, note = run_schedule(trainer, self.config.schedule, self._schedule_saved)
-            if note:
-                self._note("schedule_short", note)
-            plugin.set_schedule(schedule)
-            self._schedule_saved = plugin.schedule
-        except Exception as exc:
-            # A schedule we cannot read (a bad file, an endless run, a scheduler that cannot be
-            # copied) must not stop the run: no prediction, everything else works.
-            plugin.schedule = None
-            self._note("schedule", f"no predicted curve: {exc}")
+        if self.curve_plugin is not None:
+            note = install_schedule(self.curve_plugin, trainer, self.config.schedule, self._schedule_saved)
+            if self.curve_plugin.schedule is not None:  # kept for resume
+                self._schedule_saved = self.curve_plugin.schedule
+            if note is not None:
+                self._note(*note)
+        wire_detectors(self.monitor.plugins, trainer)
 
     # ------------------------------------------------------------------ hot path
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Counted before the step so that the noise-scale capture knows each micro-batch's size.
-        self._batch_count = self._count(batch, self._seen_batches == 0)
-        self.noise_scale.add_batch(self._batch_count.samples)
-        if self.config.flops == "measured" and self.convention is None and self._flop_counter is None:
-            self._flop_counter = FirstBatchFlops()  # left in on_train_batch_end: forward AND backward
+        self.noise_scale.add_batch(self.counter.before_batch(batch).samples)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        count = self._batch_count if self._batch_count is not None else self._count(batch, self._seen_batches == 0)
-        self._batch_count = None
+        count = self.counter.pending(batch)
         automatic = pl_module.automatic_optimization
         loss = loss_from_outputs(outputs)
         if loss is None and automatic:  # training_step returned None (outputs {}): Lightning skipped the batch
             self.noise_scale.drop_batch()
             return
-        self._seen_batches += 1
-        assert self._acc is not None
-        self._acc.add_count(count, self.config.context_length)
-        if loss is not None:
-            # Lightning hands back loss / accumulate_grad_batches; undone when folding, not per batch.
-            self._acc.add_loss(loss, trainer.accumulate_grad_batches if automatic else 1)
-        elif not automatic:
+        divisor = trainer.accumulate_grad_batches if automatic else 1  # Lightning hands back loss / accumulate
+        if loss is None:  # manual optimization: the loss the module self.log-ged in this step
             logged = logged_step_loss(trainer, self.config.loss_key)
             if logged is not None and logged is not self._last_logged_loss:  # a new self.log call, not a stale one
-                self._last_logged_loss = logged
-                self._acc.add_loss(logged, 1)
-                loss = logged
-        if self._flop_counter is not None:
-            # FLOPs of the positions the model ran (padding included), charged per training token.
-            self.convention, self._flop_counter = self._flop_counter.finish(count.positions or int(count.tokens)), None
-            log.info("scalewatch: FLOPs: %s", self.convention.description)
+                self._last_logged_loss = loss = logged
+        self.counter.add(count, loss, divisor)
         if trainer.global_step != self._last_global_step:  # an optimizer step happened
             self._last_global_step = trainer.global_step
             every = self.config.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
             if trainer.global_step % every == 0:
                 self._log(trainer, loss_seen=loss is not None)
 
-    def _count(self, batch: Any, first: bool) -> BatchCount:
-        cfg = self.config
-        needs_seq_len = bool(self.convention and self.convention.attention_coeff and not cfg.context_length)
-        return count_with(batch, cfg.tokens_fn, cfg.samples_fn, first, needs_seq_len, self._shift_labels)
-
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.noise_scale.end_backward()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Before gradient clipping (Lightning clips after this hook) and after AMP unscaling.
-        sq = None
+        sq, acc = None, self.counter.acc
         try:
-            measured = grad_norm_before_clipping(trainer, optimizer) if self.config.detect and self._acc else None
+            measured = grad_norm_before_clipping(trainer, optimizer) if self.config.detect and acc else None
             if measured is not None:
                 norm, sq, loss_scaled = measured
-                self._acc.add_grad_norm(norm, loss_scaled=loss_scaled)  # type: ignore[union-attr]
+                acc.add_grad_norm(norm, loss_scaled=loss_scaled)  # type: ignore[union-attr]
         except Exception as exc:  # monitoring must never crash the run
             self._note("grad_norm", f"gradient norm not measured: {type(exc).__name__}: {exc}")
         try:
@@ -331,37 +272,29 @@ class ScaleWatch(Callback):
     # ------------------------------------------------------------------ log interval
     def _reduce(self, trainer: Trainer) -> None:
         """Fold every rank's unreduced counts into the global totals (ONE collective; all ranks call it)."""
-        if self._acc is None:
-            return
         ema = self.noise_scale.ema  # its EMAs ride along in the same collective (every rank has them or none)
-        interval, extra = self._acc.reduce(trainer.world_size, ema.state if ema is not None else None)
-        if extra is not None:
-            self.noise_scale.set_reduced(extra, interval.extra, trainer.world_size)
-        self.totals.add(interval, self.convention)
-        self._carried = interval if self._carried is None else self._carried.then(interval)
+        interval, summed = self.counter.reduce(trainer.world_size, ema.state if ema is not None else None)
+        if summed is not None and interval is not None:
+            self.noise_scale.set_reduced(summed, interval.extra, trainer.world_size)
 
     def _observation(self, trainer: Trainer, loss: float, interval: Interval | None = None) -> Observation:
         return self.totals.observation(trainer.global_step, loss, time.perf_counter() - self._t0, current_lr(trainer),
                                        interval, self.noise_scale.estimates())
 
-    def _fallback_loss(self, trainer: Trainer) -> float:
-        loss = fallback_loss(trainer, self.config.loss_key)
-        if loss is None:
-            keys = loss_keys(self.config.loss_key)
-            self._note("loss_source", f"no training loss found (training_step returned none and no "
-                       f"{' / '.join(keys)} was logged); pass ScaleWatch(loss_key=...) to name it")
-        return math.nan if loss is None else loss
-
     def _log(self, trainer: Trainer, loss_seen: bool) -> None:
         self._reduce(trainer)
-        interval, self._carried = self._carried, None
+        interval = self.counter.take_interval()
         self._last_logged_step = trainer.global_step
         try:
             assert interval is not None
             loss = interval.mean_loss
-            if not interval.loss_count and not loss_seen:
-                loss = self._fallback_loss(trainer)  # else every loss was non-finite: record, never raise
-            obs = self._observation(trainer, loss, interval)
+            if not interval.loss_count and not loss_seen:  # else every loss was non-finite: record, never raise
+                loss = fallback_loss(trainer, self.config.loss_key)
+                if loss is None:
+                    self._note("loss_source", f"no training loss found (training_step returned none and no "
+                               f"{' / '.join(loss_keys(self.config.loss_key))} was logged); pass "
+                               "ScaleWatch(loss_key=...) to name it")
+            obs = self._observation(trainer, math.nan if loss is None else loss, interval)
             self.monitor.texts["conventions"] = self.describe()
             self.monitor.texts["laws"] = describe_laws(self.config.curve_law, self.config.law)
             if self.config.gns != "off":
@@ -372,41 +305,34 @@ class ScaleWatch(Callback):
                 self._stop_kinds.update(a.kind for a in report.alerts if a.state == "firing")
         except Exception as exc:  # monitoring must never crash the run
             log.warning("scalewatch: could not log step %d: %s: %s", trainer.global_step, type(exc).__name__, exc)
-        if self.config.stop_on is not None:
-            self._maybe_stop(trainer)
-
-    def _maybe_stop(self, trainer: Trainer) -> None:
-        """``stop_on``: rank 0 decides, every rank stops at the same step (one broadcast per log point)."""
-        firing = self.monitor.alerts.reasons_to_stop(self.config.stop_on or "critical", self._stop_kinds) \
-            if trainer.is_global_zero else []
-        stop = bool(firing)
-        if trainer.world_size > 1:
-            stop = bool(trainer.strategy.broadcast(stop, src=0))
-        if stop and not trainer.should_stop:
-            trainer.should_stop = True
-            if trainer.is_global_zero:
-                log.warning("scalewatch: stopping training at step %d (stop_on=%r): %s", trainer.global_step,
-                            self.config.stop_on, ", ".join(firing))
+        if self.config.stop_on is not None:  # rank 0 decides, every rank stops at the same step
+            firing = self.monitor.alerts.reasons_to_stop(self.config.stop_on, self._stop_kinds) \
+                if trainer.is_global_zero else []
+            if stop_together(trainer, bool(firing)) and not trainer.should_stop:
+                trainer.should_stop = True
+                if trainer.is_global_zero:
+                    log.warning("scalewatch: stopping training at step %d (stop_on=%r): %s", trainer.global_step,
+                                self.config.stop_on, ", ".join(firing))
 
     def describe(self) -> str:
         """The conventions behind the logged numbers, in words."""
-        text = describe_conventions(self.n_params, self.params, self.convention, self.config.flops)
         if self.config.gns == "off":
-            return text
-        return text + f" Gradient noise scale: {self.noise_scale.method or 'none'} ({self.noise_scale.description})."
+            return self.counter.describe()
+        return self.counter.describe() + f" Gradient noise scale: {self.noise_scale.method or 'none'} " \
+                                         f"({self.noise_scale.description})."
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._val_started = time.perf_counter()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Validation inside a training epoch is not training time: keep it out of the rates.
-        if self._val_started is not None and self._acc is not None:
+        if self._val_started is not None and self.counter.acc is not None:
             self._t0 += time.perf_counter() - self._val_started
         self._val_started = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # All ranks reach here together: flush the tail of the run as a last log point.
-        if self._last_logged_step != trainer.global_step and self._acc is not None:
+        if self._last_logged_step != trainer.global_step and self.counter.acc is not None:
             self._log(trainer, loss_seen=False)
         self.noise_scale.remove()
         try:
@@ -424,19 +350,14 @@ class ScaleWatch(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Called on every rank when a checkpoint is dumped: fold the unreduced counts in first,
         # so that nothing a rank counted is lost with the checkpoint (only rank 0's copy is saved).
-        if self._acc is not None and self._trainer is not None:
+        if self.counter.acc is not None and self._trainer is not None:
             self._reduce(self._trainer)
-        gns_state = self.noise_scale.state_dict()
         return {
             "version": _STATE_VERSION,
-            **self.totals.state_dict(),
-            "n_params": self.n_params,
-            "flop_convention": None if self.convention is None else self.convention.to_state(),
+            **self.counter.state_dict(),
             "monitor": self.monitor.state_dict(),
             "curve_schedule": None if self._schedule_saved is None else self._schedule_saved.tolist(),
-            # Reduced over ranks just above: the same on every rank.
-            "gns": None if gns_state is None else {"method": self.noise_scale.method, "decay": self.noise_scale.decay,
-                                                   "state": gns_state},
+            "gns": self.noise_scale.state_dict(),  # reduced over ranks just above: the same on every rank
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -445,15 +366,9 @@ class ScaleWatch(Callback):
             log.warning("scalewatch: checkpoint state version %r is not %d; counts start from zero", version,
                         _STATE_VERSION)
             return
-        self.totals.load_state_dict(state_dict)
-        conv = state_dict.get("flop_convention")
-        if conv is not None and self.config.flops == "measured":
-            # A measured convention is kept across resumes so the FLOP series stays consistent.
-            self.convention = FlopConvention.from_state(conv)
+        self.counter.load_state_dict(state_dict)
         self.monitor.load_state_dict(state_dict.get("monitor", {}))
         saved = state_dict.get("curve_schedule")
         if isinstance(saved, list) and saved:
             self._schedule_saved = np.asarray(saved, dtype=float)
-        gns = state_dict.get("gns")
-        if gns:
-            self.noise_scale.load_state_dict(gns.get("state"))  # applied when training starts
+        self.noise_scale.load_state_dict(state_dict.get("gns"))  # applied when training starts

@@ -604,10 +604,14 @@ class NoiseScaleTracker:
             self.capture.remove()
         self.capture = None
 
-    def state_dict(self) -> list[float] | None:
-        return self.ema.state.tolist() if self.ema is not None else self.restored
+    def state_dict(self) -> dict[str, Any] | None:
+        """The EMA sums (reduced over ranks at the checkpoint: the same on every rank), or None."""
+        state = self.ema.state.tolist() if self.ema is not None else self.restored
+        return None if state is None else {"method": self.method, "decay": self.decay, "state": state}
 
-    def load_state_dict(self, state: Sequence[float] | None) -> None:
+    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
+        """Restore the EMA sums; applied when the capture starts (or now, when it runs)."""
+        state = (saved or {}).get("state")
         if state is not None and len(state) == 3:
             self.restored = [float(v) for v in state]
             self._apply_restored()

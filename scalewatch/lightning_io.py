@@ -25,12 +25,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from scalewatch.curves import CurveError, schedule_from_arg
+from scalewatch.detectors import AllocationDetector, DivergenceDetector
 from scalewatch.gns_capture import NoiseScaleTracker, PerExampleNorms, choose_gns_method, grad_sq_norm
 from scalewatch.monitor import Report
 from scalewatch.tensorboard import PREFIX, TensorBoardExtras
 
 __all__ = ["LoggerSink", "checkpoint_at_or_before", "current_lr", "fallback_loss", "grad_norm_before_clipping",
-           "logged_step_loss", "loss_from_outputs", "lookahead_schedule", "run_schedule", "start_noise_scale", "total_steps"]
+           "logged_step_loss", "loss_from_outputs", "lookahead_schedule", "install_schedule", "run_schedule", "start_noise_scale", "stop_together", "total_steps",
+           "wire_detectors"]
 
 log = logging.getLogger("scalewatch")
 
@@ -167,6 +169,34 @@ def run_schedule(trainer: Trainer, given: Any, saved: np.ndarray | None) -> tupl
         note = (f"the LR schedule covers steps 0..{len(schedule) - 1} but the run goes to step {total}; "
                 f"the predicted curve stops at step {len(schedule) - 1}")
     return schedule, note
+
+
+def install_schedule(plugin: Any, trainer: Trainer, given: Any, saved: np.ndarray | None) -> tuple[str, str] | None:
+    """Give the curve-law forecaster this run's LR per step; returns ``(key, note)`` to say once, or None.
+
+    A schedule that cannot be read (a bad file, an endless run, a scheduler that cannot be copied)
+    must not stop the run: the plugin then has no schedule (no predicted curve), all else works."""
+    try:
+        schedule, note = run_schedule(trainer, given, saved)
+        plugin.set_schedule(schedule)
+        return None if note is None else ("schedule_short", note)
+    except Exception as exc:
+        plugin.schedule = None
+        return "schedule", f"no predicted curve: {exc}"
+
+
+def wire_detectors(plugins: Any, trainer: Trainer) -> None:
+    """Tell the detectors what only the trainer knows: the planned length and where checkpoints are."""
+    for plugin in plugins:
+        if isinstance(plugin, AllocationDetector):
+            plugin.total_steps = total_steps(trainer)
+        if isinstance(plugin, DivergenceDetector):
+            plugin.checkpoint_before = lambda step: checkpoint_at_or_before(trainer, step)
+
+
+def stop_together(trainer: Trainer, stop: bool) -> bool:
+    """Rank 0's decision to stop, the same on every rank (one broadcast; a no-op on one process)."""
+    return bool(trainer.strategy.broadcast(stop, src=0)) if trainer.world_size > 1 else stop
 
 
 def checkpoint_at_or_before(trainer: Trainer, step: int) -> str | None:

@@ -89,7 +89,7 @@ class _SpiedScaleWatch(ScaleWatch):
         before = self._last_logged_step
         with SyncSpy() as spy:
             hook(*args)
-        self.records.append((self._seen_batches, self._last_logged_step != before, spy.calls))
+        self.records.append((self.counter.seen_batches, self._last_logged_step != before, spy.calls))
 
     def on_train_batch_start(self, *args) -> None:
         self._spied(super().on_train_batch_start, *args)
