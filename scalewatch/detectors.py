@@ -53,7 +53,8 @@ class HealthConfig:
         max_epochs: more repetitions of the unique data than this is flagged (Muennighoff et al. 2023:
             up to about 4 epochs cost little).
         batch_factor: an info finding when the batch is this many times above or below B_crit...
-        batch_points: ...for this many consecutive log points (the noise scale is a noisy estimate).
+        batch_points: ...for this many consecutive log points: a single reading of the noise scale (a
+            noisy estimate) is not enough, two in a row raise it within 2 log intervals of the first reading.
         noise_sigma: divergence and saturation also need their change to exceed this many standard
             errors of the loss's log-to-log noise (measured on the recent points), so a noisy but
             healthy training loss does not trip them.
@@ -76,7 +77,7 @@ class HealthConfig:
     overtrained_factor: float = 5.0
     max_epochs: float = 4.0
     batch_factor: float = 3.0
-    batch_points: int = 5
+    batch_points: int = 2
     noise_sigma: float = 5.0
 
     def __post_init__(self) -> None:

@@ -171,7 +171,12 @@ def test_batch_size_needs_a_sustained_measurement() -> None:
 
     m = Monitor(plugins=[BatchSizeDetector(), GNS()])
     fired = _fired(m, [(10 * i, 3.0) for i in range(1, 8)], batch_tokens=8192.0)
+    assert [(k, s, st) for k, s, st in fired] == [("batch_size", "info", 20)]  # the 2nd point that sees it
+    m = Monitor(plugins=[BatchSizeDetector(HealthConfig(batch_points=5)), GNS()])
+    fired = _fired(m, [(10 * i, 3.0) for i in range(1, 8)], batch_tokens=8192.0)
     assert [(k, s, st) for k, s, st in fired] == [("batch_size", "info", 50)]
+    m = Monitor(plugins=[BatchSizeDetector(), GNS()])
+    assert _fired(m, [(10 * i, 3.0) for i in range(1, 8)], batch_tokens=2000.0) == []  # 2x: within the factor 3
 
 
 @pytest.mark.parametrize("kwargs", [dict(spike_sigma=-1), dict(window=0), dict(divergence_rel=float("inf"))])
@@ -307,7 +312,8 @@ def test_tiny_model_trained_far_past_optimal_is_an_info_not_a_warning(tmp_path) 
 def test_batch_far_above_the_critical_batch_is_an_info(tmp_path) -> None:
     watch, _ = _train(tmp_path, batch=64, accumulate=2)
     fired = _firing(watch)
-    assert [(k, s) for k, s, _ in fired if k == "batch_size"] == [("batch_size", "info")]
+    # The noise scale is first measured at the first log point: raised at the second (2 intervals).
+    assert [(k, s, st) for k, s, st in fired if k == "batch_size"] == [("batch_size", "info", 2 * LOG_EVERY)]
     assert not [f for f in fired if f[1] != "info" and f[0] not in ("overtrained",)]
 
 
