@@ -1,6 +1,6 @@
 """Chinchilla-law intervals far from the pilots: errors and coverage against distance (issue 12, item 2).
 
-    python benchmarks/extrapolation_coverage.py [--bootstrap 200]
+    python benchmarks/extrapolation_coverage.py [--bootstrap 200] [--tie-exponents]
 
 1. Gadre et al. 2024, trained and evaluated on C4: fit the runs up to 411M, predict the 1.4B
    (1x and 4x Chinchilla tokens) and 6.9B (1x) runs. Issue target: <= 1.5% error on each, with
@@ -38,11 +38,14 @@ SETS = {
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 9.0))
 
 
+TIE = False  # --tie-exponents: alpha = beta in every fit (the fits and the calibration folds)
+
+
 def _fit(runs: RunSet, n_bootstrap: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_chinchilla(runs, n_bootstrap=n_bootstrap)
-        band = calibrate_extrapolation(runs)
+        fit = fit_chinchilla(runs, n_bootstrap=n_bootstrap, tie_exponents=TIE)
+        band = calibrate_extrapolation(runs, tie_exponents=TIE)
     return fit, [ChinchillaLaw(*row) for row in fit.samples], band
 
 
@@ -84,7 +87,11 @@ def nested(name: str, runs: RunSet, n_bootstrap: int, rows: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--tie-exponents", action="store_true", help="fit alpha = beta (scalewatch fit --tie-exponents)")
     args = ap.parse_args()
+    global TIE
+    TIE = args.tie_exponents
+    print(f"fits: {'alpha = beta tied' if TIE else 'alpha, beta free'}")
     gadre_targets(args.bootstrap)
     print("\nNested leave-the-largest-out:")
     rows: list = []

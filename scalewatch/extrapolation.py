@@ -180,8 +180,10 @@ def _sample_predictions(samples: np.ndarray, N: np.ndarray, D: np.ndarray) -> np
 
 
 def calibrate_extrapolation(runs: RunSet, min_sizes: int = 3, min_runs: int = 6, n_bootstrap: int = 100,
-                            seed: int = 0) -> ExtrapolationBand | None:
+                            seed: int = 0, tie_exponents: bool = False) -> ExtrapolationBand | None:
     """Learn how fast the Chinchilla law's error grows away from these pilots; None if they cannot say.
+
+    Each fold is fitted as the law itself is (``tie_exponents`` as in :func:`fit_chinchilla`).
 
     Needs at least ``min_sizes`` model sizes (and ``min_runs`` runs) left after holding out the
     largest size or the largest compute; with fewer there is nothing to calibrate on.
@@ -200,7 +202,7 @@ def calibrate_extrapolation(runs: RunSet, min_sizes: int = 3, min_runs: int = 6,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fit = fit_chinchilla(sub, n_bootstrap=n_bootstrap, seed=seed)
+                fit = fit_chinchilla(sub, n_bootstrap=n_bootstrap, seed=seed, tie_exponents=tie_exponents)
         except FitError:
             continue
         n_max, c_max = float(sub.N.max()), float((6.0 * sub.N * sub.D).max())
