@@ -97,6 +97,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     record = result.to_record()
     band = None
+    tied_check = None
     if args.calibrate:
         from scalewatch.extrapolation import calibrate_extrapolation
 
@@ -106,6 +107,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                                            tie_exponents=args.tie_exponents)
         if band is not None:
             record.extrapolation = band.to_json()
+        if band is not None and band.held_out and not args.tie_exponents:
+            # The same leave-the-largest-out folds fitted with alpha = beta (point fits only: cheap): which form
+            # extrapolated better on these pilots is the evidence for --tie-exponents (README, "On real data").
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tied_band = calibrate_extrapolation(runs, n_bootstrap=0, seed=args.seed, tie_exponents=True)
+            if tied_band is not None and len(tied_band.held_out) == len(band.held_out):
+                tied_check = {"free": band.mean_abs_log_error, "tied": tied_band.mean_abs_log_error}
     if args.n_convention:
         record.law.conventions["n_params"] = args.n_convention
     if args.loss_name:
@@ -126,6 +135,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                      "predictions); `scalewatch plan` widens its intervals by it")
         payload["extrapolation"] = {"k_per_decade": band.k_per_decade, "N_max": band.N_max, "C_max": band.C_max,
                                     "n_held_out": len(band.held_out)}
+        if tied_check is not None:
+            payload["extrapolation"]["mean_abs_log_error"] = tied_check
+            better = tied_check["tied"] < tied_check["free"]
+            lines.append(f"  leave-the-largest-out error, alpha and beta free {100 * tied_check['free']:.2f}% vs tied "
+                         f"{100 * tied_check['tied']:.2f}% (mean): "
+                         + ("the tied law extrapolated better on these pilots; consider --tie-exponents"
+                            if better else "the free law extrapolated at least as well; keep it"))
     elif args.calibrate:
         lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
                      "intervals far from the pilots are bootstrap-only and too narrow")

@@ -88,6 +88,11 @@ class ExtrapolationBand:
     def n_folds(self) -> int:
         return len({h.fold for h in self.held_out})
 
+    @property
+    def mean_abs_log_error(self) -> float:
+        """Mean |log(predicted/observed)| over the held-out predictions (how well this law extrapolated)."""
+        return float(np.mean([abs(h.log_error) for h in self.held_out])) if self.held_out else math.nan
+
     def quantile(self, level: float) -> float:
         """The two-sided normal multiplier for ``level`` (1.96 at 95%)."""
         return float(norm.ppf(1.0 - (1.0 - level) / 2.0))

@@ -238,6 +238,10 @@ def test_fit_tie_exponents_writes_a_tied_law_and_refuses_other_methods(sweep_csv
     assert rec.law.alpha == rec.law.beta and rec.extrapolation_band() is not None
     plan = _run("plan", "--flops", "1e21", "--law", str(out), "--json")
     assert plan.returncode == 0, plan.stderr
+    free = json.loads(_run("fit", str(sweep_csv), "--json", "--bootstrap", "10").stdout)
+    check = free["extrapolation"]["mean_abs_log_error"]  # the same folds fitted both ways, for the hint
+    assert set(check) == {"free", "tied"} and all(0 < v < 0.05 for v in check.values())
+    assert "tie_exponents" not in free["fit"]
     bad = _run("fit", str(sweep_csv), "--tie-exponents", "--method", "2")
     assert bad.returncode == 2 and "--tie-exponents" in bad.stderr
 
