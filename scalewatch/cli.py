@@ -54,6 +54,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from scalewatch.fitting import FitError, approach1, approach2, fit_chinchilla
     from scalewatch.laws import save_law
 
+    if args.tie_exponents and (args.curves or args.method != 3):
+        raise CLIError("--tie-exponents ties alpha = beta in the Chinchilla law L(N, D); drop --curves/--method")
+    if args.two_stage and not args.data_constrained:
+        raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
     if args.curves:
         if args.runs:
             raise CLIError("give either RUNS (final points, a law L(N, D)) or --curves FILES (loss curves), not both")
@@ -69,7 +73,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         try:
             runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
             if args.method == 3:
-                result = fit_chinchilla(runs, n_bootstrap=args.bootstrap, seed=args.seed)
+                result = fit_chinchilla(runs, n_bootstrap=args.bootstrap, seed=args.seed,
+                                        tie_exponents=args.tie_exponents)
             else:
                 result = (approach1 if args.method == 1 else approach2)(runs, n_bootstrap=args.bootstrap,
                                                                         seed=args.seed)
@@ -92,14 +97,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     record = result.to_record()
     band = None
+    tied_check = None
     if args.calibrate:
         from scalewatch.extrapolation import calibrate_extrapolation
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            band = calibrate_extrapolation(runs, n_bootstrap=min(args.bootstrap, 100), seed=args.seed)
+            band = calibrate_extrapolation(runs, n_bootstrap=min(args.bootstrap, 100), seed=args.seed,
+                                           tie_exponents=args.tie_exponents)
         if band is not None:
             record.extrapolation = band.to_json()
+        if band is not None and band.held_out and not args.tie_exponents:
+            # The same leave-the-largest-out folds fitted with alpha = beta (point fits only: cheap): which form
+            # extrapolated better on these pilots is the evidence for --tie-exponents (README, "On real data").
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tied_band = calibrate_extrapolation(runs, n_bootstrap=0, seed=args.seed, tie_exponents=True)
+            if tied_band is not None and len(tied_band.held_out) == len(band.held_out):
+                tied_check = {"free": band.mean_abs_log_error, "tied": tied_band.mean_abs_log_error}
     if args.n_convention:
         record.law.conventions["n_params"] = args.n_convention
     if args.loss_name:
@@ -120,6 +135,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                      "predictions); `scalewatch plan` widens its intervals by it")
         payload["extrapolation"] = {"k_per_decade": band.k_per_decade, "N_max": band.N_max, "C_max": band.C_max,
                                     "n_held_out": len(band.held_out)}
+        if tied_check is not None:
+            payload["extrapolation"]["mean_abs_log_error"] = tied_check
+            better = tied_check["tied"] < tied_check["free"]
+            lines.append(f"  leave-the-largest-out error, alpha and beta free {100 * tied_check['free']:.2f}% vs tied "
+                         f"{100 * tied_check['tied']:.2f}% (mean): "
+                         + ("the tied law extrapolated better on these pilots; consider --tie-exponents"
+                            if better else "the free law extrapolated at least as well; keep it"))
     elif args.calibrate:
         lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
                      "intervals far from the pilots are bootstrap-only and too narrow")
@@ -141,6 +163,10 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
 
     if args.method != 3:
         raise CLIError("--data-constrained fits the law L(N, D, U); drop --method")
+    if args.two_stage and args.base:
+        raise CLIError("--two-stage fits its own base law; drop --base (or --two-stage to use that base)")
+    if args.tie_exponents and not args.two_stage:
+        raise CLIError("with --data-constrained, --tie-exponents applies to the --two-stage base fit; add --two-stage")
     base = None
     if args.base:
         try:
@@ -151,7 +177,8 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
-            result = fit_data_constrained(runs, base=base, n_bootstrap=args.bootstrap, seed=args.seed)
+            result = fit_data_constrained(runs, base=base, n_bootstrap=args.bootstrap, seed=args.seed,
+                                          two_stage=args.two_stage, tie_exponents=args.tie_exponents)
         except FitError as exc:
             raise CLIError(str(exc)) from None
     for w in caught:
@@ -441,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fit Muennighoff et al.'s data-constrained law (R*_D, R*_N); needs a unique_tokens column")
     fit.add_argument("--base", metavar="LAW",
                      help="with --data-constrained: hold E, A, B, alpha, beta at this Chinchilla law file, fit R*s only")
+    fit.add_argument("--two-stage", action="store_true",
+                     help="with --data-constrained: Muennighoff et al.'s procedure, a Chinchilla base fitted on the "
+                          "single-epoch runs first, then R*_D, R*_N with it held fixed (default: all 7 jointly)")
+    fit.add_argument("--tie-exponents", action="store_true",
+                     help="fit alpha = beta (one exponent; Muennighoff et al. 2023, Gadre et al. 2024): steadier "
+                          "far beyond the pilots, see the README")
     fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")

@@ -88,6 +88,11 @@ class ExtrapolationBand:
     def n_folds(self) -> int:
         return len({h.fold for h in self.held_out})
 
+    @property
+    def mean_abs_log_error(self) -> float:
+        """Mean |log(predicted/observed)| over the held-out predictions (how well this law extrapolated)."""
+        return float(np.mean([abs(h.log_error) for h in self.held_out])) if self.held_out else math.nan
+
     def quantile(self, level: float) -> float:
         """The two-sided normal multiplier for ``level`` (1.96 at 95%)."""
         return float(norm.ppf(1.0 - (1.0 - level) / 2.0))
@@ -180,8 +185,10 @@ def _sample_predictions(samples: np.ndarray, N: np.ndarray, D: np.ndarray) -> np
 
 
 def calibrate_extrapolation(runs: RunSet, min_sizes: int = 3, min_runs: int = 6, n_bootstrap: int = 100,
-                            seed: int = 0) -> ExtrapolationBand | None:
+                            seed: int = 0, tie_exponents: bool = False) -> ExtrapolationBand | None:
     """Learn how fast the Chinchilla law's error grows away from these pilots; None if they cannot say.
+
+    Each fold is fitted as the law itself is (``tie_exponents`` as in :func:`fit_chinchilla`).
 
     Needs at least ``min_sizes`` model sizes (and ``min_runs`` runs) left after holding out the
     largest size or the largest compute; with fewer there is nothing to calibrate on.
@@ -200,7 +207,7 @@ def calibrate_extrapolation(runs: RunSet, min_sizes: int = 3, min_runs: int = 6,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fit = fit_chinchilla(sub, n_bootstrap=n_bootstrap, seed=seed)
+                fit = fit_chinchilla(sub, n_bootstrap=n_bootstrap, seed=seed, tie_exponents=tie_exponents)
         except FitError:
             continue
         n_max, c_max = float(sub.N.max()), float((6.0 * sub.N * sub.D).max())

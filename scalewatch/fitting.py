@@ -5,6 +5,8 @@
   search by variable projection (for fixed alpha, beta the law is linear in
   E, A, B: a non-negative least-squares solve), then a trust-region solve of the
   exact summed-Huber objective from the best starts; bootstrap intervals.
+  With ``tie_exponents=True`` the fit has alpha = beta (one exponent, four parameters), the form
+  Muennighoff et al. 2023 and Gadre et al. 2024 fit; see :func:`fit_chinchilla`.
 * :func:`approach1` (lower envelope per compute budget) and :func:`approach2`
   (IsoFLOP parabolas) give ``N_opt ∝ C**a`` with bootstrap intervals.
 """
@@ -111,10 +113,13 @@ def _residuals_and_jac(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, lo
     return pred - logL, jac
 
 
-def _vp_starts(logN: np.ndarray, logD: np.ndarray, L: np.ndarray, k: int) -> list[np.ndarray]:
-    """Variable projection over an (alpha, beta) grid; the k best starting points."""
-    al, be = np.meshgrid(_GRID, _GRID, indexing="ij")
-    al, be = al.ravel(), be.ravel()
+def _vp_starts(logN: np.ndarray, logD: np.ndarray, L: np.ndarray, k: int, tied: bool = False) -> list[np.ndarray]:
+    """Variable projection over an (alpha, beta) grid (its diagonal when tied); the k best starting points."""
+    if tied:
+        al = be = np.linspace(_GRID[0], _GRID[-1], 4 * len(_GRID))
+    else:
+        al, be = np.meshgrid(_GRID, _GRID, indexing="ij")
+        al, be = al.ravel(), be.ravel()
     x = np.exp(-al[:, None] * logN[None, :])  # N^-alpha  [G, n]
     y = np.exp(-be[:, None] * logD[None, :])
     inv = 1.0 / L
@@ -141,7 +146,20 @@ def _vp_starts(logN: np.ndarray, logD: np.ndarray, L: np.ndarray, k: int) -> lis
             for g in order]
 
 
-def _local_fit(theta0: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float):
+def _tie_jac(J: np.ndarray) -> np.ndarray:
+    """Jacobian in (a, b, e, eta) from the one in (a, b, e, alpha, beta) when alpha = beta = eta."""
+    return np.concatenate([J[..., :3], J[..., 3:4] + J[..., 4:5]], axis=-1)
+
+
+def _untie(x: np.ndarray) -> np.ndarray:
+    """(a, b, e, eta) -> (a, b, e, eta, eta)."""
+    return np.concatenate([x[..., :4], x[..., 3:4]], axis=-1)
+
+
+def _local_fit(theta0: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float,
+               tied: bool = False):
+    if tied:
+        return _local_fit_tied(theta0, logN, logD, logL, delta)
     # least_squares with loss="huber", f_scale=delta minimises 2 * sum(Huber_delta(r)): the exact
     # summed objective, solved by a trust-region Gauss-Newton method (robust to the bad conditioning
     # that makes L-BFGS stop early on this problem).
@@ -158,12 +176,31 @@ def _local_fit(theta0: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.
                          bounds=(lower, upper), x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
 
 
-def _fit_theta(logN, logD, L, delta: float, extra_starts=(), k: int = 4):
+def _local_fit_tied(theta0: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float):
+    """:func:`_local_fit` with alpha = beta: solved in (a, b, e, eta); ``.x`` is returned untied (5 values)."""
+    def fun(th):
+        return _residuals_and_jac(_untie(th), logN, logD, logL)[0]
+
+    def jac(th):
+        return _tie_jac(_residuals_and_jac(_untie(th), logN, logD, logL)[1])
+
+    lower = np.array([-np.inf, -np.inf, -np.inf, 0.0])
+    upper = np.array([np.inf, np.inf, np.inf, 5.0])
+    start = np.asarray(theta0, dtype=float)[:4].copy()
+    start[3] = 0.5 * (theta0[3] + theta0[4])
+    start = np.clip(start, lower + 1e-9, upper - 1e-9)
+    res = least_squares(fun, start, jac=jac, loss="huber", f_scale=delta, method="trf", bounds=(lower, upper),
+                        x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
+    res.x = _untie(res.x)
+    return res
+
+
+def _fit_theta(logN, logD, L, delta: float, extra_starts=(), k: int = 4, tied: bool = False):
     logL = np.log(L)
-    starts = _vp_starts(logN, logD, L, k) + [np.asarray(s) for s in extra_starts]
+    starts = _vp_starts(logN, logD, L, k, tied) + [np.asarray(s) for s in extra_starts]
     best = None
     for s in starts:
-        res = _local_fit(s, logN, logD, logL, delta)
+        res = _local_fit(s, logN, logD, logL, delta, tied)
         if best is None or res.cost < best.cost:
             best = res
     return best
@@ -215,14 +252,16 @@ def _batch_objective(r: np.ndarray, weights: np.ndarray, delta: float) -> np.nda
 
 
 def _batch_huber_lm(theta0: np.ndarray, weights: np.ndarray, logN: np.ndarray, logD: np.ndarray,
-                    logL: np.ndarray, delta: float, max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+                    logL: np.ndarray, delta: float, max_iter: int = 500,
+                    tied: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Minimise ``sum_i w_bi·Huber(r_i(theta_b))`` for every row b of ``weights`` together.
 
     Levenberg-Marquardt on the exact Gauss-Newton model of the Huber sum (curvature from the
     residuals inside the quadratic zone, as scipy's ``least_squares(loss="huber")`` uses), damped
     along the diagonal of the reweighted (IRLS) curvature, which stays positive when few residuals
     are inside the zone. All resamples share the runs, so one einsum does every resample's
-    normal equations. Returns the solutions and which rows converged.
+    normal equations. With ``tied`` the steps are taken in (a, b, e, eta), alpha = beta = eta.
+    Returns the solutions (always 5 values a row) and which rows converged.
     """
     B = weights.shape[0]
     th = np.tile(np.asarray(theta0, dtype=float), (B, 1))
@@ -231,12 +270,14 @@ def _batch_huber_lm(theta0: np.ndarray, weights: np.ndarray, logN: np.ndarray, l
     lam = np.full(B, 1e-3)
     active = np.ones(B, dtype=bool)
     converged = np.zeros(B, dtype=bool)
-    eye = np.eye(5)
+    eye = np.eye(4 if tied else 5)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
         w, ra, Ja = weights[idx], r[idx], J[idx]
+        if tied:
+            Ja = _tie_jac(Ja)
         absr = np.abs(ra)
         grad = np.einsum("bn,bni->bi", w * np.clip(ra, -delta, delta), Ja)
         hess = np.einsum("bn,bni,bnj->bij", w * (absr <= delta), Ja, Ja)
@@ -248,6 +289,8 @@ def _batch_huber_lm(theta0: np.ndarray, weights: np.ndarray, logN: np.ndarray, l
                 step = -np.linalg.solve(system, grad[..., None])[..., 0]
             except np.linalg.LinAlgError:  # a singular system in the batch: solve one by one
                 step = np.stack([np.linalg.lstsq(A, -g, rcond=None)[0] for A, g in zip(system, grad)])
+            if tied:
+                step = _untie(step)
             trial = np.clip(th[idx] + step, _LOWER, _UPPER)
             r_new, J_new = _batch_residuals(trial, logN, logD, logL)
         F_new = _batch_objective(r_new, w, delta)
@@ -263,7 +306,8 @@ def _batch_huber_lm(theta0: np.ndarray, weights: np.ndarray, logN: np.ndarray, l
 
 
 def bootstrap_thetas(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
-                     resamples: list[np.ndarray], delta: float = HUBER_DELTA, chunk_cells: int = 2_000_000) -> np.ndarray:
+                     resamples: list[np.ndarray], delta: float = HUBER_DELTA, chunk_cells: int = 2_000_000,
+                     tied: bool = False) -> np.ndarray:
     """Refit every resample from the full-data solution ``theta``; ``[len(resamples), 5]`` thetas.
 
     A resample is the same runs with integer weights (how often each was drawn), so the fits are
@@ -288,10 +332,10 @@ def bootstrap_thetas(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL
     out = np.empty((len(resamples), 5))
     step = max(1, chunk_cells // max(n, 1))
     for lo in range(0, len(resamples), step):
-        th, ok = _batch_huber_lm(theta, weights[lo:lo + step], logN, logD, logL, delta)
+        th, ok = _batch_huber_lm(theta, weights[lo:lo + step], logN, logD, logL, delta, tied=tied)
         for j in np.flatnonzero(~ok):
             idx = resamples[lo + j]
-            th[j] = _local_fit(theta, logN[idx], logD[idx], logL[idx], delta).x
+            th[j] = _local_fit(theta, logN[idx], logD[idx], logL[idx], delta, tied).x
         out[lo:lo + step] = th
     return out
 
@@ -325,6 +369,7 @@ class FitResult:
         n_runs: runs fitted.
         N_range, D_range: extent of the data.
         method: what was done.
+        tie_exponents: whether alpha = beta was imposed.
     """
 
     law: ChinchillaLaw
@@ -337,13 +382,14 @@ class FitResult:
     N_range: tuple[float, float]
     D_range: tuple[float, float]
     method: str
+    tie_exponents: bool = False
 
     def to_record(self, conventions: dict[str, str] | None = None) -> LawRecord:
         law = self.law if conventions is None else ChinchillaLaw(**self.law.params(), conventions=conventions)
         return LawRecord(
             law=law, ci95=self.ci95, samples=[list(map(float, r)) for r in self.samples],
             fitted_on={"n_runs": self.n_runs, "N_range": list(self.N_range), "D_range": list(self.D_range),
-                       "method": self.method, "converged": self.converged, "message": self.message,
+                       "method": self.method, **({"tie_exponents": True} if self.tie_exponents else {}), "converged": self.converged, "message": self.message,
                        **self.residuals.as_dict()},
         )
 
@@ -353,8 +399,16 @@ def _theta_to_params(theta: np.ndarray) -> np.ndarray:
     return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta])
 
 
-def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DELTA, seed: int = 0) -> FitResult:
+def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DELTA, seed: int = 0,
+                   tie_exponents: bool = False) -> FitResult:
     """Fit ``L = E + A/N**alpha + B/D**beta`` to pilot runs (Approach 3), with bootstrap intervals.
+
+    ``tie_exponents=True`` fits alpha = beta (E, A, B and one exponent), the form Muennighoff et al.
+    2023 fitted for their published law and Gadre et al. 2024 build their over-training law on
+    (for a fixed tokens-per-parameter ratio it makes the loss a pure power law in compute). One
+    exponent fewer to pin down: it pays off when predicting sizes or budgets well beyond the pilots
+    (see the README's benchmark), at some cost in fit near them when the true exponents differ.
+    The law file still stores alpha and beta (equal); ``fitted_on.tie_exponents`` says it was tied.
 
     Example:
         >>> import numpy as np
@@ -363,14 +417,21 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
         >>> runs = make_runs(N.ravel(), D.ravel(), true.predict(N.ravel(), D.ravel()))
         >>> round(fit_chinchilla(runs, n_bootstrap=0).law.alpha, 4)
         0.34
+        >>> tied = ChinchillaLaw(E=1.8, A=400.0, B=1500.0, alpha=0.33, beta=0.33)
+        >>> runs = make_runs(N.ravel(), D.ravel(), tied.predict(N.ravel(), D.ravel()))
+        >>> fit = fit_chinchilla(runs, n_bootstrap=0, tie_exponents=True).law
+        >>> round(fit.alpha, 4), fit.alpha == fit.beta
+        (0.33, True)
     """
-    if len(runs) < 6:
-        raise FitError(f"{len(runs)} runs cannot determine the 5 parameters of L(N, D); add runs (at least 6)")
+    n_params = 4 if tie_exponents else 5
+    if len(runs) < n_params + 1:
+        raise FitError(f"{len(runs)} runs cannot determine the {n_params} parameters of L(N, D); add runs "
+                       f"(at least {n_params + 1})")
     for name, arr in (("N", runs.N), ("D", runs.D)):
         if np.unique(np.round(np.log(arr), 9)).size < 2:
             raise FitError(f"all runs have the same {name} = {arr[0]:.4g}; vary {name} across runs to fit its exponent")
     logN, logD = np.log(runs.N), np.log(runs.D)
-    best = _fit_theta(logN, logD, runs.L, delta)
+    best = _fit_theta(logN, logD, runs.L, delta, tied=tie_exponents)
     theta = best.x
     params = _theta_to_params(theta)
     law = ChinchillaLaw(*(float(p) for p in params))
@@ -384,7 +445,7 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
 
     n = len(runs)
     resamples = bootstrap_indices(n, n_bootstrap, seed, logN, logD)
-    thetas = bootstrap_thetas(theta, logN, logD, logL, resamples, delta)
+    thetas = bootstrap_thetas(theta, logN, logD, logL, resamples, delta, tied=tie_exponents)
     with np.errstate(over="ignore"):
         samples = [p for p in map(_theta_to_params, thetas) if np.all(np.isfinite(p))]
     samples_arr = np.array(samples) if samples else np.empty((0, 5))
@@ -394,7 +455,8 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
                      message=str(best.message), n_runs=n,
                      N_range=(float(runs.N.min()), float(runs.N.max())),
                      D_range=(float(runs.D.min()), float(runs.D.max())),
-                     method=(f"approach 3: sum of Huber(delta={delta:g}) on log residuals, variable-projection grid "
+                     tie_exponents=tie_exponents,
+                     method=(f"approach 3{', alpha = beta tied' if tie_exponents else ''}: sum of Huber(delta={delta:g}) on log residuals, variable-projection grid "
                              f"+ trust-region refinement; {len(samples)} bootstrap resamples, each warm-started from "
                              "the full-data fit"))
 
@@ -649,7 +711,8 @@ class DataConstrainedFit:
 
 
 def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_bootstrap: int = 200,
-                         delta: float = HUBER_DELTA, seed: int = 0) -> DataConstrainedFit:
+                         delta: float = HUBER_DELTA, seed: int = 0, two_stage: bool = False,
+                         tie_exponents: bool = False) -> DataConstrainedFit:
     """Fit Muennighoff et al.'s data-constrained law (R*_D, R*_N) to runs with unique-token counts.
 
     Same objective as :func:`fit_chinchilla` (sum of Huber losses on log residuals) on the law of
@@ -657,6 +720,12 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
     are held at it and only R*_D, R*_N are fitted (Muennighoff et al.'s procedure: their base came
     from single-epoch C4 runs); without, all seven are fitted jointly, starting from a Chinchilla
     fit of the runs that do not repeat data. Starts for R*_D, R*_N: a 4x4 grid over 1..50.
+
+    ``two_stage=True`` (no ``base``) is Muennighoff et al.'s two-step procedure done on these runs:
+    first a Chinchilla fit (:func:`fit_chinchilla`, ``tie_exponents`` as given; the paper's base
+    had alpha = beta) of the runs that see each token at most once, then R*_D, R*_N with that base
+    held fixed. Each bootstrap resample repeats both stages, so the intervals carry the base's
+    uncertainty too (about 20 ms a resample more).
 
     Example:
         >>> true = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.0, R_N=5.0)
@@ -668,6 +737,17 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
     """
     if runs.U is None:
         raise FitError("a data-constrained fit needs unique tokens per run; add a unique_tokens column")
+    stage_one = ""
+    if two_stage and base is None:
+        fresh = runs.subset(np.flatnonzero(runs.D <= runs.U * (1 + 1e-9)))
+        if len(fresh) < 6 or np.unique(fresh.N).size < 2 or np.unique(fresh.D).size < 2:
+            raise FitError(f"a two-stage fit needs single-epoch runs (tokens <= unique_tokens) at 2+ sizes and 2+ "
+                           f"token counts for its base law; {len(fresh)} found")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = fit_chinchilla(fresh, n_bootstrap=0, delta=delta, tie_exponents=tie_exponents).law
+        stage_one = (f"two stages: base fitted on the {len(fresh)} single-epoch runs"
+                     f"{' (alpha = beta tied)' if tie_exponents else ''}, then ")
     repeated = int(np.sum(runs.D > runs.U * (1 + 1e-9)))
     if repeated == 0:
         raise FitError("no run repeats its data (tokens > unique_tokens); add repeated-data runs to fit R*_D")
@@ -700,12 +780,22 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
         sub = runs.subset(idx)
         if not np.any(sub.D > sub.U) or np.unique(sub.N).size < 2:
             continue
-        fit_b = _dc_local(best.x, sub, base, delta)  # warm start from the full-data fit
-        rows.append([float(v) for v in _dc_law(fit_b.x, base).params().values()])
+        base_b = base
+        if stage_one:  # both stages again on the resample, so the base's uncertainty is in the intervals
+            fresh_b = sub.subset(np.flatnonzero(sub.D <= sub.U * (1 + 1e-9)))
+            if len(fresh_b) < 6 or np.unique(fresh_b.N).size < 2 or np.unique(fresh_b.D).size < 2:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                base_b = fit_chinchilla(fresh_b, n_bootstrap=0, delta=delta, tie_exponents=tie_exponents).law
+        fit_b = _dc_local(best.x, sub, base_b, delta)  # warm start from the full-data fit
+        rows.append([float(v) for v in _dc_law(fit_b.x, base_b).params().values()])
     samples = np.array(rows) if rows else np.empty((0, 7))
     ci = {k: interval(samples[:, i]) for i, k in enumerate(_DC_NAMES)} if rows else {}
     what = "R*_D and R*_N with E, A, B, alpha, beta held at the given base law" if base is not None else \
         "all seven parameters jointly"
+    if stage_one:
+        what = stage_one + "R*_D and R*_N with that base held fixed"
     return DataConstrainedFit(law=law, ci95=ci, samples=samples, residuals=stats,
                               converged=bool(best.success) and best.status > 0, message=str(best.message),
                               n_runs=len(runs), n_repeated=repeated, base_fixed=base is not None,

@@ -225,3 +225,43 @@ def test_plan_says_clearly_when_the_law_has_no_bootstrap_laws(sweep_csv, tmp_pat
     doc = json.loads(p.stdout)
     assert doc["compute_optimal"]["loss_ci95"] is None
     assert "has no bootstrap samples; refit with `scalewatch fit --bootstrap 200" in doc["interval_note"]
+
+
+def test_fit_tie_exponents_writes_a_tied_law_and_refuses_other_methods(sweep_csv, tmp_path) -> None:
+    out = tmp_path / "tied.json"
+    p = _run("fit", str(sweep_csv), "--tie-exponents", "--bootstrap", "20", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["params"]["alpha"] == doc["params"]["beta"] and doc["fit"]["tie_exponents"] is True
+    assert doc["ci95"]["alpha"] == doc["ci95"]["beta"]
+    rec = load_law(out)
+    assert rec.law.alpha == rec.law.beta and rec.extrapolation_band() is not None
+    plan = _run("plan", "--flops", "1e21", "--law", str(out), "--json")
+    assert plan.returncode == 0, plan.stderr
+    free = json.loads(_run("fit", str(sweep_csv), "--json", "--bootstrap", "10").stdout)
+    check = free["extrapolation"]["mean_abs_log_error"]  # the same folds fitted both ways, for the hint
+    assert set(check) == {"free", "tied"} and all(0 < v < 0.05 for v in check.values())
+    assert "tie_exponents" not in free["fit"]
+    bad = _run("fit", str(sweep_csv), "--tie-exponents", "--method", "2")
+    assert bad.returncode == 2 and "--tie-exponents" in bad.stderr
+
+
+def test_fit_data_constrained_two_stage_and_its_errors(tmp_path) -> None:
+    from scalewatch.laws import DataConstrainedLaw
+
+    true = DataConstrainedLaw(E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.35, R_D=15.4, R_N=5.3)
+    N = np.logspace(7, 9, 5)
+    fn, ratio = (a.ravel() for a in np.meshgrid(N, [25, 50, 100, 200, 400]))
+    rn, ur, ep = (a.ravel() for a in np.meshgrid(N, [25, 6.25], [2, 4, 8, 16, 40]))
+    n, u = np.concatenate([fn, rn]), np.concatenate([fn * ratio, rn * ur])
+    d = np.concatenate([fn * ratio, rn * ur * ep])
+    csv = _csv(tmp_path / "dc.csv", zip(n, d, u, true.predict(n, d, unique=u)), header="params,tokens,unique_tokens,loss")
+    p = _run("fit", str(csv), "--data-constrained", "--two-stage", "--tie-exponents", "--bootstrap", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["params"]["R_D"] == pytest.approx(15.4, rel=1e-3) and doc["params"]["R_N"] == pytest.approx(5.3, rel=1e-3)
+    assert "two stages" in doc["fit"]["method"]
+    bad = _run("fit", str(csv), "--two-stage")
+    assert bad.returncode == 2 and "--two-stage is for --data-constrained" in bad.stderr
+    bad = _run("fit", str(csv), "--data-constrained", "--tie-exponents")
+    assert bad.returncode == 2 and "add --two-stage" in bad.stderr

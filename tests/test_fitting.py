@@ -318,3 +318,106 @@ def test_data_constrained_fit_refuses_data_without_unique_tokens_or_repetition()
     fresh = np.flatnonzero(runs.D <= runs.U)
     with pytest.raises(FitError, match="no run repeats its data"):
         fit_data_constrained(runs.subset(fresh))
+
+
+# ------------------------------------------- alpha = beta tied, two-stage data-constrained (issue 12)
+TIED_TRUE = ChinchillaLaw(E=1.869, A=520.8, B=1487.7, alpha=0.353, beta=0.353)  # Muennighoff et al.'s base
+
+
+def _tied_sweep(n: int = 120, noise: float = 0.0, seed: int = 4):
+    rng = np.random.default_rng(seed)
+    N = 10 ** rng.uniform(7, 9.5, n)
+    D = N * 10 ** rng.uniform(0.5, 2.5, n)
+    L = TIED_TRUE.predict(N, D) * (np.exp(rng.normal(0, noise, n)) if noise else 1.0)
+    return make_runs(N, D, L)
+
+
+def test_tied_fit_recovers_every_parameter_of_a_tied_law() -> None:
+    res = fit_chinchilla(_tied_sweep(), n_bootstrap=0, tie_exponents=True)
+    assert res.converged and res.tie_exponents
+    assert res.law.alpha == res.law.beta
+    for k, v in TIED_TRUE.params().items():
+        assert abs(res.law.params()[k] - v) / v <= 1e-3, k
+    assert res.residuals.rmse < 1e-6
+
+
+def test_tied_fit_intervals_hold_the_truth_and_every_resample_is_tied() -> None:
+    res = fit_chinchilla(_tied_sweep(noise=0.01, seed=7), n_bootstrap=60, tie_exponents=True)
+    assert len(res.samples) == 60 and np.array_equal(res.samples[:, 3], res.samples[:, 4])
+    for k, (lo, hi) in res.ci95.items():
+        assert lo <= TIED_TRUE.params()[k] <= hi, (k, lo, hi)
+    assert "alpha = beta tied" in res.method and res.to_record().fitted_on["tie_exponents"] is True
+
+
+def test_tied_batched_resample_fits_are_the_per_resample_trust_region_fits() -> None:
+    from scalewatch.fitting import _fit_theta, bootstrap_indices, bootstrap_thetas
+
+    runs = _tied_sweep(n=60, noise=0.02, seed=5)
+    logN, logD, logL = np.log(runs.N), np.log(runs.D), np.log(runs.L)
+    theta = _fit_theta(logN, logD, runs.L, 1e-3, tied=True).x
+    resamples = bootstrap_indices(len(runs), 15, 1, logN, logD)
+    fast = bootstrap_thetas(theta, logN, logD, logL, resamples, tied=True)
+    for row, idx in zip(fast, resamples):
+        slow = _fit_theta(logN[idx], logD[idx], runs.L[idx], 1e-3, extra_starts=[theta], k=1, tied=True).x
+        assert row[3] == row[4] and slow[3] == slow[4]
+        assert np.allclose(row[3:], slow[3:], rtol=1e-5)
+        assert np.allclose(np.exp(row[:3]), np.exp(slow[:3]), rtol=1e-4)
+
+
+def test_tied_fit_of_an_untied_law_lands_between_its_exponents_and_the_default_is_untouched() -> None:
+    runs = _sweep(n=120, noise=0.0)
+    tied = fit_chinchilla(runs, n_bootstrap=0, tie_exponents=True).law
+    assert TRUE.alpha - 0.05 < tied.alpha == tied.beta < TRUE.beta + 0.05
+    free = fit_chinchilla(runs, n_bootstrap=0)
+    assert not free.tie_exponents and "tie_exponents" not in free.to_record().fitted_on
+    assert free.law.alpha == pytest.approx(TRUE.alpha, rel=1e-3)
+
+
+def test_tied_law_file_reads_back_as_a_plain_chinchilla_law(tmp_path) -> None:
+    res = fit_chinchilla(_tied_sweep(noise=0.005), n_bootstrap=5, tie_exponents=True)
+    save_law(res.to_record(), tmp_path / "tied.json")
+    back = load_law(tmp_path / "tied.json")
+    assert back.law == res.law and back.fitted_on["tie_exponents"] is True
+
+
+def test_tied_fit_needs_five_runs_not_six() -> None:
+    N, D = np.array([1e7, 3e7, 1e8, 3e8, 1e9]), np.array([3e9, 1e9, 4e9, 1e10, 3e10])
+    runs = make_runs(N, D, TIED_TRUE.predict(N, D))
+    assert fit_chinchilla(runs, n_bootstrap=0, tie_exponents=True).law.alpha == pytest.approx(0.353, rel=1e-3)
+    with pytest.raises(FitError, match="5 parameters"):
+        fit_chinchilla(runs, n_bootstrap=0)
+
+
+def _two_stage_sweep(noise: float = 0.0, seed: int = 0):
+    # Single-epoch runs at N <= N_opt(U) (25-400 tokens per parameter, where N' = N: the base law alone),
+    # repeated runs of the same sizes on 25 and 6 tokens per parameter of unique data, 2-40 epochs.
+    N = np.logspace(7, 9, 5)
+    fresh_N, ratio = (a.ravel() for a in np.meshgrid(N, [25, 50, 100, 200, 400]))
+    rep_N, u_ratio, epochs = (a.ravel() for a in np.meshgrid(N, [25, 6.25], [2, 4, 8, 16, 40]))
+    n = np.concatenate([fresh_N, rep_N])
+    u = np.concatenate([fresh_N * ratio, rep_N * u_ratio])
+    d = np.concatenate([fresh_N * ratio, rep_N * u_ratio * epochs])
+    rng = np.random.default_rng(seed)
+    return make_runs(n, d, DC_TRUE.predict(n, d, unique=u) * np.exp(rng.normal(0, noise, n.size)), U=u)
+
+
+def test_two_stage_data_constrained_fit_recovers_base_and_r_stars() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    exact = fit_data_constrained(_two_stage_sweep(), n_bootstrap=0, two_stage=True, tie_exponents=True)
+    assert exact.base_fixed and "two stages" in exact.method
+    for k, v in DC_TRUE.params().items():
+        assert exact.law.params()[k] == pytest.approx(v, rel=1e-3), k
+    noisy = fit_data_constrained(_two_stage_sweep(noise=0.003, seed=1), n_bootstrap=30, two_stage=True)
+    assert noisy.law.R_D == pytest.approx(15.4, rel=0.3) and noisy.law.R_N == pytest.approx(5.3, rel=0.3)
+    assert noisy.ci95["R_D"][0] <= 15.4 <= noisy.ci95["R_D"][1]
+    assert noisy.ci95["R_N"][0] <= 5.3 <= noisy.ci95["R_N"][1]
+
+
+def test_two_stage_needs_single_epoch_runs_for_its_base() -> None:
+    from scalewatch.fitting import fit_data_constrained
+
+    runs = _two_stage_sweep()
+    repeated = runs.subset(np.flatnonzero(runs.D > runs.U))
+    with pytest.raises(FitError, match="single-epoch runs"):
+        fit_data_constrained(repeated, n_bootstrap=0, two_stage=True)
