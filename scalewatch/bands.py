@@ -27,8 +27,9 @@ import numpy as np
 from scalewatch.laws import LawFileError
 from scalewatch.laws import _finite_number as _finite
 
-# Prefix fractions (last prefix step / final step) that each pilot curve is replayed at.
-REPLAY_FRACTIONS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Prefix fractions (last prefix step / final step) that each pilot curve is replayed at. Finer early on,
+# where the error changes fastest with the fraction: pooling 0.2 with 0.3 mixed easier forecasts into it.
+REPLAY_FRACTIONS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The quantile at one fraction pools the replays at its neighbours on the grid too: a 90%
 # quantile from ten replays is mostly noise.
 POOL_NEIGHBOURS = 1
@@ -111,6 +112,9 @@ class ForecastCalibration:
     The 90% half-width of a forecast made from a prefix covering ``fraction`` of the run, with
     posterior sd ``sd_rel`` (relative) and ``n_out`` = how far ln N lies outside the pilots:
     ``sd_rel * quantile_at(fraction) * (1 + per_ln_n * n_out)``, never below ``floor_rel``.
+    The widening is multiplicative because the size-out replays' |error| / sd stays about the
+    same from 15% to 90% of a run while both shrink (the prefix corrects a law from another size
+    as much as it corrects the level).
 
     Attributes:
         by_fraction: ``(fraction, quantile, replays)``: the conformal quantile of |error| / sd of
@@ -120,6 +124,8 @@ class ForecastCalibration:
             with fewer sizes nothing measures it and it is 1 (the band doubles at e times the
             largest pilot N, as the predicted curve's does).
         per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
+        n_out_max: the largest distance in ln N a size-out replay reached (0: none): further out the
+            linear growth is an assumption, not a measurement (new in this version; 0 when absent).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
         curves: how many pilot curves were replayed.
         level: the band's level.
@@ -140,6 +146,7 @@ class ForecastCalibration:
     level: float = 0.9
     floor_rel: float = FORECAST_FLOOR_REL
     method: str = ""
+    n_out_max: float = 0.0
 
     def quantile_at(self, fraction: float) -> float:
         """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
@@ -154,7 +161,8 @@ class ForecastCalibration:
     def to_json(self) -> dict[str, Any]:
         return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
                 "per_ln_n": float(self.per_ln_n),
-                "per_ln_n_replays": int(self.per_ln_n_replays), "floor_rel": float(self.floor_rel),
+                "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
+                "floor_rel": float(self.floor_rel),
                 "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
 
     @classmethod
@@ -171,22 +179,29 @@ class ForecastCalibration:
                                "replays >= 0]")
         if any(b[0] <= a[0] for a, b in zip(rows[:-1], rows[1:], strict=True)):
             raise LawFileError(f"{where}.by_fraction must be sorted by increasing fraction")
-        nums = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("per_ln_n_replays", 0), ("replays", 0), ("curves", 0), ("level", 0.9),
-                                              ("floor_rel", FORECAST_FLOOR_REL))}
+        # n_out_max is newer than the block: absent, it is 0.
+        nums = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("per_ln_n_replays", 0), ("replays", 0), ("curves", 0),
+                                              ("level", 0.9), ("floor_rel", FORECAST_FLOOR_REL),
+                                              ("n_out_max", 0.0))}
         if not all(_finite(v) and v >= 0 for v in nums.values()) or not 0 < nums["level"] < 1:
-            raise LawFileError(f"{where}: per_ln_n, replays, curves and floor_rel must be numbers >= 0, "
-                               "level in (0, 1)")
+            raise LawFileError(f"{where}: per_ln_n, n_out_max, replays, curves and floor_rel must be "
+                               "numbers >= 0, level in (0, 1)")
         return cls(by_fraction=[(float(f), float(q), int(n)) for f, q, n in rows], per_ln_n=float(nums["per_ln_n"]),
                    per_ln_n_replays=int(nums["per_ln_n_replays"]),
                    replays=int(nums["replays"]), curves=int(nums["curves"]), level=float(nums["level"]),
-                   floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")))
+                   floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")),
+                   n_out_max=float(nums["n_out_max"]))
 
 
 def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> ForecastCalibration | None:
     """The forecast band's calibration from replays; None when no replay was possible.
 
-    In-range replays (``n_out == 0``) set the quantile per fraction; replays from outside the
-    sizes of their law set ``per_ln_n``: the smallest widening that holds ``level`` of them.
+    In-range replays (``n_out == 0``) set the quantile per fraction. Only the ``leave-out``
+    replays are exchangeable with a new run (a law that never saw the curve); ``forward`` replays
+    (a law fitted on every curve's first 60 or 80%, the replayed curve's prefix included) are
+    easier early in a run and are used only when there is no leave-out replay (two pilot curves).
+    Replays from outside the sizes of their law set ``per_ln_n``: the smallest widening that holds
+    ``level`` of them.
 
     Example:
         >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
@@ -197,6 +212,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     near = [r for r in replays if r.n_out <= 0 and math.isfinite(r.score)]
     if not near:
         return None
+    if any(r.kind == "leave-out" for r in near):
+        near = [r for r in near if r.kind == "leave-out"]
     grid = sorted({r.fraction for r in near})
     rows = []
     for i, f in enumerate(grid):
@@ -211,10 +228,13 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
         needs = [(r.score / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
         cal.per_ln_n = max(conformal_quantile(needs, level), 0.0)
         cal.per_ln_n_replays = len(far)
+        cal.n_out_max = max(r.n_out for r in far)
         cal.replays += len(far)
-    kinds = sorted({r.kind for r in replays})
+    kinds = sorted({r.kind for r in near} | {r.kind for r in far})
     cal.method = (f"conformal: |error| / posterior sd of {cal.replays} replayed prefix forecasts ({', '.join(kinds)}) "
-                  f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}")
+                  f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
+                  + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
+                     f"{cal.n_out_max:.2f} in ln N" if far else ""))
     return cal
 
 

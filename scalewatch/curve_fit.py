@@ -35,6 +35,11 @@ from scalewatch.forecast import forecast_final
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
 FORWARD_CUTS = (0.6, 0.8)
+# More forward fits, for how the predicted curve's error grows past the pilots' summed LR only
+# (ScheduleReach): the 60% fit extrapolates its S1 by at most 1/0.6 = 1.7x, too little to measure
+# the band of a run two or three times longer than the pilots. A fit on the first third sees the
+# same ratio of extrapolation as a law of full pilot curves predicting a run 3x their length.
+REACH_CUTS = (1 / 3,)
 # FORM_FLOOR's prior on the exponent of L0(N) = E + B*(N/n_ref)^-beta: the published Approach-3
 # exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353). Two pilot
 # sizes give two levels for three numbers (E, B, beta), so there the prior sets beta; with three or
@@ -290,7 +295,8 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
     c_t: dict[str, tuple[float, float]] | None = None
-    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (|error|, progress, S1) of each late stretch
+    # (|error|, progress, ln(S1 / the fit's largest S1)) of each late stretch, for ScheduleReach
+    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     try:
         c_t, r_t = _fit_coef(early, multi, start=coef if law_form(coef) == FORM_FLOOR else None, form=form)
         fits.append(("the fit on the first 60% of each curve", r_t))
@@ -298,9 +304,26 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
             e = mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             add(e, p.frac[late])
-            late_points.append((e, p.frac[late], p.S1[late]))
+            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early))))
     except CurveError:
         fits.append(("the fit on the first 60% of each curve", None))
+    for cut in REACH_CUTS:
+        part = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
+                for m in [np.arange(len(p.y)) < cut * len(p.y)]]
+        if min(len(q.y) for q in part) < 3:
+            continue
+        try:
+            c_r, r_r = _fit_coef(part, multi, start=coef, form=form)
+        except CurveError:
+            fits.append((f"the fit on the first {cut:.0%} of each curve", None))
+            continue
+        fits.append((f"the fit on the first {cut:.0%} of each curve", r_r))
+        s1_fit = max(float(q.S1.max()) for q in part)
+        for p in prepared:
+            late = np.arange(len(p.y)) >= cut * len(p.y)
+            e = mean_err(c_r, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
+            if np.all(np.isfinite(e)):
+                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit)))
     by_progress: list[tuple[float, float, float]] = []
     if errs:
         e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
@@ -327,10 +350,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                          if law_form(coef) == FORM_FLOOR else "params linear in ln(N/n_ref)")},
     )
     if late_points:
-        # Points past the summed LR that the 60% fit saw show how the error grows past the pilots'.
-        s1_fit = max(float(p.S1.max()) for p in early)
-        e_l, f_l, s_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
-        law.reach = calibrate_reach(e_l, law.band_at(None, f_l), np.log(s_l / s1_fit),
+        # Points past the summed LR that the forward fits saw show how the error grows past the pilots'.
+        e_l, f_l, b_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
+        law.reach = calibrate_reach(e_l, law.band_at(None, f_l), b_l,
                                     s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL)
     if calibrate:
         replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits)
