@@ -41,6 +41,24 @@ EFFECTIVE_POINTS_PER_RUN = 50.0
 FORECAST_FLOOR_REL = 0.001
 
 
+def widening(n_out: float, per_ln_n: float, n_out_max: float = 0.0) -> float:
+    """The factor a band widens by at ``n_out`` (ln N beyond the pilot sizes): ``1 + per_ln_n * n_out`` up
+    to ``n_out_max``, the farthest the calibration measured; beyond it, at least the unmeasured rule's
+    slope of 1 per unit ln N. Evidence from replays a little outside the pilots says nothing of
+    how fast the error grows further out (a law's form can break down there), so a measured slope
+    below 1 is not extrapolated past it. ``n_out_max = 0`` (files from before it was recorded):
+    ``1 + per_ln_n * n_out`` everywhere, as before.
+
+    Example:
+        >>> widening(0.5, 0.2, n_out_max=0.7), round(widening(1.7, 0.2, n_out_max=0.7), 6), widening(1.7, 0.2)
+        (1.1, 2.14, 1.34)
+    """
+    d = max(n_out, 0.0)
+    if n_out_max <= 0:
+        return 1.0 + per_ln_n * d
+    return 1.0 + per_ln_n * min(d, n_out_max) + max(per_ln_n, 1.0) * max(d - n_out_max, 0.0)
+
+
 def conformal_quantile(scores: Sequence[float] | np.ndarray, level: float) -> float:
     """The split-conformal quantile: the ``ceil((n + 1) * level)``-th smallest score (the largest when
     there are too few scores for that), so that a new exchangeable score falls below it with
@@ -156,7 +174,7 @@ class ForecastCalibration:
 
     def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0) -> float:
         """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
-        return max(sd_rel * self.quantile_at(fraction) * (1.0 + self.per_ln_n * max(n_out, 0.0)), self.floor_rel)
+        return max(sd_rel * self.quantile_at(fraction) * widening(n_out, self.per_ln_n, self.n_out_max), self.floor_rel)
 
     def to_json(self) -> dict[str, Any]:
         return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
@@ -293,5 +311,69 @@ def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarr
     return ScheduleReach(s1_max, max(conformal_quantile(needs, level), 0.0), int(m.sum()))
 
 
-__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "calibrate_forecast", "calibrate_reach",
+@dataclass
+class SizeReach:
+    """How the predicted curve's band widens outside the pilot sizes: the half-width at a distance
+    ``d`` in ln N beyond them is multiplied by ``1 + per_ln_n * d``.
+
+    Calibrated by leaving the largest (and the smallest) pilot size out: a law fitted on the other
+    sizes (two or more, so that it has an N-dependence, as the pilots' law does) predicts the left-out
+    size's curves, and ``per_ln_n`` is the smallest widening that holds 90% of their points (each curve
+    weighing the same). With fewer than three sizes nothing measures it: ``per_ln_n = 1`` (the rule
+    before, twice as wide at e times the largest pilot N) and ``points = 0``.
+
+    Attributes:
+        per_ln_n: widening per unit of ln N outside the pilot sizes.
+        points: how many held-out points it rests on (0: the unmeasured default).
+        n_out_max: the largest distance in ln N they reached; further out the linear growth is assumed.
+
+    Past ``n_out_max`` the measured slope is not extrapolated: see :func:`widening`.
+
+    Example:
+        >>> SizeReach(per_ln_n=0.5, points=40, n_out_max=0.7).factor(0.7), SizeReach(0.5, 40, 0.7).factor(1.7)
+        (1.35, 2.35)
+    """
+
+    per_ln_n: float = 1.0
+    points: int = 0
+    n_out_max: float = 0.0
+
+    def factor(self, n_out: float) -> float:
+        return widening(n_out, self.per_ln_n, self.n_out_max)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"per_ln_n": float(self.per_ln_n), "points": int(self.points), "n_out_max": float(self.n_out_max)}
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str) -> SizeReach:
+        vals = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("points", 0), ("n_out_max", 0.0))} \
+            if isinstance(doc, Mapping) else None
+        if vals is None or not all(_finite(v) and v >= 0 for v in vals.values()):
+            raise LawFileError(f"{source}: band.beyond_sizes must be {{per_ln_n >= 0, points >= 0, n_out_max >= 0}}")
+        return cls(float(vals["per_ln_n"]), int(vals["points"]), float(vals["n_out_max"]))
+
+
+def calibrate_size_reach(rel_errors: np.ndarray, widths: np.ndarray, n_out: np.ndarray, weights: np.ndarray,
+                         level: float = 0.9) -> SizeReach:
+    """:class:`SizeReach` from the points of sizes left out of a fit: their |relative error|, the in-range
+    band half-width at them, their distance in ln N from the sizes fitted, and a weight per point (each
+    curve's summing to 1); the weighted ``level`` quantile of what each point needs.
+
+    Example:
+        >>> e = np.array([0.01, 0.02, 0.03]); w = np.full(3, 0.01); d = np.full(3, 0.5)
+        >>> calibrate_size_reach(e, w, d, np.ones(3)).per_ln_n
+        4.0
+    """
+    m = n_out > 0
+    if not m.any():
+        return SizeReach()
+    needs = np.maximum((np.abs(rel_errors[m]) / widths[m] - 1.0) / n_out[m], 0.0)
+    order = np.argsort(needs)
+    cum = np.cumsum(weights[m][order]) / weights[m].sum()
+    k = float(needs[order][min(int(np.searchsorted(cum, level)), len(needs) - 1)])
+    return SizeReach(k, int(m.sum()), float(n_out[m].max()))
+
+
+__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
+           "calibrate_size_reach", "widening",
            "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]
