@@ -10,7 +10,12 @@ Two records live in a curve-law file beside the law:
   fraction: it shrinks as the prefix pins the level, and holds about 90% of the replays.
 * :class:`ScheduleReach`: how much the predicted curve's band widens where a run's schedule
   goes beyond the pilots' (its summed LR, S1, past the largest any pilot reached), calibrated
-  by predicting each pilot's last 40% from a fit on the first 60%.
+  by predicting each pilot's rest from fits on every pilot's first 60% and first third.
+* :class:`SizeReach`: how much the predicted curve's band widens outside the pilot sizes,
+  calibrated by leaving the largest and the smallest size out (3+ sizes; issue 12, item 2).
+
+In-range forecast replays are leave-one-curve-out when the pilots allow it (3+ curves): those are
+exchangeable with a new run; forward replays (the law saw the curve's prefix) only with two curves.
 
 Plain numpy; the replays themselves are made in :mod:`scalewatch.curve_fit`.
 """

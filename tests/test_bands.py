@@ -178,6 +178,32 @@ def test_band_growth_outside_the_pilot_sizes_is_measured_by_leaving_the_largest_
     assert SizeReach.from_json(SizeReach(0.3, 10, 0.7).to_json(), "x") == SizeReach(0.3, 10, 0.7)
 
 
+def test_size_reach_survives_the_file_and_predict_says_which_rule_widened(tmp_path, capsys) -> None:
+    from scalewatch.cli import main as cli
+
+    law = fit_curves(_family((5e7, 1e8, 2e8), 0.03)[0], calibrate=False).law
+    save_curve_law(law, tmp_path / "law.json")
+    again = load_curve_law(tmp_path / "law.json")
+    assert again.size_reach == law.size_reach and again.band_at(4e8) == pytest.approx(law.band_at(4e8))
+    doc = json.loads((tmp_path / "law.json").read_text())
+    assert doc["band"]["beyond_sizes"]["points"] == law.size_reach.points
+    del doc["band"]["beyond_sizes"]  # a file from before: the (1 + distance) rule
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = load_curve_law(tmp_path / "old.json")
+    assert old.size_reach is None and old.band_at(4e8) == pytest.approx(old.band_at(1e8) * (1 + math.log(2)))
+    sched = cosine(12000)
+    (tmp_path / "s.csv").write_text("step,lr\n" + "".join(f"{s},{sched[s]}\n" for s in range(0, 12001, 100)))
+    for name, says in (("law.json", "measured by leaving the largest"), ("old.json", "not measured")):
+        assert cli(["predict", "--law", str(tmp_path / name), "--schedule", str(tmp_path / "s.csv"),
+                    "--n-params", "4e8"]) == 0
+        err = capsys.readouterr().err
+        assert "outside the pilot sizes" in err and says in err
+    doc["band"]["beyond_sizes"] = {"per_ln_n": -1}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(LawFileError, match="beyond_sizes"):
+        load_curve_law(tmp_path / "bad.json")
+
+
 def test_forecast_band_rests_on_leave_out_replays_when_there_are_any(calibrated) -> None:
     cal = calibrated.forecast_band
     assert "leave-out" in cal.method and "forward" not in cal.method
