@@ -12,7 +12,8 @@
    prior; the run's first 20/40/60% updates it. Target: at least 2x lower mean final-loss
    error than a prefix-only fit (2.7%, 1.6%, 0.6%), 90% bands holding the truth >= 85%.
 4. Prefix forecasts across sizes (issue 14): a law fitted on two OLMo sizes forecasts every
-   curve of the third (190M+370M -> 760M, and the leave-one-size-out variants) from 20/40/60%.
+   curve of the third (190M+370M -> 760M, and the leave-one-size-out variants) from 20/40/60%,
+   with coverage and sharpness by the distance in ln N from the pilot sizes (issue 12, item 2).
 
 Every band is reported with its coverage (target 85-95% for a 90% band: higher is a band too
 wide to act on) and its sharpness, mean half-width / mean |error| (target <= 3; a Gaussian
@@ -238,6 +239,7 @@ def prefix_forecasts(curves: dict[str, list[Curve]]) -> bool:
 def cross_size_forecasts(curves: dict[str, list[Curve]]) -> None:
     """Issue 14's benchmark: a law on two sizes forecasts every curve of the third from its prefix."""
     print("== OLMo ladder: a law fitted on two sizes forecasts the third size's final loss from its prefix")
+    by_distance: dict[float, list[tuple[float, bool, float]]] = defaultdict(list)  # ln N outside the pilots -> forecasts
     for held in ("760M", "190M", "370M"):
         t = time.perf_counter()
         law = fit_curves([c for size, cs in curves.items() if size != held for c in cs]).law
@@ -256,8 +258,14 @@ def cross_size_forecasts(curves: dict[str, list[Curve]]) -> None:
                     errs.append(abs(fc.loss - c.loss[-1]) / c.loss[-1])
                     inside.append(fc.low <= c.loss[-1] <= fc.high)
                     halfs.append((fc.high - fc.low) / 2 / fc.loss)
+                    if which == "all":
+                        by_distance[round(law.n_outside(c.n_params), 2)].append((errs[-1], inside[-1], halfs[-1]))
                 print(f"    {which:6} from {f:.0%}: mean {np.mean(errs):.2%} worst {np.max(errs):.2%}; "
                       + band_line(errs, halfs, inside))
+    print("  by distance in ln N outside the pilot sizes (all curves, 20/40/60% pooled):")
+    for d, rows in sorted(by_distance.items()):
+        e, i, h = (np.array(v) for v in zip(*rows, strict=True))
+        print(f"    {d:.2f}: mean error {e.mean():.2%}; " + band_line(e, h, i))
 
 
 def main() -> int:

@@ -10,7 +10,12 @@ Two records live in a curve-law file beside the law:
   fraction: it shrinks as the prefix pins the level, and holds about 90% of the replays.
 * :class:`ScheduleReach`: how much the predicted curve's band widens where a run's schedule
   goes beyond the pilots' (its summed LR, S1, past the largest any pilot reached), calibrated
-  by predicting each pilot's last 40% from a fit on the first 60%.
+  by predicting each pilot's rest from fits on every pilot's first 60% and first third.
+* :class:`SizeReach`: how much the predicted curve's band widens outside the pilot sizes,
+  calibrated by leaving the largest and the smallest size out (3+ sizes; issue 12, item 2).
+
+In-range forecast replays are leave-one-curve-out when the pilots allow it (3+ curves): those are
+exchangeable with a new run; forward replays (the law saw the curve's prefix) only with two curves.
 
 Plain numpy; the replays themselves are made in :mod:`scalewatch.curve_fit`.
 """
@@ -27,8 +32,9 @@ import numpy as np
 from scalewatch.laws import LawFileError
 from scalewatch.laws import _finite_number as _finite
 
-# Prefix fractions (last prefix step / final step) that each pilot curve is replayed at.
-REPLAY_FRACTIONS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Prefix fractions (last prefix step / final step) that each pilot curve is replayed at. Finer early on,
+# where the error changes fastest with the fraction: pooling 0.2 with 0.3 mixed easier forecasts into it.
+REPLAY_FRACTIONS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The quantile at one fraction pools the replays at its neighbours on the grid too: a 90%
 # quantile from ten replays is mostly noise.
 POOL_NEIGHBOURS = 1
@@ -38,6 +44,24 @@ POOL_NEIGHBOURS = 1
 EFFECTIVE_POINTS_PER_RUN = 50.0
 # Minimum relative half-width of a forecast band: the final loss is measured on a finite set.
 FORECAST_FLOOR_REL = 0.001
+
+
+def widening(n_out: float, per_ln_n: float, n_out_max: float = 0.0) -> float:
+    """The factor a band widens by at ``n_out`` (ln N beyond the pilot sizes): ``1 + per_ln_n * n_out`` up
+    to ``n_out_max``, the farthest the calibration measured; beyond it, at least the unmeasured rule's
+    slope of 1 per unit ln N. Evidence from replays a little outside the pilots says nothing of
+    how fast the error grows further out (a law's form can break down there), so a measured slope
+    below 1 is not extrapolated past it. ``n_out_max = 0`` (files from before it was recorded):
+    ``1 + per_ln_n * n_out`` everywhere, as before.
+
+    Example:
+        >>> widening(0.5, 0.2, n_out_max=0.7), round(widening(1.7, 0.2, n_out_max=0.7), 6), widening(1.7, 0.2)
+        (1.1, 2.14, 1.34)
+    """
+    d = max(n_out, 0.0)
+    if n_out_max <= 0:
+        return 1.0 + per_ln_n * d
+    return 1.0 + per_ln_n * min(d, n_out_max) + max(per_ln_n, 1.0) * max(d - n_out_max, 0.0)
 
 
 def conformal_quantile(scores: Sequence[float] | np.ndarray, level: float) -> float:
@@ -111,6 +135,9 @@ class ForecastCalibration:
     The 90% half-width of a forecast made from a prefix covering ``fraction`` of the run, with
     posterior sd ``sd_rel`` (relative) and ``n_out`` = how far ln N lies outside the pilots:
     ``sd_rel * quantile_at(fraction) * (1 + per_ln_n * n_out)``, never below ``floor_rel``.
+    The widening is multiplicative because the size-out replays' |error| / sd stays about the
+    same from 15% to 90% of a run while both shrink (the prefix corrects a law from another size
+    as much as it corrects the level).
 
     Attributes:
         by_fraction: ``(fraction, quantile, replays)``: the conformal quantile of |error| / sd of
@@ -120,6 +147,8 @@ class ForecastCalibration:
             with fewer sizes nothing measures it and it is 1 (the band doubles at e times the
             largest pilot N, as the predicted curve's does).
         per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
+        n_out_max: the largest distance in ln N a size-out replay reached (0: none): further out the
+            linear growth is an assumption, not a measurement (new in this version; 0 when absent).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
         curves: how many pilot curves were replayed.
         level: the band's level.
@@ -140,6 +169,7 @@ class ForecastCalibration:
     level: float = 0.9
     floor_rel: float = FORECAST_FLOOR_REL
     method: str = ""
+    n_out_max: float = 0.0
 
     def quantile_at(self, fraction: float) -> float:
         """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
@@ -149,12 +179,13 @@ class ForecastCalibration:
 
     def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0) -> float:
         """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
-        return max(sd_rel * self.quantile_at(fraction) * (1.0 + self.per_ln_n * max(n_out, 0.0)), self.floor_rel)
+        return max(sd_rel * self.quantile_at(fraction) * widening(n_out, self.per_ln_n, self.n_out_max), self.floor_rel)
 
     def to_json(self) -> dict[str, Any]:
         return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
                 "per_ln_n": float(self.per_ln_n),
-                "per_ln_n_replays": int(self.per_ln_n_replays), "floor_rel": float(self.floor_rel),
+                "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
+                "floor_rel": float(self.floor_rel),
                 "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
 
     @classmethod
@@ -171,22 +202,29 @@ class ForecastCalibration:
                                "replays >= 0]")
         if any(b[0] <= a[0] for a, b in zip(rows[:-1], rows[1:], strict=True)):
             raise LawFileError(f"{where}.by_fraction must be sorted by increasing fraction")
-        nums = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("per_ln_n_replays", 0), ("replays", 0), ("curves", 0), ("level", 0.9),
-                                              ("floor_rel", FORECAST_FLOOR_REL))}
+        # n_out_max is newer than the block: absent, it is 0.
+        nums = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("per_ln_n_replays", 0), ("replays", 0), ("curves", 0),
+                                              ("level", 0.9), ("floor_rel", FORECAST_FLOOR_REL),
+                                              ("n_out_max", 0.0))}
         if not all(_finite(v) and v >= 0 for v in nums.values()) or not 0 < nums["level"] < 1:
-            raise LawFileError(f"{where}: per_ln_n, replays, curves and floor_rel must be numbers >= 0, "
-                               "level in (0, 1)")
+            raise LawFileError(f"{where}: per_ln_n, n_out_max, replays, curves and floor_rel must be "
+                               "numbers >= 0, level in (0, 1)")
         return cls(by_fraction=[(float(f), float(q), int(n)) for f, q, n in rows], per_ln_n=float(nums["per_ln_n"]),
                    per_ln_n_replays=int(nums["per_ln_n_replays"]),
                    replays=int(nums["replays"]), curves=int(nums["curves"]), level=float(nums["level"]),
-                   floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")))
+                   floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")),
+                   n_out_max=float(nums["n_out_max"]))
 
 
 def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> ForecastCalibration | None:
     """The forecast band's calibration from replays; None when no replay was possible.
 
-    In-range replays (``n_out == 0``) set the quantile per fraction; replays from outside the
-    sizes of their law set ``per_ln_n``: the smallest widening that holds ``level`` of them.
+    In-range replays (``n_out == 0``) set the quantile per fraction. Only the ``leave-out``
+    replays are exchangeable with a new run (a law that never saw the curve); ``forward`` replays
+    (a law fitted on every curve's first 60 or 80%, the replayed curve's prefix included) are
+    easier early in a run and are used only when there is no leave-out replay (two pilot curves).
+    Replays from outside the sizes of their law set ``per_ln_n``: the smallest widening that holds
+    ``level`` of them.
 
     Example:
         >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
@@ -197,6 +235,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     near = [r for r in replays if r.n_out <= 0 and math.isfinite(r.score)]
     if not near:
         return None
+    if any(r.kind == "leave-out" for r in near):
+        near = [r for r in near if r.kind == "leave-out"]
     grid = sorted({r.fraction for r in near})
     rows = []
     for i, f in enumerate(grid):
@@ -211,10 +251,13 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
         needs = [(r.score / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
         cal.per_ln_n = max(conformal_quantile(needs, level), 0.0)
         cal.per_ln_n_replays = len(far)
+        cal.n_out_max = max(r.n_out for r in far)
         cal.replays += len(far)
-    kinds = sorted({r.kind for r in replays})
+    kinds = sorted({r.kind for r in near} | {r.kind for r in far})
     cal.method = (f"conformal: |error| / posterior sd of {cal.replays} replayed prefix forecasts ({', '.join(kinds)}) "
-                  f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}")
+                  f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
+                  + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
+                     f"{cal.n_out_max:.2f} in ln N" if far else ""))
     return cal
 
 
@@ -273,5 +316,69 @@ def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarr
     return ScheduleReach(s1_max, max(conformal_quantile(needs, level), 0.0), int(m.sum()))
 
 
-__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "calibrate_forecast", "calibrate_reach",
+@dataclass
+class SizeReach:
+    """How the predicted curve's band widens outside the pilot sizes: the half-width at a distance
+    ``d`` in ln N beyond them is multiplied by ``1 + per_ln_n * d``.
+
+    Calibrated by leaving the largest (and the smallest) pilot size out: a law fitted on the other
+    sizes (two or more, so that it has an N-dependence, as the pilots' law does) predicts the left-out
+    size's curves, and ``per_ln_n`` is the smallest widening that holds 90% of their points (each curve
+    weighing the same). With fewer than three sizes nothing measures it: ``per_ln_n = 1`` (the rule
+    before, twice as wide at e times the largest pilot N) and ``points = 0``.
+
+    Attributes:
+        per_ln_n: widening per unit of ln N outside the pilot sizes.
+        points: how many held-out points it rests on (0: the unmeasured default).
+        n_out_max: the largest distance in ln N they reached; further out the linear growth is assumed.
+
+    Past ``n_out_max`` the measured slope is not extrapolated: see :func:`widening`.
+
+    Example:
+        >>> SizeReach(per_ln_n=0.5, points=40, n_out_max=0.7).factor(0.7), SizeReach(0.5, 40, 0.7).factor(1.7)
+        (1.35, 2.35)
+    """
+
+    per_ln_n: float = 1.0
+    points: int = 0
+    n_out_max: float = 0.0
+
+    def factor(self, n_out: float) -> float:
+        return widening(n_out, self.per_ln_n, self.n_out_max)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"per_ln_n": float(self.per_ln_n), "points": int(self.points), "n_out_max": float(self.n_out_max)}
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str) -> SizeReach:
+        vals = {k: doc.get(k, d) for k, d in (("per_ln_n", 1.0), ("points", 0), ("n_out_max", 0.0))} \
+            if isinstance(doc, Mapping) else None
+        if vals is None or not all(_finite(v) and v >= 0 for v in vals.values()):
+            raise LawFileError(f"{source}: band.beyond_sizes must be {{per_ln_n >= 0, points >= 0, n_out_max >= 0}}")
+        return cls(float(vals["per_ln_n"]), int(vals["points"]), float(vals["n_out_max"]))
+
+
+def calibrate_size_reach(rel_errors: np.ndarray, widths: np.ndarray, n_out: np.ndarray, weights: np.ndarray,
+                         level: float = 0.9) -> SizeReach:
+    """:class:`SizeReach` from the points of sizes left out of a fit: their |relative error|, the in-range
+    band half-width at them, their distance in ln N from the sizes fitted, and a weight per point (each
+    curve's summing to 1); the weighted ``level`` quantile of what each point needs.
+
+    Example:
+        >>> e = np.array([0.01, 0.02, 0.03]); w = np.full(3, 0.01); d = np.full(3, 0.5)
+        >>> calibrate_size_reach(e, w, d, np.ones(3)).per_ln_n
+        4.0
+    """
+    m = n_out > 0
+    if not m.any():
+        return SizeReach()
+    needs = np.maximum((np.abs(rel_errors[m]) / widths[m] - 1.0) / n_out[m], 0.0)
+    order = np.argsort(needs)
+    cum = np.cumsum(weights[m][order]) / weights[m].sum()
+    k = float(needs[order][min(int(np.searchsorted(cum, level)), len(needs) - 1)])
+    return SizeReach(k, int(m.sum()), float(n_out[m].max()))
+
+
+__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
+           "calibrate_size_reach", "widening",
            "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]

@@ -270,8 +270,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.n_params is not None and law.n_range is not None:
         lo, hi = law.n_range
         if not lo <= args.n_params <= hi:
+            r = law.size_reach
+            how = ("by 1 + the distance in ln N (not measured: leaving a size out needs 3+ pilot sizes)"
+                   if r is None or not r.points else
+                   f"by {r.per_ln_n:.2f} per unit ln N, measured by leaving the largest and smallest size out up "
+                   f"to {r.n_out_max:.2f} in ln N (at least 1 per unit further out)")
             print(f"scalewatch predict: warning: N={_fmt(args.n_params)} is outside the pilot sizes "
-                  f"{_fmt(lo)}..{_fmt(hi)}; the band is widened for the extrapolation", file=sys.stderr)
+                  f"{_fmt(lo)}..{_fmt(hi)}; the band is widened for the extrapolation {how}", file=sys.stderr)
     rows_out = [{"step": int(s), "loss": float(v), "low": float(lo_), "high": float(hi_)}
                 for s, v, lo_, hi_ in zip(pred.steps, pred.loss, pred.low, pred.high, strict=True)]
     text = [f"predicted loss ({law.conventions.get('loss', 'loss')}), {int(pred.level * 100)}% band:",

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeResult, least_squares
 
-from scalewatch.bands import REPLAY_FRACTIONS, Replay, calibrate_forecast, calibrate_reach, sharing_groups
+from scalewatch.bands import (
+    REPLAY_FRACTIONS,
+    Replay,
+    SizeReach,
+    calibrate_forecast,
+    calibrate_reach,
+    calibrate_size_reach,
+    sharing_groups,
+)
 from scalewatch.curves import (
     BAND_FLOOR_REL,
     BAND_LEVEL,
@@ -35,6 +43,11 @@ from scalewatch.forecast import forecast_final
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
 FORWARD_CUTS = (0.6, 0.8)
+# More forward fits, for how the predicted curve's error grows past the pilots' summed LR only
+# (ScheduleReach): the 60% fit extrapolates its S1 by at most 1/0.6 = 1.7x, too little to measure
+# the band of a run two or three times longer than the pilots. A fit on the first third sees the
+# same ratio of extrapolation as a law of full pilot curves predicting a run 3x their length.
+REACH_CUTS = (1 / 3,)
 # FORM_FLOOR's prior on the exponent of L0(N) = E + B*(N/n_ref)^-beta: the published Approach-3
 # exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353). Two pilot
 # sizes give two levels for three numbers (E, B, beta), so there the prior sets beta; with three or
@@ -290,7 +303,8 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
     c_t: dict[str, tuple[float, float]] | None = None
-    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (|error|, progress, S1) of each late stretch
+    # (|error|, progress, ln(S1 / the fit's largest S1)) of each late stretch, for ScheduleReach
+    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     try:
         c_t, r_t = _fit_coef(early, multi, start=coef if law_form(coef) == FORM_FLOOR else None, form=form)
         fits.append(("the fit on the first 60% of each curve", r_t))
@@ -298,9 +312,26 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
             e = mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             add(e, p.frac[late])
-            late_points.append((e, p.frac[late], p.S1[late]))
+            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early))))
     except CurveError:
         fits.append(("the fit on the first 60% of each curve", None))
+    for cut in REACH_CUTS:
+        part = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
+                for m in [np.arange(len(p.y)) < cut * len(p.y)]]
+        if min(len(q.y) for q in part) < 3:
+            continue
+        try:
+            c_r, r_r = _fit_coef(part, multi, start=coef, form=form)
+        except CurveError:
+            fits.append((f"the fit on the first {cut:.0%} of each curve", None))
+            continue
+        fits.append((f"the fit on the first {cut:.0%} of each curve", r_r))
+        s1_fit = max(float(q.S1.max()) for q in part)
+        for p in prepared:
+            late = np.arange(len(p.y)) >= cut * len(p.y)
+            e = mean_err(c_r, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
+            if np.all(np.isfinite(e)):
+                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit)))
     by_progress: list[tuple[float, float, float]] = []
     if errs:
         e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
@@ -327,13 +358,20 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                          if law_form(coef) == FORM_FLOOR else "params linear in ln(N/n_ref)")},
     )
     if late_points:
-        # Points past the summed LR that the 60% fit saw show how the error grows past the pilots'.
-        s1_fit = max(float(p.S1.max()) for p in early)
-        e_l, f_l, s_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
-        law.reach = calibrate_reach(e_l, law.band_at(None, f_l), np.log(s_l / s1_fit),
+        # Points past the summed LR that the forward fits saw show how the error grows past the pilots'.
+        e_l, f_l, b_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
+        law.reach = calibrate_reach(e_l, law.band_at(None, f_l), b_l,
                                     s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL)
+    # (c) Leave the largest (and the smallest) size out, 3+ sizes: a law of the other sizes, of the kind
+    # the pilots' own is, predicting a size outside them measures how the band must grow with the distance
+    # in N (issue 12). With two sizes the law left would have no N-dependence at all: its misses (the
+    # level of one size carried to the other) say nothing of a law of two sizes, and the unmeasured
+    # rule (1 + distance in ln N) stays.
+    size_out = _size_out_fits(prepared, [c.n_params for c in curves], coef, form, fits) if len(sizes) >= 3 else {}
+    if size_out:
+        law.size_reach = _calibrate_size_reach(law, prepared, [c.n_params for c in curves], size_out)
     if calibrate:
-        replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits)
+        replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits, size_out)
         law.forecast_band = calibrate_forecast(replays, BAND_LEVEL)
     failed = [f"{what} ({'no finite fit' if r is None else r.message})" for what, r in fits
               if r is None or not r.success]
@@ -346,7 +384,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
 def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: CurveLaw,
                       left_out: Mapping[int, dict[str, tuple[float, float]]],
                       forward: dict[str, tuple[float, float]] | None, multi: bool,
-                      prepared: Sequence[_Prepared], fits: list[tuple[str, OptimizeResult | None]]) -> list[Replay]:
+                      prepared: Sequence[_Prepared], fits: list[tuple[str, OptimizeResult | None]],
+                      size_out: Mapping[float, tuple[dict[str, tuple[float, float]], tuple[float, float]]]
+                      ) -> list[Replay]:
     """Every pilot curve's final loss forecast from its own prefixes by laws that did not see it.
 
     Three kinds, as the pilots allow: ``leave-out`` (the law without the curve and its branches,
@@ -358,7 +398,8 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
     """
     def replay(c: Curve, coef: Mapping[str, tuple[float, float]], n_range: tuple[float, float] | None,
                kind: str, fractions: Sequence[float]) -> list[Replay]:
-        sub = CurveLaw(dict(coef), law.n_ref, law.lam, law.band_rel, law.band_by_progress, n_range)
+        sub = CurveLaw(dict(coef), law.n_ref, law.lam, law.band_rel, law.band_by_progress, n_range,
+                       size_reach=law.size_reach)
         sched, end, truth = c.per_step_lr(), int(c.steps[-1]), float(c.loss[-1])
         out = []
         for f in fractions:
@@ -374,8 +415,9 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
         if groups[j] in left_out:
             replays += replay(c, left_out[groups[j]], law.n_range, "leave-out", REPLAY_FRACTIONS)
     # Forward in time, cut at several points: with two pilot curves these are the only replays, and one
-    # cut gives too few of them for a 90% quantile. The 60% cut is the fit the band already made.
-    for cut in FORWARD_CUTS:
+    # cut gives too few of them for a 90% quantile. The 60% cut is the fit the band already made. With
+    # leave-out replays the calibration does not use them (the law saw the curve's prefix): not made.
+    for cut in FORWARD_CUTS if not replays else ():
         coef_t: Mapping[str, tuple[float, float]] | None = forward if cut == 0.6 else None
         if coef_t is None:
             early = [_Prepared(p.name, p.S1[m], p.S2[m], p.y[m], p.x) for p in prepared
@@ -388,21 +430,53 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
                 continue
         for c in curves:
             replays += replay(c, coef_t, law.n_range, "forward", [f for f in REPLAY_FRACTIONS if f <= cut])
-    if multi:
-        for n in sorted({c.n_params for c in curves if c.n_params is not None}):
-            rest = [p for p, c in zip(prepared, curves, strict=True) if c.n_params != n]
-            sizes = [c.n_params for c in curves if c.n_params != n and c.n_params is not None]
-            if len(set(sizes)) < 2 or min(sizes) < n < max(sizes):
-                # One size left is a law without any N-dependence, not the kind a live forecast uses;
-                # an inner size is interpolation, which the leave-out replays already cover.
-                continue
-            try:
-                coef, r = _fit_coef(rest, True, start=law.coef, form=law.form)
-            except CurveError:
-                fits.append((f"the fit without N={n:.3g}", None))
-                continue
-            fits.append((f"the fit without N={n:.3g}", r))
-            for c in curves:
-                if c.n_params == n:
-                    replays += replay(c, coef, (min(sizes), max(sizes)), "size-out", REPLAY_FRACTIONS)
+    for n, (coef, n_range) in size_out.items():
+        for c in curves:
+            if c.n_params == n:
+                replays += replay(c, coef, n_range, "size-out", REPLAY_FRACTIONS)
     return [r for r in replays if math.isfinite(r.rel_error) and math.isfinite(r.sd_rel) and r.sd_rel > 0]
+
+
+def _size_out_fits(prepared: Sequence[_Prepared], n_params: Sequence[float | None],
+                   coef: Mapping[str, tuple[float, float]], form: str, fits: list[tuple[str, OptimizeResult | None]]
+                   ) -> dict[float, tuple[dict[str, tuple[float, float]], tuple[float, float]]]:
+    """The law without the smallest and without the largest size (each fitted on 2+ other sizes):
+    size -> (its coefficients, the sizes it was fitted on)."""
+    sizes = sorted({n for n in n_params if n is not None})
+    out = {}
+    for n in (sizes[0], sizes[-1]):
+        rest = [p for p, m in zip(prepared, n_params, strict=True) if m != n]
+        left = sorted({m for m in n_params if m is not None and m != n})
+        if len(left) < 2:
+            continue
+        try:
+            c, r = _fit_coef(rest, True, start=coef, form=form)
+        except CurveError:
+            fits.append((f"the fit without N={n:.3g}", None))
+            continue
+        fits.append((f"the fit without N={n:.3g}", r))
+        out[n] = (c, (left[0], left[-1]))
+    return out
+
+
+def _calibrate_size_reach(law: CurveLaw, prepared: Sequence[_Prepared], n_params: Sequence[float | None],
+                          size_out: Mapping[float, tuple[dict[str, tuple[float, float]], tuple[float, float]]]
+                          ) -> SizeReach:
+    """:class:`~scalewatch.bands.SizeReach` from the left-out sizes' curves as their size-out laws predict them."""
+    errs, widths, dists, weights = [], [], [], []
+    for n, (c, (lo, hi)) in size_out.items():
+        d = max(math.log(lo / n), math.log(n / hi), 0.0)
+        for p, m in zip(prepared, n_params, strict=True):
+            if m != n or d <= 0:
+                continue
+            e = np.abs(_model(c, p) - p.y) / p.y
+            if not np.all(np.isfinite(e)):
+                continue
+            errs.append(e)
+            widths.append(np.asarray(law.band_at(None, p.frac), dtype=float) * np.ones_like(e))
+            dists.append(np.full(len(e), d))
+            weights.append(np.full(len(e), 1.0 / len(e)))
+    if not errs:
+        return SizeReach()
+    return calibrate_size_reach(np.concatenate(errs), np.concatenate(widths), np.concatenate(dists),
+                                np.concatenate(weights), level=BAND_LEVEL)

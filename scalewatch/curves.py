@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.signal import lfilter
 
-from scalewatch.bands import ForecastCalibration, ScheduleReach
+from scalewatch.bands import ForecastCalibration, ScheduleReach, SizeReach
 from scalewatch.data import pick_column
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
@@ -347,6 +347,9 @@ class CurveLaw:
             it existed (then the forecast's band is the law's own at the final step).
         reach: how the band widens where a run's summed LR goes past the pilots'
             (:class:`scalewatch.bands.ScheduleReach`); None: no widening.
+        size_reach: how the band widens outside the pilot sizes, measured by leaving the largest
+            and the smallest size out (:class:`scalewatch.bands.SizeReach`, 3+ sizes); None: the
+            unmeasured rule, ``1 + distance in ln N``.
     """
 
     coef: dict[str, tuple[float, float]]
@@ -359,6 +362,7 @@ class CurveLaw:
     conventions: dict[str, str] = field(default_factory=dict)
     forecast_band: ForecastCalibration | None = None
     reach: ScheduleReach | None = None
+    size_reach: SizeReach | None = None
 
     family = FAMILY
 
@@ -391,7 +395,8 @@ class CurveLaw:
         """The relative band half-width at N, at ``progress`` = step / last step of the run, and at
         ``s1`` = the run's summed LR at that step.
 
-        Wider outside the pilot sizes (extrapolation in N) and, with a calibrated :attr:`reach`,
+        Wider outside the pilot sizes (extrapolation in N; by :attr:`size_reach` where leave-the-largest-
+        size-out measured it) and, with a calibrated :attr:`reach`,
         where the summed LR goes past the pilots' (a longer run or a higher LR than theirs).
         """
         width: Any = self.band_rel
@@ -405,7 +410,7 @@ class CurveLaw:
         if s1 is not None and self.reach is not None:
             width = width * self.reach.factor(s1)
             width = width if np.ndim(width) else float(width)
-        return width * (1.0 + self.n_outside(n_params))
+        return width * (self.size_reach or SizeReach()).factor(self.n_outside(n_params))
 
     def predict(self, schedule: np.ndarray, n_params: float | None = None,
                 steps: Sequence[int] | None = None) -> CurvePrediction:
@@ -448,7 +453,8 @@ class CurveLaw:
     def _band_json(self) -> dict[str, Any]:
         band = {"level": BAND_LEVEL, "relative_half_width": float(self.band_rel),
                 "by_progress": [[float(a), float(b), float(w)] for a, b, w in self.band_by_progress]}
-        return band if self.reach is None else band | {"beyond_pilots": self.reach.to_json()}
+        band = band if self.reach is None else band | {"beyond_pilots": self.reach.to_json()}
+        return band if self.size_reach is None else band | {"beyond_sizes": self.size_reach.to_json()}
 
     @classmethod
     def from_json(cls, doc: Any, source: str = "law file") -> CurveLaw:
@@ -485,13 +491,15 @@ class CurveLaw:
         # Blocks added by issue 14; files written before it have neither and load as before.
         cal = doc.get("forecast_band")
         reach = band.get("beyond_pilots")
+        size_reach = band.get("beyond_sizes")  # newer still: absent, the (1 + distance in ln N) rule
         return cls(coef=coef, n_ref=float(n_ref), lam=float(lam), band_rel=float(width),
                    band_by_progress=[(float(a), float(b), float(w)) for a, b, w in by_progress],
                    n_range=None if n_range is None else (float(n_range[0]), float(n_range[1])),
                    fitted_on=dict(doc.get("fitted_on", {}) or {}),
                    conventions={str(k): str(v) for k, v in conv.items()},
                    forecast_band=None if cal is None else ForecastCalibration.from_json(cal, source),
-                   reach=None if reach is None else ScheduleReach.from_json(reach, source))
+                   reach=None if reach is None else ScheduleReach.from_json(reach, source),
+                   size_reach=None if size_reach is None else SizeReach.from_json(size_reach, source))
 
 
 # What a law-file error tells the user to run.

@@ -136,3 +136,96 @@ def test_conformal_quantile_and_calibration_records() -> None:
     assert cal.quantile_at(0.1) == 3.0 and cal.quantile_at(0.5) == pytest.approx(2.0)
     assert cal.half_width(0.01, 0.8, n_out=2.0) == pytest.approx(0.02)
     assert cal.half_width(1e-6, 0.8) == cal.floor_rel
+
+
+def _family(sizes, curvature: float):
+    """Curves of a recipe at several sizes whose level is linear in ln N plus ``curvature * x**2``."""
+    def params(n):
+        x = math.log(n / 1e8)
+        return {"L0": 2.6 - 0.15 * x + curvature * x * x, "A": 0.6 * math.exp(0.1 * x), "alpha": 0.7 - 0.02 * x,
+                "C": 0.5}
+    return [synthetic(f"{n:.0e}-{k}", make(), params(n), n) for n in sizes
+            for k, make in (("cos", lambda: cosine(12000)), ("const", lambda: np.full(12001, 3e-4)),
+                            ("wsd", lambda: wsd(12000, 9600)))], params
+
+
+def test_band_growth_outside_the_pilot_sizes_is_measured_by_leaving_the_largest_size_out() -> None:
+    from scalewatch.bands import SizeReach, widening
+
+    sizes = (5e7, 1e8, 2e8)
+    exact, _ = _family(sizes, 0.0)
+    curved, params = _family(sizes, 0.03)  # the level bends in ln N: a law linear in ln N misses outside
+    law_exact = fit_curves(exact, calibrate=False).law
+    law_curved = fit_curves(curved, calibrate=False).law
+    for law in (law_exact, law_curved):  # measured at the distance of one size step, ln 2
+        assert law.size_reach is not None and law.size_reach.points > 0
+        assert law.size_reach.n_out_max == pytest.approx(math.log(2), rel=1e-6)
+    assert law_curved.size_reach.per_ln_n > law_exact.size_reach.per_ln_n + 0.5  # the bend shows in the replays
+    # The curved family's band at 2x the largest pilot N holds that size's truth (it grew with distance)...
+    target = synthetic("4e8", cosine(12000), params(4e8), 4e8)
+    steps = target.steps[target.steps >= 1200]  # past the first 10%, which no fit looks at
+    p = law_curved.predict(target.schedule, n_params=4e8, steps=steps)
+    y = target.loss[target.steps >= 1200]
+    assert np.mean((y >= p.low) & (y <= p.high)) >= 0.9
+    # ... and past the measured distance the band never grows slower than the unmeasured rule.
+    r = law_exact.size_reach
+    far = math.log(8.0)
+    assert r.factor(far) - r.factor(r.n_out_max) >= (far - r.n_out_max) * 1.0 - 1e-9
+    assert widening(far, 0.1) == pytest.approx(1 + 0.1 * far)  # files without n_out_max: as before
+    # Two sizes cannot measure it: the law left would have no N-dependence. The old rule stays.
+    two = fit_curves(_family((5e7, 2e8), 0.0)[0], calibrate=False).law
+    assert two.size_reach is None and two.band_at(4e8) == pytest.approx(two.band_at(1e8) * (1 + math.log(2)))
+    assert SizeReach.from_json(SizeReach(0.3, 10, 0.7).to_json(), "x") == SizeReach(0.3, 10, 0.7)
+
+
+def test_size_reach_survives_the_file_and_predict_says_which_rule_widened(tmp_path, capsys) -> None:
+    from scalewatch.cli import main as cli
+
+    law = fit_curves(_family((5e7, 1e8, 2e8), 0.03)[0], calibrate=False).law
+    save_curve_law(law, tmp_path / "law.json")
+    again = load_curve_law(tmp_path / "law.json")
+    assert again.size_reach == law.size_reach and again.band_at(4e8) == pytest.approx(law.band_at(4e8))
+    doc = json.loads((tmp_path / "law.json").read_text())
+    assert doc["band"]["beyond_sizes"]["points"] == law.size_reach.points
+    del doc["band"]["beyond_sizes"]  # a file from before: the (1 + distance) rule
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = load_curve_law(tmp_path / "old.json")
+    assert old.size_reach is None and old.band_at(4e8) == pytest.approx(old.band_at(1e8) * (1 + math.log(2)))
+    sched = cosine(12000)
+    (tmp_path / "s.csv").write_text("step,lr\n" + "".join(f"{s},{sched[s]}\n" for s in range(0, 12001, 100)))
+    for name, says in (("law.json", "measured by leaving the largest"), ("old.json", "not measured")):
+        assert cli(["predict", "--law", str(tmp_path / name), "--schedule", str(tmp_path / "s.csv"),
+                    "--n-params", "4e8"]) == 0
+        err = capsys.readouterr().err
+        assert "outside the pilot sizes" in err and says in err
+    doc["band"]["beyond_sizes"] = {"per_ln_n": -1}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(LawFileError, match="beyond_sizes"):
+        load_curve_law(tmp_path / "bad.json")
+
+
+def test_forecast_band_rests_on_leave_out_replays_when_there_are_any(calibrated) -> None:
+    cal = calibrated.forecast_band
+    assert "leave-out" in cal.method and "forward" not in cal.method
+    two = fit_curves([noisy("cos", cosine(12000), np.random.default_rng(3)),
+                      noisy("const", np.full(12001, 3e-4), np.random.default_rng(4))]).law
+    assert "forward" in two.forecast_band.method  # two curves: the forward replays are all there is
+
+
+def test_predicted_band_past_the_pilots_summed_lr_holds_a_run_three_times_longer() -> None:
+    rng = np.random.default_rng(5)
+    pilots = [noisy(f"{k}{i}", make(), rng) for i in range(2) for k, make in SCHEDULES.items()]
+    law = fit_curves(pilots, calibrate=False).law
+    assert law.reach is not None and law.reach.per_ln_s1 > 0
+    inside, flat, half, err = [], [], [], []
+    for i in range(12):  # constant-LR runs three times as long as the pilots
+        run = noisy(f"long{i}", np.full(36001, 3e-4), rng, every=300)
+        p = law.predict(run.schedule, steps=run.steps)
+        far = run.steps > 12000
+        inside.append(np.mean(((run.loss >= p.low) & (run.loss <= p.high))[far]))
+        w = law.band_at(None, run.steps / 36000)[far] * p.loss[far]  # the band without the widening
+        flat.append(np.mean(np.abs(run.loss[far] - p.loss[far]) <= w))
+        half.append(np.mean(((p.high - p.loss) / p.loss)[far]))
+        err.append(np.mean((np.abs(p.loss - run.loss) / run.loss)[far]))
+    assert np.mean(inside) >= 0.8 and np.mean(inside) > np.mean(flat)
+    assert np.mean(half) <= 4 * np.mean(err)  # not a blanket: about as wide as the error it holds
