@@ -688,7 +688,8 @@ class DataConstrainedFit:
         ci95: 95% bootstrap percentile interval per parameter.
         samples: bootstrap rows ``[n_boot, 7]`` in ``E, A, B, alpha, beta, R_D, R_N`` order.
         residuals: log-residual statistics on the fitted runs.
-        base_fixed: whether E, A, B, alpha, beta were given (only R*_D, R*_N fitted).
+        base_fixed: whether E, A, B, alpha, beta were given by the caller (only R*_D, R*_N fitted).
+        two_stage: whether the base was fitted here first, on the single-epoch runs, then held fixed.
     """
 
     law: DataConstrainedLaw
@@ -701,11 +702,13 @@ class DataConstrainedFit:
     n_repeated: int
     base_fixed: bool
     method: str
+    two_stage: bool = False
 
     def to_record(self) -> LawRecord:
         return LawRecord(law=self.law, ci95=self.ci95, samples=[list(map(float, r)) for r in self.samples],
                          fitted_on={"n_runs": self.n_runs, "n_repeated_runs": self.n_repeated,
                                     "base_fixed": self.base_fixed, "method": self.method,
+                                    **({"two_stage": True} if self.two_stage else {}),
                                     "converged": self.converged, "message": self.message,
                                     **self.residuals.as_dict()})
 
@@ -737,10 +740,15 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
     """
     if runs.U is None:
         raise FitError("a data-constrained fit needs unique tokens per run; add a unique_tokens column")
+    if base is not None and (two_stage or tie_exponents):
+        raise FitError("a given base holds E, A, B, alpha, beta, so two_stage / tie_exponents have nothing to fit; "
+                       "drop them, or drop base")
+    if tie_exponents and not two_stage:
+        raise FitError("tie_exponents applies to the two-stage base fit; pass two_stage=True")
     stage_one = ""
-    if two_stage and base is None:
+    if two_stage:
         fresh = runs.subset(np.flatnonzero(runs.D <= runs.U * (1 + 1e-9)))
-        if len(fresh) < 6 or np.unique(fresh.N).size < 2 or np.unique(fresh.D).size < 2:
+        if len(fresh) < (5 if tie_exponents else 6) or np.unique(fresh.N).size < 2 or np.unique(fresh.D).size < 2:
             raise FitError(f"a two-stage fit needs single-epoch runs (tokens <= unique_tokens) at 2+ sizes and 2+ "
                            f"token counts for its base law; {len(fresh)} found")
         with warnings.catch_warnings():
@@ -783,7 +791,7 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
         base_b = base
         if stage_one:  # both stages again on the resample, so the base's uncertainty is in the intervals
             fresh_b = sub.subset(np.flatnonzero(sub.D <= sub.U * (1 + 1e-9)))
-            if len(fresh_b) < 6 or np.unique(fresh_b.N).size < 2 or np.unique(fresh_b.D).size < 2:
+            if len(fresh_b) < (5 if tie_exponents else 6) or np.unique(fresh_b.N).size < 2 or np.unique(fresh_b.D).size < 2:
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -798,7 +806,8 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
         what = stage_one + "R*_D and R*_N with that base held fixed"
     return DataConstrainedFit(law=law, ci95=ci, samples=samples, residuals=stats,
                               converged=bool(best.success) and best.status > 0, message=str(best.message),
-                              n_runs=len(runs), n_repeated=repeated, base_fixed=base is not None,
+                              n_runs=len(runs), n_repeated=repeated, base_fixed=base is not None and not stage_one,
+                              two_stage=bool(stage_one),
                               method=(f"data-constrained (Muennighoff et al. 2023): {what}; sum of Huber(delta={delta:g}) "
                                       f"on log residuals, trust-region from a 4x4 grid of R* starts; {len(rows)} "
                                       "bootstrap resamples warm-started from the full-data fit"))

@@ -609,9 +609,10 @@ class NoiseScaleTracker:
         state = self.ema.state.tolist() if self.ema is not None else self.restored
         return None if state is None else {"method": self.method, "decay": self.decay, "state": state}
 
-    def load_state_dict(self, saved: dict[str, Any] | None) -> None:
-        """Restore the EMA sums; applied when the capture starts (or now, when it runs)."""
-        state = (saved or {}).get("state")
+    def load_state_dict(self, saved: dict[str, Any] | Sequence[float] | None) -> None:
+        """Restore the EMA sums (the dict :meth:`state_dict` gives, or the bare list it gave before);
+        applied when the capture starts (or now, when it runs)."""
+        state = saved.get("state") if isinstance(saved, dict) else saved
         if state is not None and len(state) == 3:
             self.restored = [float(v) for v in state]
             self._apply_restored()

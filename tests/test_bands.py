@@ -193,7 +193,7 @@ def test_size_reach_survives_the_file_and_predict_says_which_rule_widened(tmp_pa
     assert old.size_reach is None and old.band_at(4e8) == pytest.approx(old.band_at(1e8) * (1 + math.log(2)))
     sched = cosine(12000)
     (tmp_path / "s.csv").write_text("step,lr\n" + "".join(f"{s},{sched[s]}\n" for s in range(0, 12001, 100)))
-    for name, says in (("law.json", "measured by leaving the largest"), ("old.json", "not measured")):
+    for name, says in (("law.json", "measured by leaving the largest"), ("old.json", "predates that measurement")):
         assert cli(["predict", "--law", str(tmp_path / name), "--schedule", str(tmp_path / "s.csv"),
                     "--n-params", "4e8"]) == 0
         err = capsys.readouterr().err

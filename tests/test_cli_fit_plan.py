@@ -243,7 +243,7 @@ def test_fit_tie_exponents_writes_a_tied_law_and_refuses_other_methods(sweep_csv
     assert set(check) == {"free", "tied"} and all(0 < v < 0.05 for v in check.values())
     assert "tie_exponents" not in free["fit"]
     bad = _run("fit", str(sweep_csv), "--tie-exponents", "--method", "2")
-    assert bad.returncode == 2 and "--tie-exponents" in bad.stderr
+    assert bad.returncode == 2 and "drop --method 2 (or --tie-exponents)" in bad.stderr  # names the flag given
 
 
 def test_fit_data_constrained_two_stage_and_its_errors(tmp_path) -> None:
@@ -265,3 +265,8 @@ def test_fit_data_constrained_two_stage_and_its_errors(tmp_path) -> None:
     assert bad.returncode == 2 and "--two-stage is for --data-constrained" in bad.stderr
     bad = _run("fit", str(csv), "--data-constrained", "--tie-exponents")
     assert bad.returncode == 2 and "add --two-stage" in bad.stderr
+    base = tmp_path / "base.json"
+    base.write_text("{}")
+    # With --base, the fix offered is consistent: dropping the extra flag, not adding another.
+    bad = _run("fit", str(csv), "--data-constrained", "--tie-exponents", "--base", str(base))
+    assert bad.returncode == 2 and "drop --tie-exponents to use that base, or drop --base" in bad.stderr

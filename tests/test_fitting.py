@@ -405,7 +405,8 @@ def test_two_stage_data_constrained_fit_recovers_base_and_r_stars() -> None:
     from scalewatch.fitting import fit_data_constrained
 
     exact = fit_data_constrained(_two_stage_sweep(), n_bootstrap=0, two_stage=True, tie_exponents=True)
-    assert exact.base_fixed and "two stages" in exact.method
+    assert exact.two_stage and not exact.base_fixed and "two stages" in exact.method
+    assert exact.to_record().fitted_on["two_stage"] is True
     for k, v in DC_TRUE.params().items():
         assert exact.law.params()[k] == pytest.approx(v, rel=1e-3), k
     noisy = fit_data_constrained(_two_stage_sweep(noise=0.003, seed=1), n_bootstrap=30, two_stage=True)
@@ -421,3 +422,7 @@ def test_two_stage_needs_single_epoch_runs_for_its_base() -> None:
     repeated = runs.subset(np.flatnonzero(runs.D > runs.U))
     with pytest.raises(FitError, match="single-epoch runs"):
         fit_data_constrained(repeated, n_bootstrap=0, two_stage=True)
+    with pytest.raises(FitError, match="drop them, or drop base"):  # options that would be ignored say so
+        fit_data_constrained(runs, base=DC_TRUE.base, n_bootstrap=0, two_stage=True)
+    with pytest.raises(FitError, match="pass two_stage=True"):
+        fit_data_constrained(runs, n_bootstrap=0, tie_exponents=True)
