@@ -453,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fit a schedule-aware curve law instead: loss-curve CSVs (step,lr,loss[,n_params]) "
                           "or TensorBoard event directories")
     fit.add_argument("--curve-form", choices=("linear_ln_n", "power_floor_l0"), default=None,
-                     help="with --curves at several sizes: each parameter linear in ln N (linear_ln_n, the default) "
-                          "or the long-training level E + B*N^-beta with a floor E (power_floor_l0, opt-in)")
+                     help="with --curves at several sizes: the long-training level E + B*N^-beta with a floor E "
+                          "(power_floor_l0, the default) or each parameter linear in ln N (linear_ln_n, the form "
+                          "before issue 12: no floor in N)")
     fit.set_defaults(func=_cmd_fit)
 
     pred = sub.add_parser("predict", help="predict a run's loss curve from a curve law and its LR schedule")

@@ -36,9 +36,11 @@ from scalewatch.forecast import forecast_final
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
 FORWARD_CUTS = (0.6, 0.8)
 # FORM_FLOOR's prior on the exponent of L0(N) = E + B*(N/n_ref)^-beta: the published Approach-3
-# exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353). Two pilot
-# sizes give two levels for three numbers (E, B, beta), so there the prior sets beta; with three or
-# more sizes the curves outweigh it.
+# exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353); the sd covers
+# what scalewatch's own Approach-3 fits find on ../shared/data (Gadre et al. C4 / RedPajama / RefinedWeb
+# runs up to 411M: 0.19 / 0.32 / 0.14; the OLMo ladder's 15 cosine runs: 0.31). Two pilot sizes give two
+# levels for three numbers (E, B, beta), so there the prior sets beta; three or more sizes move it as far
+# as the curvature of their levels shows (see floor_through_levels).
 BETA_PRIOR = (0.34, 0.1)
 BETA_BOUNDS = (0.02, 2.0)
 # How well one pilot size's long-training level is known, relative, in the second stage of the FORM_FLOOR
@@ -47,8 +49,9 @@ BETA_BOUNDS = (0.02, 2.0)
 # the second difference across the three sizes, has an sd of about 0.3%, i.e. about 0.1-0.2% per level.
 # The same number as the band's floor (BAND_FLOOR_REL): a curve is not known better than that.
 LEVEL_SD_REL = BAND_FLOOR_REL
-# The form fit_curves gives a law of several sizes unless told otherwise.
-DEFAULT_FORM = FORM_LINEAR
+# The form fit_curves gives a law of several sizes unless told otherwise (issue 12: the floor form, whose
+# loss in N has Chinchilla's shape; FORM_LINEAR keeps lowering the level without limit as N grows).
+DEFAULT_FORM = FORM_FLOOR
 
 
 @dataclass
@@ -97,8 +100,8 @@ def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tu
 
     ``start``: a law to start from (the full fit, for a refit without some curves): one start
     instead of four, and the usual starts only if it does not converge. ``form``: how the
-    parameters depend on N when ``multi`` (:data:`FORM_FLOOR` is fitted from the linear form's
-    best fit, with a prior on beta); one size is always the plain momentum law.
+    parameters depend on N when ``multi`` (:data:`FORM_FLOOR` in three stages, :func:`_fit_floor`);
+    one size is always the plain momentum law.
     """
     if multi and form == FORM_FLOOR:
         return _fit_floor(prepared, start)
@@ -159,13 +162,13 @@ def _levels(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, floa
 
 
 def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: float,
-                         prior: tuple[float, float] = BETA_PRIOR, level_sd_rel: float = LEVEL_SD_REL
+                         prior: tuple[float, float] | None = None, level_sd_rel: float | None = None
                          ) -> tuple[float, float, float]:
     """Stage 2 of :func:`_fit_floor`: ``(E, ln B, beta)`` of the Chinchilla-shaped level E + B*exp(-beta*x)
     through per-size levels at ``xs = ln(N / n_ref)``.
 
-    Weighted least squares, each level with relative sd ``level_sd_rel``, plus the prior on beta as one
-    more residual; E in [0, e_max], B > 0, beta in :data:`BETA_BOUNDS`. Two levels fix E and B for any beta,
+    Weighted least squares, each level with relative sd ``level_sd_rel`` (default :data:`LEVEL_SD_REL`), plus
+    the prior on beta (default :data:`BETA_PRIOR`) as one more residual; E in [0, e_max], B > 0, beta in :data:`BETA_BOUNDS`. Two levels fix E and B for any beta,
     so there beta is the prior's centre; three or more pull it to the curvature they show, as far as
     their sd allows.
 
@@ -178,7 +181,8 @@ def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: fl
         0.34
     """
     xs, lv = np.asarray(xs, dtype=float), np.asarray(levels, dtype=float)
-    beta0, beta_sd = prior
+    beta0, beta_sd = BETA_PRIOR if prior is None else prior
+    level_sd_rel = LEVEL_SD_REL if level_sd_rel is None else level_sd_rel
 
     def residuals(t: np.ndarray) -> np.ndarray:
         return np.concatenate([(t[0] + np.exp(t[1] - t[2] * xs) - lv) / (level_sd_rel * lv), [(t[2] - beta0) / beta_sd]])
@@ -274,9 +278,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                n_convention: str = "total", calibrate: bool = True, form: str | None = None) -> CurveFitResult:
     """Fit a momentum law to pilot curves; with several sizes its parameters depend on N as ``form`` says.
 
-    ``form`` (several sizes only): :data:`~scalewatch.curves.FORM_LINEAR` (each parameter linear in
-    ln N) or :data:`~scalewatch.curves.FORM_FLOOR` (L0 = E + B·N^-beta with a floor E); None:
-    :data:`DEFAULT_FORM`.
+    ``form`` (several sizes only): :data:`~scalewatch.curves.FORM_FLOOR` (L0 = E + B·N^-beta with a floor E,
+    Chinchilla's shape in N; ln A, alpha, ln C linear in ln N) or :data:`~scalewatch.curves.FORM_LINEAR` (every
+    parameter linear in ln N, L0 included: no floor); None: :data:`DEFAULT_FORM` (the floor form).
 
     The predicted curve's 90% band comes from leave-one-curve-out: each curve (with the curves
     branched from the same run, which share its prefix) is predicted by a fit on the others, and
