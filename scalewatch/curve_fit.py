@@ -154,10 +154,13 @@ def _levels(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, floa
         return np.concatenate([w * (_model(shape | {"L0": (float(theta[k]), 0.0)}, p) - p.y) / p.y
                                for w, p, k in zip(weights, prepared, k_of, strict=True)])
 
-    L0 = momentum_params(start, xs)[0]
-    theta0 = np.concatenate([np.broadcast_to(L0, xs.shape), [v for k in PARAM_NAMES[1:] for v in start[k]]])
+    # A level is a loss: not below 0 (from a start at the floor, unbounded levels can run off to -inf
+    # with the schedule terms following them, as the linear form's L0 does on pilots with no floor in sight).
+    L0 = np.maximum(np.broadcast_to(momentum_params(start, xs)[0], xs.shape), 1e-6)
+    theta0 = np.concatenate([L0, [v for k in PARAM_NAMES[1:] for v in start[k]]])
+    lo = np.concatenate([np.zeros(K), np.full(len(theta0) - K, -np.inf)])
     with np.errstate(all="ignore"):
-        r = least_squares(residuals, theta0, loss="soft_l1", f_scale=1e-3, max_nfev=4000)
+        r = least_squares(residuals, theta0, bounds=(lo, np.inf), loss="soft_l1", f_scale=1e-3, max_nfev=4000)
     return xs, r.x[:K], r
 
 

@@ -20,6 +20,7 @@ from scalewatch.curves import (
     load_curve_law,
     per_step_lr,
     read_curve_csv,
+    read_curves,
     save_curve_law,
     schedule_features,
 )
@@ -247,14 +248,24 @@ def test_floor_through_levels_weighs_the_prior_against_the_levels() -> None:
 
 
 def test_floor_form_survives_the_file_and_old_files_load_as_the_linear_form(tmp_path) -> None:
-    old = load_curve_law(Path(__file__).resolve().parents[1] / "examples" / "laws" / "curve_law.json")
-    assert old.form == "linear_ln_n" and "form" not in json.loads(
-        (Path(__file__).resolve().parents[1] / "examples" / "laws" / "curve_law.json").read_text())
+    # The example GPT's curve law as committed before issue 12 made the floor form the default: no "form" field.
+    old_file = Path(__file__).resolve().parent / "fixtures" / "curve_law_linear_ln_n.json"
+    old = load_curve_law(old_file)
+    assert old.form == "linear_ln_n" and "form" not in json.loads(old_file.read_text())
     n = 2.0 * old.n_ref
     m = old.at(n)  # the old form's arithmetic, exactly
     x = math.log(n / old.n_ref)
     assert m.L0 == old.coef["L0"][0] + old.coef["L0"][1] * x
     assert m.C == math.exp(old.coef["lnC"][0] + old.coef["lnC"][1] * x)
+    assert m.alpha == old.coef["alpha"][0] + old.coef["alpha"][1] * x
+    # ... and predicts what it predicted then (the example GPT's default schedule at its N: 1.891 nats/byte
+    # at step 600, band 1.756-2.026, as examples/laws/README.md recorded)
+    sched = np.r_[np.full(40, 2e-3), 2e-4 + 0.9e-3 * (1 + np.cos(np.pi * np.arange(561) / 560))]
+    p = old.predict(sched, 842496, [600])
+    assert (round(float(p.loss[0]), 3), round(float(p.low[0]), 3), round(float(p.high[0]), 3)) == (1.891, 1.756, 2.026)
+    # a file written now says its form, and the default fit of several sizes is the floor form
+    assert json.loads((old_file.parents[2] / "examples" / "laws" / "curve_law.json").read_text())["form"] == \
+        "power_floor_l0"
     law = CurveLaw({"E": (2.0, 0.0), "lnB": (0.0, 0.0), "beta": (0.3, 0.0), "lnA": (0.0, 0.1),
                     "alpha": (0.5, 0.0), "lnC": (1.0, 0.0)}, n_ref=1e8, band_rel=0.01, n_range=(5e7, 2e8))
     save_curve_law(law, tmp_path / "floor.json")
@@ -271,3 +282,16 @@ def test_floor_form_survives_the_file_and_old_files_load_as_the_linear_form(tmp_
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(LawFileError, match="L0"):
         load_curve_law(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_floor_form_on_pilots_with_no_floor_in_sight_keeps_its_refits_finite() -> None:
+    """The example GPT's 14 byte-level pilots (examples/laws/curves): their loss falls like a power of the
+    summed LR with no level in sight, so the floor goes to 0. Every held-out refit, warm-started from that
+    law, must stay a loss law: with levels free to go below 0 one ran off to -6 and predicted its curve
+    at 0 (a 100% error in the band's calibration)."""
+    curves = read_curves(sorted((Path(__file__).resolve().parents[1] / "examples" / "laws" / "curves").glob("*.csv")))
+    fit = fit_curves(curves, calibrate=False)
+    assert fit.law.form == "power_floor_l0" and 0 <= fit.law.coef["E"][0] < 0.5
+    assert fit.converged, fit.message
+    assert len(fit.held_out) == 14 and max(fit.held_out.values()) < 0.06
