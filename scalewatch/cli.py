@@ -204,9 +204,12 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
     payload = {"family": law.family, "params": {k: list(v) for k, v in law.coef.items()}, "n_ref": law.n_ref,
                "band_rel_90": law.band_rel, "in_sample_mean_rel_error": result.in_sample,
                "held_out_mean_rel_error": result.held_out, "sizes": sizes, "out": args.out,
-               "converged": result.converged, "message": result.message}
+               "converged": result.converged, "message": result.message, "form": law.form}
     lines = [f"curve law (Tissue et al. momentum law) from {len(curves)} curves"
-             + (f" at {len(sizes)} sizes" if sizes else "")]
+             + (f" at {len(sizes)} sizes, form {law.form}" if sizes else "")]
+    if len(sizes) >= 2 and "E" in law.coef:  # the floor form: the loss in N levels off at E
+        lines.append(f"  long-training level in N: L0 = {law.coef['E'][0]:.4g} + {math.exp(law.coef['lnB'][0]):.4g}"
+                     f"*(N/{law.n_ref:.4g})^-{law.coef['beta'][0]:.3f} (floor E = {law.coef['E'][0]:.4g})")
     for n in (sizes or [None]):
         m = law.at(n)
         lines.append(f"  {'N=' + _fmt(n) if n else 'one size'}: L0={m.L0:.4f} A={m.A:.4g} alpha={m.alpha:.4f} "

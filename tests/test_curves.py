@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -295,3 +296,22 @@ def test_floor_form_on_pilots_with_no_floor_in_sight_keeps_its_refits_finite() -
     assert fit.law.form == "power_floor_l0" and 0 <= fit.law.coef["E"][0] < 0.5
     assert fit.converged, fit.message
     assert len(fit.held_out) == 14 and max(fit.held_out.values()) < 0.06
+
+
+def test_cli_fits_the_floor_form_by_default_across_sizes_and_the_linear_form_on_request(tmp_path, capsys) -> None:
+    sizes = (1e7, 1e8, 1e9)
+    paths = []
+    for c in floor_curves(sizes, math.exp(np.mean(np.log(sizes)))):
+        p = tmp_path / f"{c.name}.csv"
+        p.write_text("step,lr,loss,n_params\n" + "".join(
+            f"{s},{float(lr)!r},{float(y)!r},{c.n_params:.0f}\n" for s, lr, y in zip(c.steps, c.lr, c.loss, strict=True)))
+        paths.append(str(p))
+    assert cli(["fit", "--curves", *paths, "--out", str(tmp_path / "law.json")]) == 0
+    out = capsys.readouterr().out
+    floor = re.search(r"floor E = ([0-9.]+)", out)
+    assert "form power_floor_l0" in out and floor and float(floor.group(1)) == pytest.approx(FLOOR["E"], rel=5e-3)
+    law = load_curve_law(tmp_path / "law.json")
+    assert law.form == "power_floor_l0" and law.coef["E"][0] == pytest.approx(FLOOR["E"], rel=5e-3)
+    assert cli(["fit", "--curves", *paths, "--curve-form", "linear_ln_n", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["form"] == "linear_ln_n" and "L0" in doc["params"]
