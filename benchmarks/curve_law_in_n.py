@@ -96,7 +96,8 @@ def in_n(curves, data: Path) -> None:
         print(f"  {f}: " + ", ".join(f"{k}=({a:.4g}, {b:.4g})" for k, (a, b) in law.coef.items()))
     floor = laws[FORM_FLOOR].coef["E"][0]
     print(f"  floor in N: {FORM_FLOOR} E={floor:.3f} vs Approach 3 E={chin.law.E:.3f} "
-          f"({'above' if floor >= chin.law.E else 'below'} it, {'inside' if e_ci[0] <= floor <= e_ci[1] else 'OUTSIDE'} "
+          f"({'above' if floor >= chin.law.E else 'below'} it, "
+          f"{'inside' if e_ci[0] <= floor <= e_ci[1] else 'OUTSIDE'} "
           f"its 95% interval); {FORM_LINEAR}: none (L0 falls "
           f"{-laws[FORM_LINEAR].coef['L0'][1]:.3f} per unit ln N)")
     for m in ("1", "10"):

@@ -170,10 +170,10 @@ def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: fl
     """Stage 2 of :func:`_fit_floor`: ``(E, ln B, beta)`` of the Chinchilla-shaped level E + B*exp(-beta*x)
     through per-size levels at ``xs = ln(N / n_ref)``.
 
-    Weighted least squares, each level with relative sd ``level_sd_rel`` (default :data:`LEVEL_SD_REL`), plus
-    the prior on beta (default :data:`BETA_PRIOR`) as one more residual; E in [0, e_max], B > 0, beta in :data:`BETA_BOUNDS`. Two levels fix E and B for any beta,
-    so there beta is the prior's centre; three or more pull it to the curvature they show, as far as
-    their sd allows.
+    Weighted least squares, each level with relative sd ``level_sd_rel`` (default :data:`LEVEL_SD_REL`),
+    plus the prior on beta (default :data:`BETA_PRIOR`) as one more residual; E in [0, e_max], B > 0, beta
+    in :data:`BETA_BOUNDS`. Two levels fix E and B for any beta, so there beta is the prior's centre;
+    three or more pull it to the curvature they show, as far as their sd allows.
 
     Example:
         >>> xs = np.log([0.5, 1.0, 2.0])
@@ -188,7 +188,8 @@ def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: fl
     level_sd_rel = LEVEL_SD_REL if level_sd_rel is None else level_sd_rel
 
     def residuals(t: np.ndarray) -> np.ndarray:
-        return np.concatenate([(t[0] + np.exp(t[1] - t[2] * xs) - lv) / (level_sd_rel * lv), [(t[2] - beta0) / beta_sd]])
+        misfit = (t[0] + np.exp(t[1] - t[2] * xs) - lv) / (level_sd_rel * lv)
+        return np.concatenate([misfit, [(t[2] - beta0) / beta_sd]])
 
     lo, hi = [0.0, -np.inf, BETA_BOUNDS[0]], [e_max, np.inf, BETA_BOUNDS[1]]
     best = None
@@ -202,7 +203,9 @@ def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: fl
             r = least_squares(residuals, [E, math.log(B), beta], bounds=(lo, hi))
         if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
             best = r
-    assert best is not None
+    if best is None:
+        raise CurveError("the floor in N could not be fitted through the pilot sizes' levels "
+                         f"({', '.join(f'{v:.4g}' for v in lv)}); check the curves' n_params")
     return float(best.x[0]), float(best.x[1]), float(best.x[2])
 
 
@@ -219,7 +222,7 @@ def _fit_floor(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, f
     Fitted jointly instead, the schedule terms' slopes in ln N trade off against the level's curvature
     (three OLMo sizes then put E at 1.17 and beta at 0.15, far below an Approach-3 fit's 2.13, 0.31), and a
     prior on beta weighs as one point among thousands. ``start``: a law to warm-start from (either form).
-    The result carries ``levels`` (the sizes' x and levels) and ``floor`` (E, beta) for the law file.
+    The result carries ``levels`` (each size's x = ln(N / n_ref) and its stage-1 level) for the law file.
     """
     if start is None:
         start, _ = _fit_coef(prepared, True, None, form=FORM_LINEAR)

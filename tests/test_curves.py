@@ -304,7 +304,8 @@ def test_cli_fits_the_floor_form_by_default_across_sizes_and_the_linear_form_on_
     for c in floor_curves(sizes, math.exp(np.mean(np.log(sizes)))):
         p = tmp_path / f"{c.name}.csv"
         p.write_text("step,lr,loss,n_params\n" + "".join(
-            f"{s},{float(lr)!r},{float(y)!r},{c.n_params:.0f}\n" for s, lr, y in zip(c.steps, c.lr, c.loss, strict=True)))
+            f"{s},{float(lr)!r},{float(y)!r},{c.n_params:.0f}\n"
+            for s, lr, y in zip(c.steps, c.lr, c.loss, strict=True)))
         paths.append(str(p))
     assert cli(["fit", "--curves", *paths, "--out", str(tmp_path / "law.json")]) == 0
     out = capsys.readouterr().out
