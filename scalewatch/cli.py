@@ -239,9 +239,12 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
     payload = {"family": law.family, "params": {k: list(v) for k, v in law.coef.items()}, "n_ref": law.n_ref,
                "band_rel_90": law.band_rel, "in_sample_mean_rel_error": result.in_sample,
                "held_out_mean_rel_error": result.held_out, "sizes": sizes, "out": args.out,
-               "converged": result.converged, "message": result.message}
+               "converged": result.converged, "message": result.message, "form": law.form}
     lines = [f"curve law (Tissue et al. momentum law) from {len(curves)} curves"
-             + (f" at {len(sizes)} sizes" if sizes else "")]
+             + (f" at {len(sizes)} sizes, form {law.form}" if sizes else "")]
+    if len(sizes) >= 2 and "E" in law.coef:  # the floor form: the loss in N levels off at E
+        lines.append(f"  long-training level in N: L0 = {law.coef['E'][0]:.4g} + {math.exp(law.coef['lnB'][0]):.4g}"
+                     f"*(N/{law.n_ref:.4g})^-{law.coef['beta'][0]:.3f} (floor E = {law.coef['E'][0]:.4g})")
     for n in (sizes or [None]):
         m = law.at(n)
         lines.append(f"  {'N=' + _fmt(n) if n else 'one size'}: L0={m.L0:.4f} A={m.A:.4g} alpha={m.alpha:.4f} "
@@ -501,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fit a schedule-aware curve law instead: loss-curve CSVs (step,lr,loss[,n_params]) "
                           "or TensorBoard event directories")
     fit.add_argument("--curve-form", choices=("linear_ln_n", "power_floor_l0"), default=None,
-                     help="with --curves at several sizes: each parameter linear in ln N (linear_ln_n, the default) "
-                          "or the long-training level E + B*N^-beta with a floor E (power_floor_l0, opt-in)")
+                     help="with --curves at several sizes: the long-training level E + B*N^-beta with a floor E "
+                          "(power_floor_l0, the default) or each parameter linear in ln N (linear_ln_n, the form "
+                          "before issue 12: no floor in N)")
     fit.set_defaults(func=_cmd_fit)
 
     pred = sub.add_parser("predict", help="predict a run's loss curve from a curve law and its LR schedule")

@@ -49,13 +49,22 @@ FORWARD_CUTS = (0.6, 0.8)
 # same ratio of extrapolation as a law of full pilot curves predicting a run 3x their length.
 REACH_CUTS = (1 / 3,)
 # FORM_FLOOR's prior on the exponent of L0(N) = E + B*(N/n_ref)^-beta: the published Approach-3
-# exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353). Two pilot
-# sizes give two levels for three numbers (E, B, beta), so there the prior sets beta; with three or
-# more sizes the curves outweigh it.
+# exponents of N (Hoffmann et al. 0.34, Besiroglu et al. 0.348, Muennighoff et al. 0.353); the sd covers
+# what scalewatch's own Approach-3 fits find on ../shared/data (Gadre et al. C4 / RedPajama / RefinedWeb
+# runs up to 411M: 0.19 / 0.32 / 0.14; the OLMo ladder's 15 cosine runs: 0.31). Two pilot sizes give two
+# levels for three numbers (E, B, beta), so there the prior sets beta; three or more sizes move it as far
+# as the curvature of their levels shows (see floor_through_levels).
 BETA_PRIOR = (0.34, 0.1)
 BETA_BOUNDS = (0.02, 2.0)
-# The form fit_curves gives a law of several sizes unless told otherwise.
-DEFAULT_FORM = FORM_LINEAR
+# How well one pilot size's long-training level is known, relative, in the second stage of the FORM_FLOOR
+# fit: the part of it that differs from size to size. Refitting each OLMo size's level on four different
+# subsets of its curves moves the levels by about 1% but nearly in step (a line in ln N); what is left,
+# the second difference across the three sizes, has an sd of about 0.3%, i.e. about 0.1-0.2% per level.
+# The same number as the band's floor (BAND_FLOOR_REL): a curve is not known better than that.
+LEVEL_SD_REL = BAND_FLOOR_REL
+# The form fit_curves gives a law of several sizes unless told otherwise (issue 12: the floor form, whose
+# loss in N has Chinchilla's shape; FORM_LINEAR keeps lowering the level without limit as N grows).
+DEFAULT_FORM = FORM_FLOOR
 
 
 @dataclass
@@ -98,27 +107,14 @@ def _model(coef: Mapping[str, tuple[float, float]], p: _Prepared) -> np.ndarray:
     return L0 + np.exp(lnA) * np.power(p.S1, -alpha) - np.exp(lnC) * p.S2
 
 
-def _floor_start(coef: Mapping[str, tuple[float, float]], xs: Sequence[float], y_min: float
-                 ) -> dict[str, tuple[float, float]]:
-    """A FORM_FLOOR start from a linear-form fit: E and B through its levels at the pilot sizes, beta at the prior."""
-    beta = BETA_PRIOR[0]
-    xs = np.array(sorted(set(xs)))
-    levels = coef["L0"][0] + coef["L0"][1] * xs
-    X = np.column_stack([np.ones_like(xs), np.exp(-beta * xs)])
-    (E, B), *_ = np.linalg.lstsq(X, levels, rcond=None)
-    if not (0 < E < y_min and B > 0):
-        E, B = 0.5 * float(levels.min()), 0.5 * float(levels.min())
-    return {"E": (float(E), 0.0), "lnB": (math.log(B), 0.0), "beta": (beta, 0.0)} | {k: coef[k] for k in PARAM_NAMES[1:]}
-
-
 def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tuple[float, float]] | None = None,
               form: str = FORM_LINEAR) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
     """The best of a few least-squares starts, with scipy's result for it (convergence, message).
 
     ``start``: a law to start from (the full fit, for a refit without some curves): one start
     instead of four, and the usual starts only if it does not converge. ``form``: how the
-    parameters depend on N when ``multi`` (:data:`FORM_FLOOR` is fitted from the linear form's
-    best fit, with a prior on beta); one size is always the plain momentum law.
+    parameters depend on N when ``multi`` (:data:`FORM_FLOOR` in three stages, :func:`_fit_floor`);
+    one size is always the plain momentum law.
     """
     if multi and form == FORM_FLOOR:
         return _fit_floor(prepared, start)
@@ -156,41 +152,118 @@ def _fit_coef(prepared: Sequence[_Prepared], multi: bool, start: Mapping[str, tu
     return _unpack(best.x, multi), best
 
 
-def _fit_floor(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, float]] | None
-               ) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
-    """FORM_FLOOR by least squares, E in [0, lowest loss], beta in :data:`BETA_BOUNDS` with the prior
-    :data:`BETA_PRIOR` as one more residual; from ``start`` or from the linear form's fit."""
+def _levels(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, float]]
+            ) -> tuple[np.ndarray, np.ndarray, OptimizeResult]:
+    """Stage 1 of :func:`_fit_floor`: one long-training level L0 per pilot size (``xs``, sorted), with
+    ln A, alpha and ln C linear in ln N as in the linear form, fitted to every curve at once; from ``start``."""
+    xs = np.array(sorted({p.x for p in prepared}))
+    k_of = [int(np.searchsorted(xs, p.x)) for p in prepared]
     n_mean = float(np.mean([len(p.y) for p in prepared]))
     weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
-    y_min = min(float(p.y.min()) for p in prepared)
-    f_scale = 1e-3
-    beta0, beta_sd = BETA_PRIOR
+    K = len(xs)
 
     def residuals(theta: np.ndarray) -> np.ndarray:
-        coef = _unpack(theta, True, FORM_FLOOR)
-        data = [w * (_model(coef, p) - p.y) / p.y for w, p in zip(weights, prepared, strict=True)]
-        return np.concatenate(data + [[f_scale * (theta[2] - beta0) / beta_sd]])
+        shape = {k: (float(theta[K + 2 * i]), float(theta[K + 2 * i + 1])) for i, k in enumerate(PARAM_NAMES[1:])}
+        return np.concatenate([w * (_model(shape | {"L0": (float(theta[k]), 0.0)}, p) - p.y) / p.y
+                               for w, p, k in zip(weights, prepared, k_of, strict=True)])
 
-    lo = np.full(9, -np.inf)
-    hi = np.full(9, np.inf)
-    lo[0], hi[0], lo[2], hi[2] = 0.0, y_min, *BETA_BOUNDS
-    starts = []
-    if start is not None and law_form(start) == FORM_FLOOR:
-        starts.append(_pack(start, True, FORM_FLOOR))
-    else:
-        linear, _ = _fit_coef(prepared, True, None if start is None or law_form(start) == FORM_FLOOR else start)
-        starts.append(_pack(_floor_start(linear, [p.x for p in prepared], y_min), True, FORM_FLOOR))
+    # A level is a loss: not below 0 (from a start at the floor, unbounded levels can run off to -inf
+    # with the schedule terms following them, as the linear form's L0 does on pilots with no floor in sight).
+    L0 = np.maximum(np.broadcast_to(momentum_params(start, xs)[0], xs.shape), 1e-6)
+    theta0 = np.concatenate([L0, [v for k in PARAM_NAMES[1:] for v in start[k]]])
+    lo = np.concatenate([np.zeros(K), np.full(len(theta0) - K, -np.inf)])
+    with np.errstate(all="ignore"):
+        r = least_squares(residuals, theta0, bounds=(lo, np.inf), loss="soft_l1", f_scale=1e-3, max_nfev=4000)
+    return xs, r.x[:K], r
+
+
+def floor_through_levels(xs: Sequence[float], levels: Sequence[float], e_max: float,
+                         prior: tuple[float, float] | None = None, level_sd_rel: float | None = None
+                         ) -> tuple[float, float, float]:
+    """Stage 2 of :func:`_fit_floor`: ``(E, ln B, beta)`` of the Chinchilla-shaped level E + B*exp(-beta*x)
+    through per-size levels at ``xs = ln(N / n_ref)``.
+
+    Weighted least squares, each level with relative sd ``level_sd_rel`` (default :data:`LEVEL_SD_REL`),
+    plus the prior on beta (default :data:`BETA_PRIOR`) as one more residual; E in [0, e_max], B > 0, beta
+    in :data:`BETA_BOUNDS`. Two levels fix E and B for any beta, so there beta is the prior's centre;
+    three or more pull it to the curvature they show, as far as their sd allows.
+
+    Example:
+        >>> xs = np.log([0.5, 1.0, 2.0])
+        >>> E, lnB, beta = floor_through_levels(xs, 2.0 + 1.2 * np.exp(-0.3 * xs), e_max=3.0, level_sd_rel=1e-5)
+        >>> round(E, 3), round(math.exp(lnB), 3), round(beta, 3)
+        (2.0, 1.2, 0.3)
+        >>> round(floor_through_levels(xs[:2], [3.5, 3.3], e_max=3.0)[2], 3)  # two sizes: the prior's centre
+        0.34
+    """
+    xs, lv = np.asarray(xs, dtype=float), np.asarray(levels, dtype=float)
+    beta0, beta_sd = BETA_PRIOR if prior is None else prior
+    level_sd_rel = LEVEL_SD_REL if level_sd_rel is None else level_sd_rel
+
+    def residuals(t: np.ndarray) -> np.ndarray:
+        misfit = (t[0] + np.exp(t[1] - t[2] * xs) - lv) / (level_sd_rel * lv)
+        return np.concatenate([misfit, [(t[2] - beta0) / beta_sd]])
+
+    lo, hi = [0.0, -np.inf, BETA_BOUNDS[0]], [e_max, np.inf, BETA_BOUNDS[1]]
     best = None
-    for theta0 in starts:
-        theta0 = np.minimum(np.maximum(theta0, np.where(np.isfinite(lo), lo + 1e-6, lo)),
-                            np.where(np.isfinite(hi), hi - 1e-6, hi))
+    for beta in (beta0, 0.1, 0.7):
+        # E and B through the levels for this beta (linear), kept inside the bounds
+        X = np.column_stack([np.ones_like(xs), np.exp(-beta * xs)])
+        (E, B), *_ = np.linalg.lstsq(X, lv, rcond=None)
+        E = min(max(float(E), 1e-6), e_max - 1e-6)
+        B = max(float(np.mean((lv - E) * np.exp(beta * xs))), 1e-6)
         with np.errstate(all="ignore"):
-            r = least_squares(residuals, theta0, bounds=(lo, hi), loss="soft_l1", f_scale=f_scale, max_nfev=4000)
+            r = least_squares(residuals, [E, math.log(B), beta], bounds=(lo, hi))
         if np.isfinite(r.cost) and (best is None or r.cost < best.cost):
             best = r
     if best is None:
+        raise CurveError("the floor in N could not be fitted through the pilot sizes' levels "
+                         f"({', '.join(f'{v:.4g}' for v in lv)}); check the curves' n_params")
+    return float(best.x[0]), float(best.x[1]), float(best.x[2])
+
+
+def _fit_floor(prepared: Sequence[_Prepared], start: Mapping[str, tuple[float, float]] | None
+               ) -> tuple[dict[str, tuple[float, float]], OptimizeResult]:
+    """FORM_FLOOR in three stages, so that the N-exponent is regularised where it is decided:
+
+    1. the long-training level of each pilot size, with the schedule terms (ln A, alpha, ln C) linear in
+       ln N and fitted to every curve together (:func:`_levels`);
+    2. the Chinchilla-shaped curve E + B*(N/n_ref)^-beta through those levels, with the prior
+       :data:`BETA_PRIOR` on beta and each level known to :data:`LEVEL_SD_REL` (:func:`floor_through_levels`);
+    3. every curve again with E and beta held: B, ln A, alpha, ln C.
+
+    Fitted jointly instead, the schedule terms' slopes in ln N trade off against the level's curvature
+    (three OLMo sizes then put E at 1.17 and beta at 0.15, far below an Approach-3 fit's 2.13, 0.31), and a
+    prior on beta weighs as one point among thousands. ``start``: a law to warm-start from (either form).
+    The result carries ``levels`` (each size's x = ln(N / n_ref) and its stage-1 level) for the law file.
+    """
+    if start is None:
+        start, _ = _fit_coef(prepared, True, None, form=FORM_LINEAR)
+    xs, levels, r1 = _levels(prepared, start)
+    y_min = min(float(p.y.min()) for p in prepared)
+    E, lnB, beta = floor_through_levels(xs, levels, e_max=y_min)
+    n_mean = float(np.mean([len(p.y) for p in prepared]))
+    weights = [math.sqrt(n_mean / len(p.y)) for p in prepared]
+    held = {"E": (E, 0.0), "beta": (beta, 0.0)}
+
+    def coef_of(theta: np.ndarray) -> dict[str, tuple[float, float]]:
+        shape = {k: (float(theta[1 + 2 * i]), float(theta[2 + 2 * i])) for i, k in enumerate(PARAM_NAMES[1:])}
+        return held | {"lnB": (float(theta[0]), 0.0)} | shape
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        coef = coef_of(theta)
+        return np.concatenate([w * (_model(coef, p) - p.y) / p.y for w, p in zip(weights, prepared, strict=True)])
+
+    theta0 = np.concatenate([[lnB], r1.x[len(xs):]])  # B from stage 2, the schedule terms from stage 1
+    with np.errstate(all="ignore"):
+        r = least_squares(residuals, theta0, loss="soft_l1", f_scale=1e-3, max_nfev=4000)
+    if not np.isfinite(r.cost):
         raise CurveError("the curve fit did not converge; check that the curves are loss vs step of one recipe")
-    return _unpack(best.x, True, FORM_FLOOR), best
+    if not r1.success:  # the levels' fit stopping early matters as much as the last one's
+        r.success, r.message = False, f"levels per size: {r1.message}"
+    coef = coef_of(r.x)
+    r.levels = [[float(x), float(v)] for x, v in zip(xs, levels, strict=True)]
+    return {k: coef[k] for k in FORM_PARAMS[FORM_FLOOR]}, r
 
 
 def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
@@ -224,9 +297,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                n_convention: str = "total", calibrate: bool = True, form: str | None = None) -> CurveFitResult:
     """Fit a momentum law to pilot curves; with several sizes its parameters depend on N as ``form`` says.
 
-    ``form`` (several sizes only): :data:`~scalewatch.curves.FORM_LINEAR` (each parameter linear in
-    ln N) or :data:`~scalewatch.curves.FORM_FLOOR` (L0 = E + B·N^-beta with a floor E); None:
-    :data:`DEFAULT_FORM`.
+    ``form`` (several sizes only): :data:`~scalewatch.curves.FORM_FLOOR` (L0 = E + B·N^-beta with a floor E,
+    Chinchilla's shape in N; ln A, alpha, ln C linear in ln N) or :data:`~scalewatch.curves.FORM_LINEAR` (every
+    parameter linear in ln N, L0 included: no floor); None: :data:`DEFAULT_FORM` (the floor form).
 
     The predicted curve's 90% band comes from leave-one-curve-out: each curve (with the curves
     branched from the same run, which share its prefix) is predicted by a fit on the others, and
@@ -357,6 +430,13 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                          "L0 = E + B*(N/n_ref)^-beta, lnA, alpha, lnC linear in ln(N/n_ref)"
                          if law_form(coef) == FORM_FLOOR else "params linear in ln(N/n_ref)")},
     )
+    if "levels" in main:  # FORM_FLOOR: what its floor in N rests on
+        law.fitted_on["floor_fit"] = {
+            "levels": [{"n_params": n_ref * math.exp(x), "L0": v} for x, v in main["levels"]],
+            "beta_prior": list(BETA_PRIOR), "level_sd_rel": LEVEL_SD_REL,
+            "how": "stage 1: one long-training level per size (lnA, alpha, lnC linear in ln N); stage 2: "
+                   "E + B*(N/n_ref)^-beta through the levels with the prior on beta; stage 3: the curves "
+                   "again with E and beta held"}
     if late_points:
         # Points past the summed LR that the forward fits saw show how the error grows past the pilots'.
         e_l, f_l, b_l = (np.concatenate(v) for v in zip(*late_points, strict=True))

@@ -9,9 +9,11 @@ takes the schedule as input::
     m_i = lam * m_{i-1} + (eta_{i-1} - eta_i),   S2(s) = sum of m_i up to s,   lam = 0.999
 
 Fitted on a few pilot curves of a recipe (e.g. one cosine and one constant-LR run) it
-predicts the curve under other schedules. Across model sizes each parameter is a linear
-function of ``ln(N / n_ref)`` (L0, ln A, alpha, ln C), so pilot runs at two or more sizes
-predict a new size. The prediction band is calibrated by leave-one-curve-out errors on the
+predicts the curve under other schedules. Across model sizes the long-training level has
+Chinchilla's shape, L0(N) = E + B * (N / n_ref)^-beta with a floor E, and ln A, alpha, ln C are
+linear in ``ln(N / n_ref)`` (the law file's ``form``, :data:`FORM_FLOOR`; files from before it are
+:data:`FORM_LINEAR`, every parameter linear in ln N), so pilot runs at two or more sizes predict a
+new size. The prediction band is calibrated by leave-one-curve-out errors on the
 pilot curves. Plain numpy/scipy: nothing here knows Lightning.
 
 This module holds the law and the schedule (features, curves and their readers, the law and
