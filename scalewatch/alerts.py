@@ -187,14 +187,17 @@ class AlertBook:
         """A markdown table of the alerts firing now and the recent changes (TensorBoard's text tab)."""
         firing = [a for a in reversed(self.recent) if a.state == "firing"
                   and self._firing.get((a.kind, a.key)) == a.severity]
-        lines = ["| state | severity | kind | step | tokens | message |", "|---|---|---|---|---|---|"]
-        seen = set()
-        for a in firing + [a for a in reversed(self.recent) if a not in firing]:
+        # The messages go below the table, numbered: in a table column, a long message squeezes the
+        # short columns until TensorBoard breaks their words ("sev-erit-y").
+        lines = ["| # | state | severity | kind | step | tokens |", "|---|---|---|---|---|---|"]
+        notes, seen = [], set()
+        for i, a in enumerate(firing + [a for a in reversed(self.recent) if a not in firing], 1):
             now = "**FIRING**" if a in firing and (a.kind, a.key) not in seen else a.state
             seen.add((a.kind, a.key))
-            cells = [_md(x) for x in (a.severity, a.kind, f"{a.step:,}", f"{a.tokens:.3g}", a.message)]
-            lines.append(f"| {now} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) if len(lines) > 2 else "No alerts."
+            cells = [_md(x) for x in (a.severity, a.kind, f"{a.step:,}", f"{a.tokens:.3g}")]
+            lines.append(f"| {i} | {now} | " + " | ".join(cells) + " |")
+            notes.append(f"{i}. {_md(a.message)}")
+        return "\n".join([*lines, "", *notes]) if notes else "No alerts."
 
     def state_dict(self) -> dict[str, Any]:
         return {"firing": [[k, key, sev] for (k, key), sev in self._firing.items()], "kinds": sorted(self._kinds),

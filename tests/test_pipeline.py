@@ -201,6 +201,22 @@ def test_hysteresis_and_cooldown_keep_a_flapping_condition_to_one_page() -> None
     assert events == [("firing", 0), ("resolved", 4), ("firing", 11)]
 
 
+def test_alert_table_keeps_the_messages_out_of_its_columns() -> None:
+    book = AlertBook()
+    assert book.table() == "No alerts."
+    book.update([Finding("spike", True, "warning", "loss spike: 3.1 vs 2.4 | recent")], 10, 5120)
+    for step in (20, 30):
+        book.update([Finding("spike", False, "warning")], step, step * 512)
+    book.update([Finding("batch_size", True, "info", "the batch is 28x B_crit")], 40, 20480)
+    head, rule, *rows = book.table().split("\n")
+    assert head == "| # | state | severity | kind | step | tokens |"
+    # Firing first (bold), then the recent changes, newest first; each message numbered below the table.
+    assert rows[:4] == ["| 1 | **FIRING** | info | batch\\_size | 40 | 2.05e+04 |",
+                        "| 2 | resolved | warning | spike | 30 | 1.54e+04 |",
+                        "| 3 | firing | warning | spike | 10 | 5.12e+03 |", ""]
+    assert rows[4] == "1. the batch is 28x B\\_crit" and rows[6] == "3. loss spike: 3.1 vs 2.4 / recent"
+
+
 def test_alert_book_escalation_and_unknown_severity() -> None:
     book = AlertBook()
     assert [a.severity for a in book.update([Finding("divergence", True, "warning")], 1, 1)] == ["warning"]
