@@ -114,6 +114,9 @@ class Replay:
         n_out: how far the curve's ln N lies outside the sizes of the law that forecast it (0 inside).
         kind: ``"leave-out"`` (a law without the curve and its branches), ``"size-out"`` (a law without
             the curve's model size) or ``"forward"`` (a law fitted on every curve's first 60%).
+        prior_rel_error: (the prior's final loss - truth) / truth: the law alone, no prefix.
+        drop: the loss the prior still predicted to fall after the prefix, relative to the final loss.
+        prior_widen: how much wider the prior was than within the pilot sizes (1 inside).
     """
 
     curve: str
@@ -122,10 +125,72 @@ class Replay:
     sd_rel: float
     n_out: float
     kind: str
+    prior_rel_error: float = math.nan
+    drop: float = math.nan
+    prior_widen: float = 1.0
+
+    def blended(self, scale: float | None) -> float:
+        """The relative error of the forecast ``prior + w * (prefix fit - prior)`` at blend scale ``scale``."""
+        if scale is None or not (math.isfinite(self.prior_rel_error) and math.isfinite(self.drop)):
+            return self.rel_error
+        w = blend_weight(self.drop, scale, self.prior_widen)
+        return self.prior_rel_error + w * (self.rel_error - self.prior_rel_error)
 
     @property
     def score(self) -> float:
         return abs(self.rel_error) / max(self.sd_rel, 1e-12)
+
+
+def blend_weight(drop: float, scale: float | None, prior_widen: float = 1.0) -> float:
+    """The prefix fit's weight against the prior: ``v / (v + drop)`` with ``v = scale * prior_widen**2``.
+
+    As a Gaussian precision weight: the prior's error variance (``scale``, times its widening outside
+    the pilot sizes squared) against the prefix fit's, which grows with how far it extrapolates (the
+    loss the prior still predicts to fall after the prefix, ``drop``). ``scale`` None: the prefix fit
+    alone (1); 0: the prior alone; no drop left: the prefix fit alone.
+
+    Example:
+        >>> blend_weight(0.02, 0.02), blend_weight(0.02, None), blend_weight(0.0, 0.01), blend_weight(0.02, 0.0)
+        (0.5, 1.0, 1.0, 0.0)
+    """
+    if scale is None:
+        return 1.0
+    d = max(drop, 0.0) if math.isfinite(drop) else 0.0
+    v = scale * prior_widen ** 2
+    return 1.0 if d <= 0 else float(v / (v + d))
+
+
+# The blend scales tried (BLEND_SCALES, and None: the prefix fit alone): relative drops from 1e-4 to 1.
+BLEND_SCALES = (0.0, *np.logspace(-4, 0, 33).tolist())
+
+
+def choose_blend(replays: Sequence[Replay]) -> tuple[float | None, float, float, float]:
+    """The blend scale whose replayed forecasts have the smallest mean |error| (stacking on the replays):
+    returns it (None: the prefix fit alone) with the mean |error| of the blend, of the prefix fit alone and
+    of the prior alone. Both ends are candidates, so in replay the blend is never worse than either.
+
+    Example:
+        >>> rs = [Replay("c", 0.2, 0.03, 0.01, 0.0, "leave-out", 0.005, 0.1), Replay("c", 0.9, 0.001, 0.001, 0.0,
+        ...       "leave-out", 0.005, 0.0)]
+        >>> scale, blend, fit, prior = choose_blend(rs)
+        >>> blend <= min(fit, prior), round(prior, 4)
+        (True, 0.005)
+    """
+    usable = [r for r in replays if math.isfinite(r.prior_rel_error) and math.isfinite(r.drop)]
+    if not usable:
+        return None, math.nan, math.nan, math.nan
+
+    def mean_abs(scale: float | None) -> float:
+        return float(np.mean([abs(r.blended(scale)) for r in usable]))
+
+    fit_alone = mean_abs(None)
+    best: float | None = None
+    best_err = fit_alone
+    for scale in sorted(BLEND_SCALES, reverse=True):  # ties: the most weight on the prefix
+        e = mean_abs(scale)
+        if e < best_err - 1e-12:
+            best, best_err = scale, e
+    return best, best_err, fit_alone, float(np.mean([abs(r.prior_rel_error) for r in usable]))
 
 
 @dataclass
@@ -149,6 +214,16 @@ class ForecastCalibration:
         per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
         n_out_max: the largest distance in ln N a size-out replay reached (0: none): further out the
             linear growth is an assumption, not a measurement (new in this version; 0 when absent).
+        prior_widening: the forecast puts the law's widening outside the pilot sizes on its prior only
+            (:func:`scalewatch.forecast.prefix_fit`), and ``per_ln_n`` is only what the size-out replays
+            needed beyond that (0 when none measured it). False (files from before it): ``per_ln_n``
+            widens the whole band.
+        blend: ``(fraction, scale, replays)``: the forecast is ``prior + w * (prefix fit - prior)``, ``w`` from
+            :func:`blend_weight` at the scale that the replays at that prefix fraction and its neighbours
+            chose (:func:`choose_blend`; None: the prefix fit alone), linear in the fraction between rows.
+            None (files from before it): the prefix fit alone everywhere.
+        blend_errors: the replays' mean |error| with the blend, with the prefix fit alone and with the
+            prior alone (None when not recorded).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
         curves: how many pilot curves were replayed.
         level: the band's level.
@@ -170,6 +245,9 @@ class ForecastCalibration:
     floor_rel: float = FORECAST_FLOOR_REL
     method: str = ""
     n_out_max: float = 0.0
+    prior_widening: bool = False
+    blend: list[tuple[float, float | None, int]] | None = None
+    blend_errors: tuple[float, float, float] | None = None
 
     def quantile_at(self, fraction: float) -> float:
         """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
@@ -181,12 +259,35 @@ class ForecastCalibration:
         """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
         return max(sd_rel * self.quantile_at(fraction) * widening(n_out, self.per_ln_n, self.n_out_max), self.floor_rel)
 
+    def blend_weight(self, drop: float, fraction: float, prior_widen: float = 1.0) -> float:
+        """The prefix fit's weight against the prior for a forecast (:func:`blend_weight`) whose prefix
+        covers ``fraction`` of the run: linear between the two nearest calibrated fractions."""
+        if not self.blend:
+            return 1.0
+        f = np.array([r[0] for r in self.blend])
+        w = np.array([blend_weight(drop, r[1], prior_widen) for r in self.blend])
+        return float(np.interp(fraction, f, w))
+
+    def scale_at(self, fraction: float) -> float | None:
+        """The blend scale calibrated at exactly this prefix fraction (None: no blend there)."""
+        for f, scale, _ in self.blend or ():
+            if abs(f - fraction) < 1e-9:
+                return scale
+        return None
+
     def to_json(self) -> dict[str, Any]:
-        return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
-                "per_ln_n": float(self.per_ln_n),
-                "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
-                "floor_rel": float(self.floor_rel),
-                "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
+        doc = {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
+               "per_ln_n": float(self.per_ln_n),
+               "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
+               "floor_rel": float(self.floor_rel),
+               "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
+        if self.prior_widening:  # absent in older files: the whole band widens, no blend
+            doc["prior_widening"] = True
+            doc["blend"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend or ()]
+            if self.blend_errors is not None:
+                doc["blend_mean_abs_error"] = dict(zip(("blend", "prefix_fit", "prior"),
+                                                       (float(e) for e in self.blend_errors), strict=True))
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, source: str) -> ForecastCalibration:
@@ -209,14 +310,29 @@ class ForecastCalibration:
         if not all(_finite(v) and v >= 0 for v in nums.values()) or not 0 < nums["level"] < 1:
             raise LawFileError(f"{where}: per_ln_n, n_out_max, replays, curves and floor_rel must be "
                                "numbers >= 0, level in (0, 1)")
+        prior_widening = doc.get("prior_widening", False)
+        blend = doc.get("blend", [])
+        if not isinstance(prior_widening, bool) or not (isinstance(blend, Sequence) and all(
+                isinstance(r, Sequence) and len(r) == 3 and _finite(r[0]) and _finite(r[2]) and r[2] >= 0
+                and (r[1] is None or (_finite(r[1]) and r[1] >= 0)) for r in blend)) \
+                or any(b[0] <= a[0] for a, b in zip(blend[:-1], blend[1:], strict=True)):
+            raise LawFileError(f"{where}: prior_widening must be true or false, blend a list of [fraction, scale "
+                               "(null or >= 0), replays] sorted by fraction")
+        errs = doc.get("blend_mean_abs_error")
+        blend_errors = None
+        if isinstance(errs, Mapping) and all(_finite(errs.get(k)) for k in ("blend", "prefix_fit", "prior")):
+            blend_errors = (float(errs["blend"]), float(errs["prefix_fit"]), float(errs["prior"]))
         return cls(by_fraction=[(float(f), float(q), int(n)) for f, q, n in rows], per_ln_n=float(nums["per_ln_n"]),
                    per_ln_n_replays=int(nums["per_ln_n_replays"]),
                    replays=int(nums["replays"]), curves=int(nums["curves"]), level=float(nums["level"]),
                    floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")),
-                   n_out_max=float(nums["n_out_max"]))
+                   n_out_max=float(nums["n_out_max"]), prior_widening=prior_widening,
+                   blend=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend] or None,
+                   blend_errors=blend_errors)
 
 
-def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> ForecastCalibration | None:
+def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
+                       prior_widening: bool = False) -> ForecastCalibration | None:
     """The forecast band's calibration from replays; None when no replay was possible.
 
     In-range replays (``n_out == 0``) set the quantile per fraction. Only the ``leave-out``
@@ -225,6 +341,11 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     easier early in a run and are used only when there is no leave-out replay (two pilot curves).
     Replays from outside the sizes of their law set ``per_ln_n``: the smallest widening that holds
     ``level`` of them.
+
+    ``prior_widening`` (replays made by :func:`scalewatch.forecast.prefix_fit` with the size widening on
+    the prior only): the in-range replays also choose the blend of prefix fit and prior
+    (:func:`choose_blend`), the scores are those of the blended forecasts, and with no size-out replay
+    ``per_ln_n`` is 0 (the prior's widening is the whole of the unmeasured rule).
 
     Example:
         >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
@@ -238,17 +359,35 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     if any(r.kind == "leave-out" for r in near):
         near = [r for r in near if r.kind == "leave-out"]
     grid = sorted({r.fraction for r in near})
-    rows = []
-    for i, f in enumerate(grid):
+
+    def pool(i: int) -> list[Replay]:
         pooled = set(grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
-        scores = [r.score for r in near if r.fraction in pooled]
-        rows.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
-    cal = ForecastCalibration(rows, replays=len(near), curves=len({r.curve for r in near}), level=level)
+        return [r for r in near if r.fraction in pooled]
+
+    # The blend per prefix fraction, chosen on the replays there and at its neighbours (as the quantile is).
+    blend = [(f, choose_blend(pool(i))[0], len(pool(i))) for i, f in enumerate(grid)] if prior_widening else None
+    cal = ForecastCalibration([], replays=len(near), curves=len({r.curve for r in near}), level=level,
+                              prior_widening=prior_widening, blend=blend)
+
+    def score(r: Replay) -> float:
+        return abs(r.blended(cal.scale_at(r.fraction)) if blend else r.rel_error) / max(r.sd_rel, 1e-12)
+
+    if blend:
+        usable = [r for r in near if math.isfinite(r.prior_rel_error)]
+        if usable:
+            cal.blend_errors = (float(np.mean([abs(r.blended(cal.scale_at(r.fraction))) for r in usable])),
+                                float(np.mean([abs(r.rel_error) for r in usable])),
+                                float(np.mean([abs(r.prior_rel_error) for r in usable])))
+    for i, f in enumerate(grid):
+        scores = [score(r) for r in pool(i)]
+        cal.by_fraction.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
+    if prior_widening:
+        cal.per_ln_n = 0.0
     far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
     if far:
         # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
         # at the conformal quantile of those needs.
-        needs = [(r.score / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
+        needs = [(score(r) / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
         cal.per_ln_n = max(conformal_quantile(needs, level), 0.0)
         cal.per_ln_n_replays = len(far)
         cal.n_out_max = max(r.n_out for r in far)
@@ -257,7 +396,11 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     cal.method = (f"conformal: |error| / posterior sd of {cal.replays} replayed prefix forecasts ({', '.join(kinds)}) "
                   f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
                   + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
-                     f"{cal.n_out_max:.2f} in ln N" if far else ""))
+                     f"{cal.n_out_max:.2f} in ln N" if far else "")
+                  + ("; outside the pilot sizes the prior widens (1 + distance in ln N)" if prior_widening else "")
+                  + (f"; prefix fit blended with the prior by prefix fraction and remaining drop "
+                     f"(replayed mean |error| {cal.blend_errors[0]:.3%}, prefix fit alone {cal.blend_errors[1]:.3%}, "
+                     f"prior alone {cal.blend_errors[2]:.3%})" if cal.blend_errors else ""))
     return cal
 
 
@@ -379,6 +522,6 @@ def calibrate_size_reach(rel_errors: np.ndarray, widths: np.ndarray, n_out: np.n
     return SizeReach(k, int(m.sum()), float(n_out[m].max()))
 
 
-__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
+__all__ = ["ForecastCalibration", "Replay", "blend_weight", "choose_blend", "BLEND_SCALES", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
            "calibrate_size_reach", "widening",
            "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]

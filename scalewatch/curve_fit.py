@@ -38,7 +38,7 @@ from scalewatch.curves import (
     law_form,
     momentum_params,
 )
-from scalewatch.forecast import forecast_final
+from scalewatch.forecast import prefix_fit
 
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
@@ -372,7 +372,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         law.size_reach = _calibrate_size_reach(law, prepared, [c.n_params for c in curves], size_out)
     if calibrate:
         replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits, size_out)
-        law.forecast_band = calibrate_forecast(replays, BAND_LEVEL)
+        law.forecast_band = calibrate_forecast(replays, BAND_LEVEL, prior_widening=True)
     failed = [f"{what} ({'no finite fit' if r is None else r.message})" for what, r in fits
               if r is None or not r.success]
     message = (f"all {len(fits)} least-squares fits converged" if not failed else
@@ -406,8 +406,9 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
             m = c.steps <= f * end
             if m.sum() < 3:
                 continue
-            fc = forecast_final(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
-            out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind))
+            fc = prefix_fit(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
+            out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind,
+                              (fc.prior_loss - truth) / truth, fc.drop, fc.prior_widen))
         return out
 
     replays: list[Replay] = []
