@@ -214,10 +214,11 @@ class ForecastCalibration:
         per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
         n_out_max: the largest distance in ln N a size-out replay reached (0: none): further out the
             linear growth is an assumption, not a measurement (new in this version; 0 when absent).
-        prior_widening: the forecast puts the law's widening outside the pilot sizes on its prior only
-            (:func:`scalewatch.forecast.prefix_fit`), and ``per_ln_n`` is only what the size-out replays
-            needed beyond that (0 when none measured it). False (files from before it): ``per_ln_n``
-            widens the whole band.
+        prior_widening: the forecast's posterior width puts the law's widening outside the pilot sizes on
+            its prior only (:func:`scalewatch.forecast.prefix_fit`), and ``per_ln_n`` is only what the
+            size-out replays needed beyond that. Set only where size-out replays measured it (3+ sizes):
+            a prefix pins the level but not the shape (alpha, C) a law extrapolates in N, so without a
+            measurement the whole band widens by ``per_ln_n`` (False: as in files from before it).
         blend: ``(fraction, scale, replays)``: the forecast is ``prior + w * (prefix fit - prior)``, ``w`` from
             :func:`blend_weight` at the scale that the replays at that prefix fraction and its neighbours
             chose (:func:`choose_blend`; None: the prefix fit alone), linear in the fraction between rows.
@@ -281,9 +282,10 @@ class ForecastCalibration:
                "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
                "floor_rel": float(self.floor_rel),
                "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
-        if self.prior_widening:  # absent in older files: the whole band widens, no blend
+        if self.prior_widening:  # absent in older files: the whole band widens
             doc["prior_widening"] = True
-            doc["blend"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend or ()]
+        if self.blend:  # absent in older files: the prefix fit alone
+            doc["blend"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend]
             if self.blend_errors is not None:
                 doc["blend_mean_abs_error"] = dict(zip(("blend", "prefix_fit", "prior"),
                                                        (float(e) for e in self.blend_errors), strict=True))
@@ -344,8 +346,10 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
 
     ``prior_widening`` (replays made by :func:`scalewatch.forecast.prefix_fit` with the size widening on
     the prior only): the in-range replays also choose the blend of prefix fit and prior
-    (:func:`choose_blend`), the scores are those of the blended forecasts, and with no size-out replay
-    ``per_ln_n`` is 0 (the prior's widening is the whole of the unmeasured rule).
+    (:func:`choose_blend`) and the scores are those of the blended forecasts. With size-out replays
+    the band's N-widening is on the prior, and ``per_ln_n`` is what those replays needed beyond it;
+    without them (two sizes) nothing measures how far the prefix corrects a law extrapolated in N
+    (it pins the level, not the shape): the whole band widens by the unmeasured rule, as before.
 
     Example:
         >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
@@ -381,9 +385,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
     for i, f in enumerate(grid):
         scores = [score(r) for r in pool(i)]
         cal.by_fraction.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
-    if prior_widening:
-        cal.per_ln_n = 0.0
     far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
+    cal.prior_widening = prior_widening and bool(far)
     if far:
         # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
         # at the conformal quantile of those needs.
@@ -397,7 +400,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
                   f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
                   + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
                      f"{cal.n_out_max:.2f} in ln N" if far else "")
-                  + ("; outside the pilot sizes the prior widens (1 + distance in ln N)" if prior_widening else "")
+                  + ("; outside the pilot sizes the prior widens (1 + distance in ln N), the band by what the "
+                     "size-out replays needed beyond that" if cal.prior_widening else "")
                   + (f"; prefix fit blended with the prior by prefix fraction and remaining drop "
                      f"(replayed mean |error| {cal.blend_errors[0]:.3%}, prefix fit alone {cal.blend_errors[1]:.3%}, "
                      f"prior alone {cal.blend_errors[2]:.3%})" if cal.blend_errors else ""))

@@ -108,11 +108,8 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
         # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
         # widen as the predicted curve's band does there.
-        final = fc.loss
-        w = 1.0
-        if new:
-            w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen)
-            final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
+        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen)
+        final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
         S1, _ = schedule_features(check_schedule(schedule)[: end + 1], law.lam)
         reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end]))
         half = cal.half_width(fc.sd_rel, fc.last_fraction, law.n_outside(n_params)) * reach * final
