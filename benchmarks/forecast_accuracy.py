@@ -131,7 +131,7 @@ def multipowerlaw(root: Path) -> bool:
             halfs.append((p.high - p.loss) / p.loss)
             errs.append(rel)
             print(f"  {size:>3}M {name:20} mean {rel.mean():.3%}  final {(p.loss[-1] - c.loss[-1]) / c.loss[-1]:+.3%}"
-                  f"  in 90% band {covs[-1]:.0%}")
+                  f"  in 90% band {covs[-1]:.0%}, half-width {sharpness(halfs[-1], rel):.1f}x mean |error|")
         m, w = float(np.mean(means)), float(np.max(finals))
         ok &= m <= 0.003 and w <= 0.01
         print(f"  {size:>3}M: mean {m:.3%} (target <= 0.3%), worst final {w:.3%} (target <= 1%), "

@@ -412,44 +412,68 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
 class ScheduleReach:
     """How the predicted curve's band widens where a run's summed LR (S1) goes past the pilots'.
 
-    The half-width at a step with summed LR ``s1`` is multiplied by
-    ``1 + per_ln_s1 * max(0, ln(s1 / s1_max))``.
+    The half-width at a step with summed LR ``s1`` and LR ``lr_rel`` times the run's peak is multiplied by
+    ``1 + k * max(0, ln(s1 / s1_max))``, ``k = per_ln_s1 * lr_rel + per_ln_s1_annealed * (1 - lr_rel)``:
+    a point still at its peak LR extrapolates the power law in S1 alone, an annealed one also sits on the
+    annealing term, whose error the pilots' own anneals measured, and is calibrated on its own.
 
     Attributes:
         s1_max: the largest S1 any pilot curve reached.
-        per_ln_s1: widening per unit of ln(S1 / s1_max), from each pilot's last 40% predicted by a fit
-            on every pilot's first 60% (points past that fit's S1); 0 when no point went past it.
-        points: how many such points it rests on.
+        per_ln_s1: widening per unit of ln(S1 / s1_max) at the peak LR, from each pilot's rest predicted by
+            fits on every pilot's first 60% and first third (points past that fit's S1, LR above half the
+            peak); 0 when no point went past it.
+        points: how many such points it rests on (all of them).
+        per_ln_s1_annealed: the same from the points at or below half their peak LR; None (files from
+            before it, or no such point): ``per_ln_s1`` at every LR.
 
     Example:
         >>> ScheduleReach(s1_max=10.0, per_ln_s1=1.0).factor(np.array([5.0, 10.0, 10.0 * math.e])).tolist()
         [1.0, 1.0, 2.0]
+        >>> ScheduleReach(10.0, 1.0, 10, per_ln_s1_annealed=0.2).factor(10.0 * math.e, lr_rel=0.1)
+        1.28
     """
 
     s1_max: float
     per_ln_s1: float = 0.0
     points: int = 0
+    per_ln_s1_annealed: float | None = None
 
-    def factor(self, s1: Any) -> Any:
+    def factor(self, s1: Any, lr_rel: Any = None) -> Any:
         beyond = np.log(np.maximum(np.asarray(s1, dtype=float), 1e-300) / self.s1_max)
-        return 1.0 + self.per_ln_s1 * np.maximum(beyond, 0.0)
+        k: Any = self.per_ln_s1
+        if lr_rel is not None and self.per_ln_s1_annealed is not None:
+            r = np.clip(np.asarray(lr_rel, dtype=float), 0.0, 1.0)
+            k = self.per_ln_s1 * r + self.per_ln_s1_annealed * (1.0 - r)
+        out = 1.0 + k * np.maximum(beyond, 0.0)
+        return out if np.ndim(out) else float(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
+        doc = {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
+        if self.per_ln_s1_annealed is not None:
+            doc["per_ln_s1_annealed"] = float(self.per_ln_s1_annealed)
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, source: str) -> ScheduleReach:
         if not (isinstance(doc, Mapping) and _finite(doc.get("s1_max")) and doc["s1_max"] > 0
                 and _finite(doc.get("per_ln_s1", 0.0)) and doc.get("per_ln_s1", 0.0) >= 0
-                and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0):
-            raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0}}")
-        return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)))
+                and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0
+                and (doc.get("per_ln_s1_annealed") is None
+                     or (_finite(doc["per_ln_s1_annealed"]) and doc["per_ln_s1_annealed"] >= 0))):
+            raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0, "
+                               "per_ln_s1_annealed >= 0 (optional)}")
+        annealed = doc.get("per_ln_s1_annealed")
+        return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)),
+                   None if annealed is None else float(annealed))
 
 
 def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarray, s1_max: float,
-                    level: float = 0.9) -> ScheduleReach:
+                    level: float = 0.9, lr_rel: np.ndarray | None = None) -> ScheduleReach:
     """:class:`ScheduleReach` from held-out points: their |relative error|, the band half-width they
     had, and ``ln(S1 / S1 max of the fit)``; only points past the fit's S1 (``beyond > 0``) count.
+    With ``lr_rel`` (each point's LR / its run's peak) the points above and at or below half the peak
+    set the two slopes, each the conformal quantile of what its own points need (one group empty: the
+    pooled slope for both).
 
     Example:
         >>> e = np.array([0.01, 0.02, 0.03]); w = np.full(3, 0.01); b = np.array([0.5, 0.5, 1.0])
@@ -460,7 +484,14 @@ def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarr
     if not m.any():
         return ScheduleReach(s1_max, 0.0, 0)
     needs = (np.abs(rel_errors[m]) / widths[m] - 1.0) / beyond[m]
-    return ScheduleReach(s1_max, max(conformal_quantile(needs, level), 0.0), int(m.sum()))
+    pooled = max(conformal_quantile(needs, level), 0.0)
+    if lr_rel is None:
+        return ScheduleReach(s1_max, pooled, int(m.sum()))
+    hot = np.asarray(lr_rel, dtype=float)[m] > 0.5
+    if hot.all() or not hot.any():
+        return ScheduleReach(s1_max, pooled, int(m.sum()), None)
+    return ScheduleReach(s1_max, max(conformal_quantile(needs[hot], level), 0.0), int(m.sum()),
+                         max(conformal_quantile(needs[~hot], level), 0.0))
 
 
 @dataclass

@@ -68,6 +68,14 @@ class _Prepared:
     frac: np.ndarray | None = None  # step / the curve's last step
 
 
+def _lr_rel(c: Curve) -> np.ndarray:
+    """The LR at each point _prepare keeps, relative to the run's peak LR."""
+    lr = c.per_step_lr()
+    keep = c.steps >= SKIP_FRACTION * c.steps.max()
+    idx = np.clip(c.steps[keep].astype(int), 0, len(lr) - 1)
+    return lr[idx] / max(float(lr.max()), 1e-300)
+
+
 def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepared]:
     out = []
     for c in curves:
@@ -304,15 +312,17 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
     c_t: dict[str, tuple[float, float]] | None = None
     # (|error|, progress, ln(S1 / the fit's largest S1)) of each late stretch, for ScheduleReach
-    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    lr_rel = [_lr_rel(c) for c in curves]  # each kept point's LR / its run's peak: how far it has annealed
     try:
         c_t, r_t = _fit_coef(early, multi, start=coef if law_form(coef) == FORM_FLOOR else None, form=form)
         fits.append(("the fit on the first 60% of each curve", r_t))
-        for p in prepared:
+        for p, r in zip(prepared, lr_rel, strict=True):
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
             e = mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             add(e, p.frac[late])
-            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early))))
+            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early)),
+                                r[late]))
     except CurveError:
         fits.append(("the fit on the first 60% of each curve", None))
     for cut in REACH_CUTS:
@@ -327,11 +337,11 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             continue
         fits.append((f"the fit on the first {cut:.0%} of each curve", r_r))
         s1_fit = max(float(q.S1.max()) for q in part)
-        for p in prepared:
+        for p, r in zip(prepared, lr_rel, strict=True):
             late = np.arange(len(p.y)) >= cut * len(p.y)
             e = mean_err(c_r, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             if np.all(np.isfinite(e)):
-                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit)))
+                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit), r[late]))
     by_progress: list[tuple[float, float, float]] = []
     if errs:
         e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
@@ -359,9 +369,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     )
     if late_points:
         # Points past the summed LR that the forward fits saw show how the error grows past the pilots'.
-        e_l, f_l, b_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
+        e_l, f_l, b_l, r_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
         law.reach = calibrate_reach(e_l, law.band_at(None, f_l), b_l,
-                                    s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL)
+                                    s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL, lr_rel=r_l)
     # (c) Leave the largest (and the smallest) size out, 3+ sizes: a law of the other sizes, of the kind
     # the pilots' own is, predicting a size outside them measures how the band must grow with the distance
     # in N (issue 12). With two sizes the law left would have no N-dependence at all: its misses (the

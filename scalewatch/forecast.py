@@ -110,8 +110,9 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # widen as the predicted curve's band does there.
         w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen)
         final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
-        S1, _ = schedule_features(check_schedule(schedule)[: end + 1], law.lam)
-        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end]))
+        sched = check_schedule(schedule)
+        S1, _ = schedule_features(sched[: end + 1], law.lam)
+        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end], sched[end] / sched.max()))
         half = cal.half_width(fc.sd_rel, fc.last_fraction, law.n_outside(n_params)) * reach * final
         return Forecast(end, final, final - half, final + half, fc.prior_loss, fc.prefix_points, fc.sd_rel,
                         fc.drop, w, fc.loss, fc.prior_widen, fc.last_fraction)
@@ -277,7 +278,8 @@ class CurvePlugin:
         S1, S2 = self._S
         model = self.law.at(self.n_params)
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
-        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step])) * pred
+        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step]),
+                                float(self.schedule[obs.step] / self.schedule.max())) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
         if math.isfinite(obs.loss):

@@ -350,3 +350,33 @@ def test_blend_survives_the_file_and_older_calibrations_forecast_with_the_prefix
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(LawFileError, match="blend"):
         load_curve_law(tmp_path / "bad.json")
+
+
+def test_widening_past_the_pilots_summed_lr_depends_on_how_far_the_schedule_has_annealed(tmp_path) -> None:
+    from scalewatch.bands import calibrate_reach
+
+    # Held-out points past the fit's S1: those still at the peak LR missed by 3x their band, annealed ones
+    # by 1.5x (the pilots' anneals pin the annealing term): each group sets its own slope.
+    rng = np.random.default_rng(11)
+    beyond = rng.uniform(0.1, 1.0, 400)
+    lr_rel = np.r_[np.ones(200), np.full(200, 0.1)]
+    err = np.r_[np.full(200, 0.03), np.full(200, 0.015)] * rng.uniform(0.2, 1.0, 400)
+    r = calibrate_reach(err, np.full(400, 0.01), beyond, s1_max=7.2, lr_rel=lr_rel)
+    pooled = calibrate_reach(err, np.full(400, 0.01), beyond, s1_max=7.2)
+    assert r.per_ln_s1_annealed is not None and r.per_ln_s1_annealed < pooled.per_ln_s1 <= r.per_ln_s1
+    s1 = 7.2 * math.e
+    assert r.factor(s1, 0.1) < r.factor(s1, 1.0)  # the same S1, a cooled-down run: a narrower band
+    assert pooled.factor(s1, 0.1) == pooled.factor(s1, 1.0)  # files from before: the LR does not matter
+    assert ScheduleReach.from_json(r.to_json(), "x") == r
+    # A law fitted on pilots that anneal (cosine, WSD) and some that do not (constant) measures both.
+    law = fit_curves([noisy(f"{k}{i}", make(), np.random.default_rng(i)) for i in range(2)
+                      for k, make in SCHEDULES.items()], calibrate=False).law
+    assert law.reach.per_ln_s1_annealed is not None
+    long_cos, long_const = cosine(36000), np.full(36001, 3e-4)
+    p_cos = law.predict(long_cos, steps=[36000])
+    p_const = law.predict(long_const, steps=[36000])
+    s1_cos, s1_const = float(long_cos.sum()), float(long_const.sum())
+    assert (p_cos.high[0] - p_cos.loss[0]) / p_cos.loss[0] == pytest.approx(
+        law.band_at(None, 1.0) * law.reach.factor(s1_cos, long_cos[-1] / long_cos.max()), rel=0.02)
+    assert (p_const.high[0] - p_const.loss[0]) / p_const.loss[0] == pytest.approx(
+        law.band_at(None, 1.0) * law.reach.factor(s1_const, 1.0), rel=0.02)
