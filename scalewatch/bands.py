@@ -164,33 +164,38 @@ def blend_weight(drop: float, scale: float | None, prior_widen: float = 1.0) -> 
 BLEND_SCALES = (0.0, *np.logspace(-4, 0, 33).tolist())
 
 
-def choose_blend(replays: Sequence[Replay]) -> tuple[float | None, float, float, float]:
-    """The blend scale whose replayed forecasts have the smallest mean |error| (stacking on the replays):
-    returns it (None: the prefix fit alone) with the mean |error| of the blend, of the prefix fit alone and
-    of the prior alone. Both ends are candidates, so in replay the blend is never worse than either.
+def choose_blend(replays: Sequence[Replay], one_se: bool = True) -> tuple[float | None, float, float, float]:
+    """The blend scale for these replays (stacking): returns it (None: the prefix fit alone) with the mean
+    |error| of the blend, of the prefix fit alone and of the prior alone.
+
+    The scale with the smallest mean |error| over the replays; with ``one_se``, the one-standard-error
+    rule: the candidate nearest the prefix fit alone (the forecast before blending) whose mean |error|
+    is within one standard error of the paired differences of the best's, so that a blend is taken only
+    where the replays show it helps beyond their noise. Both ends are candidates: in replay the blend is
+    never worse than the prior alone or the prefix fit alone by more than that standard error.
 
     Example:
         >>> rs = [Replay("c", 0.2, 0.03, 0.01, 0.0, "leave-out", 0.005, 0.1), Replay("c", 0.9, 0.001, 0.001, 0.0,
         ...       "leave-out", 0.005, 0.0)]
-        >>> scale, blend, fit, prior = choose_blend(rs)
+        >>> scale, blend, fit, prior = choose_blend(rs, one_se=False)
         >>> blend <= min(fit, prior), round(prior, 4)
         (True, 0.005)
     """
     usable = [r for r in replays if math.isfinite(r.prior_rel_error) and math.isfinite(r.drop)]
     if not usable:
         return None, math.nan, math.nan, math.nan
-
-    def mean_abs(scale: float | None) -> float:
-        return float(np.mean([abs(r.blended(scale)) for r in usable]))
-
-    fit_alone = mean_abs(None)
-    best: float | None = None
-    best_err = fit_alone
-    for scale in sorted(BLEND_SCALES, reverse=True):  # ties: the most weight on the prefix
-        e = mean_abs(scale)
-        if e < best_err - 1e-12:
-            best, best_err = scale, e
-    return best, best_err, fit_alone, float(np.mean([abs(r.prior_rel_error) for r in usable]))
+    candidates: list[float | None] = [None, *sorted(BLEND_SCALES, reverse=True)]  # from the prefix fit to the prior
+    errs = {i: np.array([abs(r.blended(c)) for r in usable]) for i, c in enumerate(candidates)}
+    best = min(errs, key=lambda i: (float(errs[i].mean()), i))
+    chosen = best
+    if one_se and len(usable) > 1:
+        for i in range(best):
+            diff = errs[i] - errs[best]
+            if diff.mean() <= diff.std(ddof=1) / math.sqrt(len(diff)):
+                chosen = i
+                break
+    return (candidates[chosen], float(errs[chosen].mean()), float(errs[0].mean()),
+            float(np.mean([abs(r.prior_rel_error) for r in usable])))
 
 
 @dataclass

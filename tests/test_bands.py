@@ -255,8 +255,14 @@ def test_blend_is_never_worse_than_the_prior_or_the_prefix_fit_alone_in_replay()
         rs = [Replay("c", 0.2, float(e), 0.01, 0.0, "leave-out", float(p), float(d))
               for e, p, d in zip(rng.normal(0, 0.02, 20), rng.normal(0, 0.01, 20), rng.uniform(0, 0.2, 20),
                                  strict=True)]
-        _, blend, fit, prior = choose_blend(rs)
+        _, blend, fit, prior = choose_blend(rs, one_se=False)
         assert blend <= min(fit, prior) + 1e-12
+        # The one-standard-error rule gives up at most one standard error of the paired differences for a
+        # blend nearer the prefix fit alone: never systematically worse than either end.
+        scale, blend_1se, _, _ = choose_blend(rs)
+        for end in (None, 0.0):
+            diff = np.array([abs(r.blended(scale)) - abs(r.blended(end)) for r in rs])
+            assert blend_1se >= blend - 1e-12 and diff.mean() <= 2 * diff.std(ddof=1) / math.sqrt(len(rs)) + 1e-12
 
 
 # (offset, transient): the prior is good and an early transient misleads the prefix; or the runs' levels
