@@ -405,8 +405,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
                   f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
                   + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
                      f"{cal.n_out_max:.2f} in ln N" if far else "")
-                  + ("; outside the pilot sizes the prior widens (1 + distance in ln N), the band by what the "
-                     "size-out replays needed beyond that" if cal.prior_widening else "")
+                  + ("; outside the pilot sizes the prior widens as the predicted curve's band does, the band by "
+                     "what the size-out replays needed beyond that" if cal.prior_widening else "")
                   + (f"; prefix fit blended with the prior by prefix fraction and remaining drop "
                      f"(replayed mean |error| {cal.blend_errors[0]:.3%}, prefix fit alone {cal.blend_errors[1]:.3%}, "
                      f"prior alone {cal.blend_errors[2]:.3%})" if cal.blend_errors else ""))
