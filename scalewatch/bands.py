@@ -228,6 +228,12 @@ class ForecastCalibration:
             :func:`blend_weight` at the scale that the replays at that prefix fraction and its neighbours
             chose (:func:`choose_blend`; None: the prefix fit alone), linear in the fraction between rows.
             None (files from before it): the prefix fit alone everywhere.
+        blend_far: the same, chosen on the size-out replays (3+ sizes), for forecasts outside the pilot
+            sizes. None: outside the pilot sizes the prefix fit alone (nothing measured how far to trust a
+            prior extrapolated in N; the in-range blend, which may lean on the prior entirely early on, is
+            not carried there).
+        by_fraction_fit: as ``by_fraction``, the scores of the prefix fit alone: the band of a forecast that
+            is not blended (outside the pilot sizes without ``blend_far``). None: ``by_fraction``.
         blend_errors: the replays' mean |error| with the blend, with the prefix fit alone and with the
             prior alone (None when not recorded).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
@@ -254,29 +260,40 @@ class ForecastCalibration:
     prior_widening: bool = False
     blend: list[tuple[float, float | None, int]] | None = None
     blend_errors: tuple[float, float, float] | None = None
+    blend_far: list[tuple[float, float | None, int]] | None = None
+    by_fraction_fit: list[tuple[float, float, int]] | None = None
 
-    def quantile_at(self, fraction: float) -> float:
-        """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
-        f = np.array([r[0] for r in self.by_fraction])
-        q = np.array([r[1] for r in self.by_fraction])
+    def quantile_at(self, fraction: float, blended: bool = True) -> float:
+        """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside.
+        ``blended=False``: of the prefix fit alone (:attr:`by_fraction_fit`, where the blend changed it)."""
+        rows = self.by_fraction if blended or not self.by_fraction_fit else self.by_fraction_fit
+        f = np.array([r[0] for r in rows])
+        q = np.array([r[1] for r in rows])
         return float(np.interp(fraction, f, q))
 
-    def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0) -> float:
+    def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0, blended: bool = True) -> float:
         """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
-        return max(sd_rel * self.quantile_at(fraction) * widening(n_out, self.per_ln_n, self.n_out_max), self.floor_rel)
+        return max(sd_rel * self.quantile_at(fraction, blended) * widening(n_out, self.per_ln_n, self.n_out_max),
+                   self.floor_rel)
 
-    def blend_weight(self, drop: float, fraction: float, prior_widen: float = 1.0) -> float:
+    def blended_at(self, n_out: float) -> bool:
+        """Whether a forecast at ``n_out`` in ln N outside the pilot sizes is blended with the prior."""
+        return bool(self.blend if n_out <= 0 else self.blend_far)
+
+    def blend_weight(self, drop: float, fraction: float, prior_widen: float = 1.0, n_out: float = 0.0) -> float:
         """The prefix fit's weight against the prior for a forecast (:func:`blend_weight`) whose prefix
-        covers ``fraction`` of the run: linear between the two nearest calibrated fractions."""
-        if not self.blend:
+        covers ``fraction`` of the run, ``n_out`` in ln N outside the pilot sizes: linear between the two
+        nearest calibrated fractions (of :attr:`blend_far` outside the pilot sizes)."""
+        rows = self.blend if n_out <= 0 else self.blend_far
+        if not rows:
             return 1.0
-        f = np.array([r[0] for r in self.blend])
-        w = np.array([blend_weight(drop, r[1], prior_widen) for r in self.blend])
+        f = np.array([r[0] for r in rows])
+        w = np.array([blend_weight(drop, r[1], prior_widen) for r in rows])
         return float(np.interp(fraction, f, w))
 
-    def scale_at(self, fraction: float) -> float | None:
+    def scale_at(self, fraction: float, far: bool = False) -> float | None:
         """The blend scale calibrated at exactly this prefix fraction (None: no blend there)."""
-        for f, scale, _ in self.blend or ():
+        for f, scale, _ in (self.blend_far if far else self.blend) or ():
             if abs(f - fraction) < 1e-9:
                 return scale
         return None
@@ -289,6 +306,10 @@ class ForecastCalibration:
                "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
         if self.prior_widening:  # absent in older files: the whole band widens
             doc["prior_widening"] = True
+        if self.by_fraction_fit:
+            doc["by_fraction_fit"] = [[float(f), float(q), int(n)] for f, q, n in self.by_fraction_fit]
+        if self.blend_far:  # absent: outside the pilot sizes the prefix fit alone
+            doc["blend_far"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend_far]
         if self.blend:  # absent in older files: the prefix fit alone
             doc["blend"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend]
             if self.blend_errors is not None:
@@ -318,13 +339,21 @@ class ForecastCalibration:
             raise LawFileError(f"{where}: per_ln_n, n_out_max, replays, curves and floor_rel must be "
                                "numbers >= 0, level in (0, 1)")
         prior_widening = doc.get("prior_widening", False)
-        blend = doc.get("blend", [])
-        if not isinstance(prior_widening, bool) or not (isinstance(blend, Sequence) and all(
+        blend, blend_far = doc.get("blend", []), doc.get("blend_far", [])
+
+        def rows_ok(rows: Any) -> bool:
+            return isinstance(rows, Sequence) and all(
                 isinstance(r, Sequence) and len(r) == 3 and _finite(r[0]) and _finite(r[2]) and r[2] >= 0
-                and (r[1] is None or (_finite(r[1]) and r[1] >= 0)) for r in blend)) \
-                or any(b[0] <= a[0] for a, b in zip(blend[:-1], blend[1:], strict=True)):
-            raise LawFileError(f"{where}: prior_widening must be true or false, blend a list of [fraction, scale "
-                               "(null or >= 0), replays] sorted by fraction")
+                and (r[1] is None or (_finite(r[1]) and r[1] >= 0)) for r in rows) \
+                and not any(b[0] <= a[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
+
+        if not isinstance(prior_widening, bool) or not rows_ok(blend) or not rows_ok(blend_far):
+            raise LawFileError(f"{where}: prior_widening must be true or false, blend and blend_far lists of "
+                               "[fraction, scale (null or >= 0), replays] sorted by fraction")
+        fit_rows = doc.get("by_fraction_fit", [])
+        if not (rows_ok(fit_rows) and all(r[1] is not None and r[1] > 0 for r in fit_rows)):
+            raise LawFileError(f"{where}.by_fraction_fit must be a list of [fraction, quantile > 0, replays] "
+                               "sorted by fraction")
         errs = doc.get("blend_mean_abs_error")
         blend_errors = None
         if isinstance(errs, Mapping) and all(_finite(errs.get(k)) for k in ("blend", "prefix_fit", "prior")):
@@ -335,7 +364,9 @@ class ForecastCalibration:
                    floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")),
                    n_out_max=float(nums["n_out_max"]), prior_widening=prior_widening,
                    blend=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend] or None,
-                   blend_errors=blend_errors)
+                   blend_errors=blend_errors,
+                   blend_far=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend_far] or None,
+                   by_fraction_fit=[(float(f), float(q), int(n)) for f, q, n in fit_rows] or None)
 
 
 def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
@@ -379,7 +410,9 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
                               prior_widening=prior_widening, blend=blend)
 
     def score(r: Replay) -> float:
-        return abs(r.blended(cal.scale_at(r.fraction)) if blend else r.rel_error) / max(r.sd_rel, 1e-12)
+        far_r = r.n_out > 0
+        blended = (cal.blend_far if far_r else cal.blend) is not None
+        return abs(r.blended(cal.scale_at(r.fraction, far_r)) if blended else r.rel_error) / max(r.sd_rel, 1e-12)
 
     if blend:
         usable = [r for r in near if math.isfinite(r.prior_rel_error)]
@@ -390,8 +423,20 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
     for i, f in enumerate(grid):
         scores = [score(r) for r in pool(i)]
         cal.by_fraction.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
+    if blend and any(v is not None for _, v, _ in blend):  # for the forecasts that are not blended
+        cal.by_fraction_fit = [(f, max(conformal_quantile([r.score for r in pool(i)], level), 1e-6), len(pool(i)))
+                               for i, f in enumerate(grid)]
     far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
     cal.prior_widening = prior_widening and bool(far)
+    if far and prior_widening:
+        # Outside the pilot sizes the prior is extrapolated in N: its own blend, chosen on the size-out replays.
+        far_grid = sorted({r.fraction for r in far})
+
+        def far_pool(i: int) -> list[Replay]:
+            pooled = set(far_grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
+            return [r for r in far if r.fraction in pooled]
+
+        cal.blend_far = [(f, choose_blend(far_pool(i))[0], len(far_pool(i))) for i, f in enumerate(far_grid)]
     if far:
         # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
         # at the conformal quantile of those needs.

@@ -108,12 +108,13 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
         # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
         # widen as the predicted curve's band does there.
-        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen)
+        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen, law.n_outside(n_params))
         final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
         sched = check_schedule(schedule)
         S1, _ = schedule_features(sched[: end + 1], law.lam)
         reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end], sched[end] / sched.max()))
-        half = cal.half_width(fc.sd_rel, fc.last_fraction, law.n_outside(n_params)) * reach * final
+        n_out = law.n_outside(n_params)
+        half = cal.half_width(fc.sd_rel, fc.last_fraction, n_out, cal.blended_at(n_out)) * reach * final
         return Forecast(end, final, final - half, final + half, fc.prior_loss, fc.prefix_points, fc.sd_rel,
                         fc.drop, w, fc.loss, fc.prior_widen, fc.last_fraction)
     # A law file from before the calibration: the law's band at the final step, never shrunk by how

@@ -311,10 +311,16 @@ def test_band_outside_the_pilot_sizes_holds_the_truth_and_shrinks_with_the_prefi
               for k, make in SCHEDULES.items()]
     law = fit_curves(pilots).law
     cal = law.forecast_band
-    if len(sizes) == 2:  # nothing measures how far a prefix corrects a law extrapolated in N: the blanket rule
+    if len(sizes) == 2:  # nothing measures how far a prefix corrects a law extrapolated in N: the blanket rule,
+        # and outside the sizes no blend (the in-range replays say nothing of a prior extrapolated in N)
         assert not cal.prior_widening and cal.per_ln_n == 1.0 and cal.per_ln_n_replays == 0
-    else:  # size-out replays: the N-widening is on the prior, the band by what those replays needed beyond it
+        assert cal.blend_far is None and not cal.blended_at(1.0) and cal.blend_weight(0.2, 0.2, 2.0, n_out=1.0) == 1.0
+    else:  # size-out replays: the N-widening is on the prior, the band by what those replays needed beyond it,
+        # and the blend outside the sizes is chosen on them
         assert cal.prior_widening and cal.per_ln_n_replays > 0 and "prior widens" in cal.method
+        assert cal.blend_far is not None and cal.blended_at(1.0)
+        again = type(cal).from_json(json.loads(json.dumps(cal.to_json())), "x")
+        assert again.blend_far == cal.blend_far and again.prior_widening and again.by_fraction_fit == cal.by_fraction_fit
     half, inside = {}, []
     for n in (1e8, 8e8):  # inside, and ln 4 beyond the largest pilot
         for i in range(16):
