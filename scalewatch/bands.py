@@ -160,6 +160,8 @@ def blend_weight(drop: float, scale: float | None, prior_widen: float = 1.0) -> 
     return 1.0 if d <= 0 else float(v / (v + d))
 
 
+# The fewest replays a blend is chosen on (further neighbouring fractions are pooled until there are).
+BLEND_MIN_REPLAYS = 30
 # The blend scales tried (BLEND_SCALES, and None: the prefix fit alone): relative drops from 1e-4 to 1.
 BLEND_SCALES = (0.0, *np.logspace(-4, 0, 33).tolist())
 
@@ -404,8 +406,20 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
         pooled = set(grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
         return [r for r in near if r.fraction in pooled]
 
-    # The blend per prefix fraction, chosen on the replays there and at its neighbours (as the quantile is).
-    blend = [(f, choose_blend(pool(i))[0], len(pool(i))) for i, f in enumerate(grid)] if prior_widening else None
+    def blend_pool(i: int, among: Sequence[Replay], on: list[float]) -> list[Replay]:
+        # The replays at this fraction and its neighbours (as the quantile pools them), widened to further
+        # neighbours until there are BLEND_MIN_REPLAYS: a choice among 35 scales on a dozen replays is noise.
+        k = POOL_NEIGHBOURS
+        while True:
+            pooled = set(on[max(0, i - k): i + k + 1])
+            rs = [r for r in among if r.fraction in pooled]
+            if len(rs) >= BLEND_MIN_REPLAYS or len(pooled) == len(on):
+                return rs
+            k += 1
+
+    # The blend per prefix fraction, chosen on the replays there and at its neighbours.
+    blend = [(f, choose_blend(rs)[0], len(rs)) for i, f in enumerate(grid) for rs in [blend_pool(i, near, grid)]] \
+        if prior_widening else None
     cal = ForecastCalibration([], replays=len(near), curves=len({r.curve for r in near}), level=level,
                               prior_widening=prior_widening, blend=blend)
 
@@ -431,12 +445,8 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
     if far and prior_widening:
         # Outside the pilot sizes the prior is extrapolated in N: its own blend, chosen on the size-out replays.
         far_grid = sorted({r.fraction for r in far})
-
-        def far_pool(i: int) -> list[Replay]:
-            pooled = set(far_grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
-            return [r for r in far if r.fraction in pooled]
-
-        cal.blend_far = [(f, choose_blend(far_pool(i))[0], len(far_pool(i))) for i, f in enumerate(far_grid)]
+        cal.blend_far = [(f, choose_blend(rs)[0], len(rs)) for i, f in enumerate(far_grid)
+                         for rs in [blend_pool(i, far, far_grid)]]
     if far:
         # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
         # at the conformal quantile of those needs.
