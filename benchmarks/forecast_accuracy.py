@@ -131,13 +131,15 @@ def multipowerlaw(root: Path) -> bool:
             halfs.append((p.high - p.loss) / p.loss)
             errs.append(rel)
             print(f"  {size:>3}M {name:20} mean {rel.mean():.3%}  final {(p.loss[-1] - c.loss[-1]) / c.loss[-1]:+.3%}"
-                  f"  in 90% band {covs[-1]:.0%}")
+                  f"  in 90% band {covs[-1]:.0%}, half-width {sharpness(halfs[-1], rel):.1f}x mean |error|")
         m, w = float(np.mean(means)), float(np.max(finals))
         ok &= m <= 0.003 and w <= 0.01
         print(f"  {size:>3}M: mean {m:.3%} (target <= 0.3%), worst final {w:.3%} (target <= 1%), "
               f"band +-{law.band_rel:.2%}, coverage {np.mean(covs):.0%} of points (target 85-95%), half-width "
               f"{sharpness(np.concatenate(halfs), np.concatenate(errs)):.1f}x mean |error| (target <= 3); "
-              f"widening past the pilots' summed LR {getattr(getattr(law, 'reach', None), 'per_ln_s1', 0.0):.2f} per unit ln S1")
+              f"widening past the pilots' summed LR {getattr(getattr(law, 'reach', None), 'per_ln_s1', 0.0):.2f} per unit "
+              f"ln S1 at the peak LR, {getattr(getattr(law, 'reach', None), 'per_ln_s1_annealed', None) or 0.0:.2f} "
+              "annealed")
     return ok
 
 

@@ -114,6 +114,9 @@ class Replay:
         n_out: how far the curve's ln N lies outside the sizes of the law that forecast it (0 inside).
         kind: ``"leave-out"`` (a law without the curve and its branches), ``"size-out"`` (a law without
             the curve's model size) or ``"forward"`` (a law fitted on every curve's first 60%).
+        prior_rel_error: (the prior's final loss - truth) / truth: the law alone, no prefix.
+        drop: the loss the prior still predicted to fall after the prefix, relative to the final loss.
+        prior_widen: how much wider the prior was than within the pilot sizes (1 inside).
     """
 
     curve: str
@@ -122,10 +125,79 @@ class Replay:
     sd_rel: float
     n_out: float
     kind: str
+    prior_rel_error: float = math.nan
+    drop: float = math.nan
+    prior_widen: float = 1.0
+
+    def blended(self, scale: float | None) -> float:
+        """The relative error of the forecast ``prior + w * (prefix fit - prior)`` at blend scale ``scale``."""
+        if scale is None or not (math.isfinite(self.prior_rel_error) and math.isfinite(self.drop)):
+            return self.rel_error
+        w = blend_weight(self.drop, scale, self.prior_widen)
+        return self.prior_rel_error + w * (self.rel_error - self.prior_rel_error)
 
     @property
     def score(self) -> float:
         return abs(self.rel_error) / max(self.sd_rel, 1e-12)
+
+
+def blend_weight(drop: float, scale: float | None, prior_widen: float = 1.0) -> float:
+    """The prefix fit's weight against the prior: ``v / (v + drop)`` with ``v = scale * prior_widen**2``.
+
+    As a Gaussian precision weight: the prior's error variance (``scale``, times its widening outside
+    the pilot sizes squared) against the prefix fit's, which grows with how far it extrapolates (the
+    loss the prior still predicts to fall after the prefix, ``drop``). ``scale`` None: the prefix fit
+    alone (1); 0: the prior alone; no drop left: the prefix fit alone.
+
+    Example:
+        >>> blend_weight(0.02, 0.02), blend_weight(0.02, None), blend_weight(0.0, 0.01), blend_weight(0.02, 0.0)
+        (0.5, 1.0, 1.0, 0.0)
+    """
+    if scale is None:
+        return 1.0
+    d = max(drop, 0.0) if math.isfinite(drop) else 0.0
+    v = scale * prior_widen ** 2
+    return 1.0 if d <= 0 else float(v / (v + d))
+
+
+# The fewest replays a blend is chosen on (further neighbouring fractions are pooled until there are).
+BLEND_MIN_REPLAYS = 30
+# The blend scales tried (BLEND_SCALES, and None: the prefix fit alone): relative drops from 1e-4 to 1.
+BLEND_SCALES = (0.0, *np.logspace(-4, 0, 33).tolist())
+
+
+def choose_blend(replays: Sequence[Replay], one_se: bool = True) -> tuple[float | None, float, float, float]:
+    """The blend scale for these replays (stacking): returns it (None: the prefix fit alone) with the mean
+    |error| of the blend, of the prefix fit alone and of the prior alone.
+
+    The scale with the smallest mean |error| over the replays; with ``one_se``, the one-standard-error
+    rule: the candidate nearest the prefix fit alone (the forecast before blending) whose mean |error|
+    is within one standard error of the paired differences of the best's, so that a blend is taken only
+    where the replays show it helps beyond their noise. Both ends are candidates: in replay the blend is
+    never worse than the prior alone or the prefix fit alone by more than that standard error.
+
+    Example:
+        >>> rs = [Replay("c", 0.2, 0.03, 0.01, 0.0, "leave-out", 0.005, 0.1), Replay("c", 0.9, 0.001, 0.001, 0.0,
+        ...       "leave-out", 0.005, 0.0)]
+        >>> scale, blend, fit, prior = choose_blend(rs, one_se=False)
+        >>> blend <= min(fit, prior), round(prior, 4)
+        (True, 0.005)
+    """
+    usable = [r for r in replays if math.isfinite(r.prior_rel_error) and math.isfinite(r.drop)]
+    if not usable:
+        return None, math.nan, math.nan, math.nan
+    candidates: list[float | None] = [None, *sorted(BLEND_SCALES, reverse=True)]  # from the prefix fit to the prior
+    errs = {i: np.array([abs(r.blended(c)) for r in usable]) for i, c in enumerate(candidates)}
+    best = min(errs, key=lambda i: (float(errs[i].mean()), i))
+    chosen = best
+    if one_se and len(usable) > 1:
+        for i in range(best):
+            diff = errs[i] - errs[best]
+            if diff.mean() <= diff.std(ddof=1) / math.sqrt(len(diff)):
+                chosen = i
+                break
+    return (candidates[chosen], float(errs[chosen].mean()), float(errs[0].mean()),
+            float(np.mean([abs(r.prior_rel_error) for r in usable])))
 
 
 @dataclass
@@ -149,6 +221,23 @@ class ForecastCalibration:
         per_ln_n_replays: how many replays ``per_ln_n`` rests on (0: the default above).
         n_out_max: the largest distance in ln N a size-out replay reached (0: none): further out the
             linear growth is an assumption, not a measurement (new in this version; 0 when absent).
+        prior_widening: the forecast's posterior width puts the law's widening outside the pilot sizes on
+            its prior only (:func:`scalewatch.forecast.prefix_fit`), and ``per_ln_n`` is only what the
+            size-out replays needed beyond that. Set only where size-out replays measured it (3+ sizes):
+            a prefix pins the level but not the shape (alpha, C) a law extrapolates in N, so without a
+            measurement the whole band widens by ``per_ln_n`` (False: as in files from before it).
+        blend: ``(fraction, scale, replays)``: the forecast is ``prior + w * (prefix fit - prior)``, ``w`` from
+            :func:`blend_weight` at the scale that the replays at that prefix fraction and its neighbours
+            chose (:func:`choose_blend`; None: the prefix fit alone), linear in the fraction between rows.
+            None (files from before it): the prefix fit alone everywhere.
+        blend_far: the same, chosen on the size-out replays (3+ sizes), for forecasts outside the pilot
+            sizes. None: outside the pilot sizes the prefix fit alone (nothing measured how far to trust a
+            prior extrapolated in N; the in-range blend, which may lean on the prior entirely early on, is
+            not carried there).
+        by_fraction_fit: as ``by_fraction``, the scores of the prefix fit alone: the band of a forecast that
+            is not blended (outside the pilot sizes without ``blend_far``). None: ``by_fraction``.
+        blend_errors: the replays' mean |error| with the blend, with the prefix fit alone and with the
+            prior alone (None when not recorded).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
         curves: how many pilot curves were replayed.
         level: the band's level.
@@ -170,23 +259,65 @@ class ForecastCalibration:
     floor_rel: float = FORECAST_FLOOR_REL
     method: str = ""
     n_out_max: float = 0.0
+    prior_widening: bool = False
+    blend: list[tuple[float, float | None, int]] | None = None
+    blend_errors: tuple[float, float, float] | None = None
+    blend_far: list[tuple[float, float | None, int]] | None = None
+    by_fraction_fit: list[tuple[float, float, int]] | None = None
 
-    def quantile_at(self, fraction: float) -> float:
-        """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside."""
-        f = np.array([r[0] for r in self.by_fraction])
-        q = np.array([r[1] for r in self.by_fraction])
+    def quantile_at(self, fraction: float, blended: bool = True) -> float:
+        """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside.
+        ``blended=False``: of the prefix fit alone (:attr:`by_fraction_fit`, where the blend changed it)."""
+        rows = self.by_fraction if blended or not self.by_fraction_fit else self.by_fraction_fit
+        f = np.array([r[0] for r in rows])
+        q = np.array([r[1] for r in rows])
         return float(np.interp(fraction, f, q))
 
-    def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0) -> float:
+    def half_width(self, sd_rel: float, fraction: float, n_out: float = 0.0, blended: bool = True) -> float:
         """The band's relative half-width for a forecast with this posterior sd, prefix fraction and N distance."""
-        return max(sd_rel * self.quantile_at(fraction) * widening(n_out, self.per_ln_n, self.n_out_max), self.floor_rel)
+        return max(sd_rel * self.quantile_at(fraction, blended) * widening(n_out, self.per_ln_n, self.n_out_max),
+                   self.floor_rel)
+
+    def blended_at(self, n_out: float) -> bool:
+        """Whether a forecast at ``n_out`` in ln N outside the pilot sizes is blended with the prior."""
+        return bool(self.blend if n_out <= 0 else self.blend_far)
+
+    def blend_weight(self, drop: float, fraction: float, prior_widen: float = 1.0, n_out: float = 0.0) -> float:
+        """The prefix fit's weight against the prior for a forecast (:func:`blend_weight`) whose prefix
+        covers ``fraction`` of the run, ``n_out`` in ln N outside the pilot sizes: linear between the two
+        nearest calibrated fractions (of :attr:`blend_far` outside the pilot sizes)."""
+        rows = self.blend if n_out <= 0 else self.blend_far
+        if not rows:
+            return 1.0
+        f = np.array([r[0] for r in rows])
+        w = np.array([blend_weight(drop, r[1], prior_widen) for r in rows])
+        return float(np.interp(fraction, f, w))
+
+    def scale_at(self, fraction: float, far: bool = False) -> float | None:
+        """The blend scale calibrated at exactly this prefix fraction (None: no blend there)."""
+        for f, scale, _ in (self.blend_far if far else self.blend) or ():
+            if abs(f - fraction) < 1e-9:
+                return scale
+        return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
-                "per_ln_n": float(self.per_ln_n),
-                "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
-                "floor_rel": float(self.floor_rel),
-                "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
+        doc = {"level": self.level, "method": self.method, "replays": int(self.replays), "curves": int(self.curves),
+               "per_ln_n": float(self.per_ln_n),
+               "per_ln_n_replays": int(self.per_ln_n_replays), "n_out_max": float(self.n_out_max),
+               "floor_rel": float(self.floor_rel),
+               "by_fraction": [[float(f), float(q), int(n)] for f, q, n in self.by_fraction]}
+        if self.prior_widening:  # absent in older files: the whole band widens
+            doc["prior_widening"] = True
+        if self.by_fraction_fit:
+            doc["by_fraction_fit"] = [[float(f), float(q), int(n)] for f, q, n in self.by_fraction_fit]
+        if self.blend_far:  # absent: outside the pilot sizes the prefix fit alone
+            doc["blend_far"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend_far]
+        if self.blend:  # absent in older files: the prefix fit alone
+            doc["blend"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend]
+            if self.blend_errors is not None:
+                doc["blend_mean_abs_error"] = dict(zip(("blend", "prefix_fit", "prior"),
+                                                       (float(e) for e in self.blend_errors), strict=True))
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, source: str) -> ForecastCalibration:
@@ -209,14 +340,39 @@ class ForecastCalibration:
         if not all(_finite(v) and v >= 0 for v in nums.values()) or not 0 < nums["level"] < 1:
             raise LawFileError(f"{where}: per_ln_n, n_out_max, replays, curves and floor_rel must be "
                                "numbers >= 0, level in (0, 1)")
+        prior_widening = doc.get("prior_widening", False)
+        blend, blend_far = doc.get("blend", []), doc.get("blend_far", [])
+
+        def rows_ok(rows: Any) -> bool:
+            return isinstance(rows, Sequence) and all(
+                isinstance(r, Sequence) and len(r) == 3 and _finite(r[0]) and _finite(r[2]) and r[2] >= 0
+                and (r[1] is None or (_finite(r[1]) and r[1] >= 0)) for r in rows) \
+                and not any(b[0] <= a[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
+
+        if not isinstance(prior_widening, bool) or not rows_ok(blend) or not rows_ok(blend_far):
+            raise LawFileError(f"{where}: prior_widening must be true or false, blend and blend_far lists of "
+                               "[fraction, scale (null or >= 0), replays] sorted by fraction")
+        fit_rows = doc.get("by_fraction_fit", [])
+        if not (rows_ok(fit_rows) and all(r[1] is not None and r[1] > 0 for r in fit_rows)):
+            raise LawFileError(f"{where}.by_fraction_fit must be a list of [fraction, quantile > 0, replays] "
+                               "sorted by fraction")
+        errs = doc.get("blend_mean_abs_error")
+        blend_errors = None
+        if isinstance(errs, Mapping) and all(_finite(errs.get(k)) for k in ("blend", "prefix_fit", "prior")):
+            blend_errors = (float(errs["blend"]), float(errs["prefix_fit"]), float(errs["prior"]))
         return cls(by_fraction=[(float(f), float(q), int(n)) for f, q, n in rows], per_ln_n=float(nums["per_ln_n"]),
                    per_ln_n_replays=int(nums["per_ln_n_replays"]),
                    replays=int(nums["replays"]), curves=int(nums["curves"]), level=float(nums["level"]),
                    floor_rel=float(nums["floor_rel"]), method=str(doc.get("method", "")),
-                   n_out_max=float(nums["n_out_max"]))
+                   n_out_max=float(nums["n_out_max"]), prior_widening=prior_widening,
+                   blend=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend] or None,
+                   blend_errors=blend_errors,
+                   blend_far=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend_far] or None,
+                   by_fraction_fit=[(float(f), float(q), int(n)) for f, q, n in fit_rows] or None)
 
 
-def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> ForecastCalibration | None:
+def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
+                       prior_widening: bool = False) -> ForecastCalibration | None:
     """The forecast band's calibration from replays; None when no replay was possible.
 
     In-range replays (``n_out == 0``) set the quantile per fraction. Only the ``leave-out``
@@ -225,6 +381,13 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     easier early in a run and are used only when there is no leave-out replay (two pilot curves).
     Replays from outside the sizes of their law set ``per_ln_n``: the smallest widening that holds
     ``level`` of them.
+
+    ``prior_widening`` (replays made by :func:`scalewatch.forecast.prefix_fit` with the size widening on
+    the prior only): the in-range replays also choose the blend of prefix fit and prior
+    (:func:`choose_blend`) and the scores are those of the blended forecasts. With size-out replays
+    the band's N-widening is on the prior, and ``per_ln_n`` is what those replays needed beyond it;
+    without them (two sizes) nothing measures how far the prefix corrects a law extrapolated in N
+    (it pins the level, not the shape): the whole band widens by the unmeasured rule, as before.
 
     Example:
         >>> rs = [Replay("c", f, e * 0.01, 0.01, 0.0, "leave-out") for f in (0.2, 0.6) for e in np.linspace(0, 1, 19)]
@@ -238,17 +401,56 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     if any(r.kind == "leave-out" for r in near):
         near = [r for r in near if r.kind == "leave-out"]
     grid = sorted({r.fraction for r in near})
-    rows = []
-    for i, f in enumerate(grid):
+
+    def pool(i: int) -> list[Replay]:
         pooled = set(grid[max(0, i - POOL_NEIGHBOURS): i + POOL_NEIGHBOURS + 1])
-        scores = [r.score for r in near if r.fraction in pooled]
-        rows.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
-    cal = ForecastCalibration(rows, replays=len(near), curves=len({r.curve for r in near}), level=level)
+        return [r for r in near if r.fraction in pooled]
+
+    def blend_pool(i: int, among: Sequence[Replay], on: list[float]) -> list[Replay]:
+        # The replays at this fraction and its neighbours (as the quantile pools them), widened to further
+        # neighbours until there are BLEND_MIN_REPLAYS: a choice among 35 scales on a dozen replays is noise.
+        k = POOL_NEIGHBOURS
+        while True:
+            pooled = set(on[max(0, i - k): i + k + 1])
+            rs = [r for r in among if r.fraction in pooled]
+            if len(rs) >= BLEND_MIN_REPLAYS or len(pooled) == len(on):
+                return rs
+            k += 1
+
+    # The blend per prefix fraction, chosen on the replays there and at its neighbours.
+    blend = [(f, choose_blend(rs)[0], len(rs)) for i, f in enumerate(grid) for rs in [blend_pool(i, near, grid)]] \
+        if prior_widening else None
+    cal = ForecastCalibration([], replays=len(near), curves=len({r.curve for r in near}), level=level,
+                              prior_widening=prior_widening, blend=blend)
+
+    def score(r: Replay) -> float:
+        far_r = r.n_out > 0
+        blended = (cal.blend_far if far_r else cal.blend) is not None
+        return abs(r.blended(cal.scale_at(r.fraction, far_r)) if blended else r.rel_error) / max(r.sd_rel, 1e-12)
+
+    if blend:
+        usable = [r for r in near if math.isfinite(r.prior_rel_error)]
+        if usable:
+            cal.blend_errors = (float(np.mean([abs(r.blended(cal.scale_at(r.fraction))) for r in usable])),
+                                float(np.mean([abs(r.rel_error) for r in usable])),
+                                float(np.mean([abs(r.prior_rel_error) for r in usable])))
+    for i, f in enumerate(grid):
+        scores = [score(r) for r in pool(i)]
+        cal.by_fraction.append((f, max(conformal_quantile(scores, level), 1e-6), len(scores)))
+    if blend and any(v is not None for _, v, _ in blend):  # for the forecasts that are not blended
+        cal.by_fraction_fit = [(f, max(conformal_quantile([r.score for r in pool(i)], level), 1e-6), len(pool(i)))
+                               for i, f in enumerate(grid)]
     far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
+    cal.prior_widening = prior_widening and bool(far)
+    if far and prior_widening:
+        # Outside the pilot sizes the prior is extrapolated in N: its own blend, chosen on the size-out replays.
+        far_grid = sorted({r.fraction for r in far})
+        cal.blend_far = [(f, choose_blend(rs)[0], len(rs)) for i, f in enumerate(far_grid)
+                         for rs in [blend_pool(i, far, far_grid)]]
     if far:
         # Each far replay needs (1 + k * n_out) >= score / q(fraction); the band holds `level` of them
         # at the conformal quantile of those needs.
-        needs = [(r.score / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
+        needs = [(score(r) / cal.quantile_at(r.fraction) - 1.0) / r.n_out for r in far]
         cal.per_ln_n = max(conformal_quantile(needs, level), 0.0)
         cal.per_ln_n_replays = len(far)
         cal.n_out_max = max(r.n_out for r in far)
@@ -257,7 +459,12 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
     cal.method = (f"conformal: |error| / posterior sd of {cal.replays} replayed prefix forecasts ({', '.join(kinds)}) "
                   f"of {cal.curves} pilot curves at prefix fractions {', '.join(f'{f:g}' for f in grid)}"
                   + (f"; widening outside the pilot sizes from {len(far)} size-out replays up to "
-                     f"{cal.n_out_max:.2f} in ln N" if far else ""))
+                     f"{cal.n_out_max:.2f} in ln N" if far else "")
+                  + ("; outside the pilot sizes the prior widens as the predicted curve's band does, the band by "
+                     "what the size-out replays needed beyond that" if cal.prior_widening else "")
+                  + (f"; prefix fit blended with the prior by prefix fraction and remaining drop "
+                     f"(replayed mean |error| {cal.blend_errors[0]:.3%}, prefix fit alone {cal.blend_errors[1]:.3%}, "
+                     f"prior alone {cal.blend_errors[2]:.3%})" if cal.blend_errors else ""))
     return cal
 
 
@@ -265,44 +472,68 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9) -> Forecas
 class ScheduleReach:
     """How the predicted curve's band widens where a run's summed LR (S1) goes past the pilots'.
 
-    The half-width at a step with summed LR ``s1`` is multiplied by
-    ``1 + per_ln_s1 * max(0, ln(s1 / s1_max))``.
+    The half-width at a step with summed LR ``s1`` and LR ``lr_rel`` times the run's peak is multiplied by
+    ``1 + k * max(0, ln(s1 / s1_max))``, ``k = per_ln_s1 * lr_rel + per_ln_s1_annealed * (1 - lr_rel)``:
+    a point still at its peak LR extrapolates the power law in S1 alone, an annealed one also sits on the
+    annealing term, whose error the pilots' own anneals measured, and is calibrated on its own.
 
     Attributes:
         s1_max: the largest S1 any pilot curve reached.
-        per_ln_s1: widening per unit of ln(S1 / s1_max), from each pilot's last 40% predicted by a fit
-            on every pilot's first 60% (points past that fit's S1); 0 when no point went past it.
-        points: how many such points it rests on.
+        per_ln_s1: widening per unit of ln(S1 / s1_max) at the peak LR, from each pilot's rest predicted by
+            fits on every pilot's first 60% and first third (points past that fit's S1, LR above half the
+            peak); 0 when no point went past it.
+        points: how many such points it rests on (all of them).
+        per_ln_s1_annealed: the same from the points at or below half their peak LR; None (files from
+            before it, or no such point): ``per_ln_s1`` at every LR.
 
     Example:
         >>> ScheduleReach(s1_max=10.0, per_ln_s1=1.0).factor(np.array([5.0, 10.0, 10.0 * math.e])).tolist()
         [1.0, 1.0, 2.0]
+        >>> ScheduleReach(10.0, 1.0, 10, per_ln_s1_annealed=0.2).factor(10.0 * math.e, lr_rel=0.1)
+        1.28
     """
 
     s1_max: float
     per_ln_s1: float = 0.0
     points: int = 0
+    per_ln_s1_annealed: float | None = None
 
-    def factor(self, s1: Any) -> Any:
+    def factor(self, s1: Any, lr_rel: Any = None) -> Any:
         beyond = np.log(np.maximum(np.asarray(s1, dtype=float), 1e-300) / self.s1_max)
-        return 1.0 + self.per_ln_s1 * np.maximum(beyond, 0.0)
+        k: Any = self.per_ln_s1
+        if lr_rel is not None and self.per_ln_s1_annealed is not None:
+            r = np.clip(np.asarray(lr_rel, dtype=float), 0.0, 1.0)
+            k = self.per_ln_s1 * r + self.per_ln_s1_annealed * (1.0 - r)
+        out = 1.0 + k * np.maximum(beyond, 0.0)
+        return out if np.ndim(out) else float(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
+        doc = {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
+        if self.per_ln_s1_annealed is not None:
+            doc["per_ln_s1_annealed"] = float(self.per_ln_s1_annealed)
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, source: str) -> ScheduleReach:
         if not (isinstance(doc, Mapping) and _finite(doc.get("s1_max")) and doc["s1_max"] > 0
                 and _finite(doc.get("per_ln_s1", 0.0)) and doc.get("per_ln_s1", 0.0) >= 0
-                and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0):
-            raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0}}")
-        return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)))
+                and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0
+                and (doc.get("per_ln_s1_annealed") is None
+                     or (_finite(doc["per_ln_s1_annealed"]) and doc["per_ln_s1_annealed"] >= 0))):
+            raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0, "
+                               "per_ln_s1_annealed >= 0 (optional)}")
+        annealed = doc.get("per_ln_s1_annealed")
+        return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)),
+                   None if annealed is None else float(annealed))
 
 
 def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarray, s1_max: float,
-                    level: float = 0.9) -> ScheduleReach:
+                    level: float = 0.9, lr_rel: np.ndarray | None = None) -> ScheduleReach:
     """:class:`ScheduleReach` from held-out points: their |relative error|, the band half-width they
     had, and ``ln(S1 / S1 max of the fit)``; only points past the fit's S1 (``beyond > 0``) count.
+    With ``lr_rel`` (each point's LR / its run's peak) the points above and at or below half the peak
+    set the two slopes, each the conformal quantile of what its own points need (one group empty: the
+    pooled slope for both).
 
     Example:
         >>> e = np.array([0.01, 0.02, 0.03]); w = np.full(3, 0.01); b = np.array([0.5, 0.5, 1.0])
@@ -313,7 +544,14 @@ def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarr
     if not m.any():
         return ScheduleReach(s1_max, 0.0, 0)
     needs = (np.abs(rel_errors[m]) / widths[m] - 1.0) / beyond[m]
-    return ScheduleReach(s1_max, max(conformal_quantile(needs, level), 0.0), int(m.sum()))
+    pooled = max(conformal_quantile(needs, level), 0.0)
+    if lr_rel is None:
+        return ScheduleReach(s1_max, pooled, int(m.sum()))
+    hot = np.asarray(lr_rel, dtype=float)[m] > 0.5
+    if hot.all() or not hot.any():
+        return ScheduleReach(s1_max, pooled, int(m.sum()), None)
+    return ScheduleReach(s1_max, max(conformal_quantile(needs[hot], level), 0.0), int(m.sum()),
+                         max(conformal_quantile(needs[~hot], level), 0.0))
 
 
 @dataclass
@@ -379,6 +617,6 @@ def calibrate_size_reach(rel_errors: np.ndarray, widths: np.ndarray, n_out: np.n
     return SizeReach(k, int(m.sum()), float(n_out[m].max()))
 
 
-__all__ = ["ForecastCalibration", "Replay", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
+__all__ = ["ForecastCalibration", "Replay", "blend_weight", "choose_blend", "BLEND_SCALES", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
            "calibrate_size_reach", "widening",
            "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]

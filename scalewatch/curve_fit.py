@@ -38,7 +38,7 @@ from scalewatch.curves import (
     law_form,
     momentum_params,
 )
-from scalewatch.forecast import forecast_final
+from scalewatch.forecast import prefix_fit
 
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
@@ -75,6 +75,14 @@ class _Prepared:
     y: np.ndarray
     x: float  # ln(N / n_ref)
     frac: np.ndarray | None = None  # step / the curve's last step
+
+
+def _lr_rel(c: Curve) -> np.ndarray:
+    """The LR at each point _prepare keeps, relative to the run's peak LR."""
+    lr = c.per_step_lr()
+    keep = c.steps >= SKIP_FRACTION * c.steps.max()
+    idx = np.clip(c.steps[keep].astype(int), 0, len(lr) - 1)
+    return lr[idx] / max(float(lr.max()), 1e-300)
 
 
 def _prepare(curves: Sequence[Curve], lam: float, n_ref: float) -> list[_Prepared]:
@@ -377,15 +385,17 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
              for m in [np.arange(len(p.y)) < 0.6 * len(p.y)]]
     c_t: dict[str, tuple[float, float]] | None = None
     # (|error|, progress, ln(S1 / the fit's largest S1)) of each late stretch, for ScheduleReach
-    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    late_points: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    lr_rel = [_lr_rel(c) for c in curves]  # each kept point's LR / its run's peak: how far it has annealed
     try:
         c_t, r_t = _fit_coef(early, multi, start=coef if law_form(coef) == FORM_FLOOR else None, form=form)
         fits.append(("the fit on the first 60% of each curve", r_t))
-        for p in prepared:
+        for p, r in zip(prepared, lr_rel, strict=True):
             late = np.arange(len(p.y)) >= 0.6 * len(p.y)
             e = mean_err(c_t, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             add(e, p.frac[late])
-            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early))))
+            late_points.append((e, p.frac[late], np.log(p.S1[late] / max(float(q.S1.max()) for q in early)),
+                                r[late]))
     except CurveError:
         fits.append(("the fit on the first 60% of each curve", None))
     for cut in REACH_CUTS:
@@ -400,11 +410,11 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             continue
         fits.append((f"the fit on the first {cut:.0%} of each curve", r_r))
         s1_fit = max(float(q.S1.max()) for q in part)
-        for p in prepared:
+        for p, r in zip(prepared, lr_rel, strict=True):
             late = np.arange(len(p.y)) >= cut * len(p.y)
             e = mean_err(c_r, _Prepared(p.name, p.S1[late], p.S2[late], p.y[late], p.x))
             if np.all(np.isfinite(e)):
-                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit)))
+                late_points.append((e, p.frac[late], np.log(p.S1[late] / s1_fit), r[late]))
     by_progress: list[tuple[float, float, float]] = []
     if errs:
         e_all, w_all, f_all = np.concatenate(errs), np.concatenate(wts), np.concatenate(fracs)
@@ -439,9 +449,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                    "again with E and beta held"}
     if late_points:
         # Points past the summed LR that the forward fits saw show how the error grows past the pilots'.
-        e_l, f_l, b_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
+        e_l, f_l, b_l, r_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
         law.reach = calibrate_reach(e_l, law.band_at(None, f_l), b_l,
-                                    s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL)
+                                    s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL, lr_rel=r_l)
     # (c) Leave the largest (and the smallest) size out, 3+ sizes: a law of the other sizes, of the kind
     # the pilots' own is, predicting a size outside them measures how the band must grow with the distance
     # in N (issue 12). With two sizes the law left would have no N-dependence at all: its misses (the
@@ -452,7 +462,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         law.size_reach = _calibrate_size_reach(law, prepared, [c.n_params for c in curves], size_out)
     if calibrate:
         replays = _forecast_replays(curves, groups, law, left_out, c_t, multi, prepared, fits, size_out)
-        law.forecast_band = calibrate_forecast(replays, BAND_LEVEL)
+        law.forecast_band = calibrate_forecast(replays, BAND_LEVEL, prior_widening=True)
     failed = [f"{what} ({'no finite fit' if r is None else r.message})" for what, r in fits
               if r is None or not r.success]
     message = (f"all {len(fits)} least-squares fits converged" if not failed else
@@ -486,8 +496,9 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
             m = c.steps <= f * end
             if m.sum() < 3:
                 continue
-            fc = forecast_final(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
-            out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind))
+            fc = prefix_fit(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
+            out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind,
+                              (fc.prior_loss - truth) / truth, fc.drop, fc.prior_widen))
         return out
 
     replays: list[Replay] = []

@@ -393,9 +393,11 @@ class CurveLaw:
         return max(math.log(lo / n_params), math.log(n_params / hi), 0.0)
 
     def band_at(self, n_params: float | None, progress: float | np.ndarray | None = None,
-                s1: float | np.ndarray | None = None) -> Any:
+                s1: float | np.ndarray | None = None, lr_rel: float | np.ndarray | None = None) -> Any:
         """The relative band half-width at N, at ``progress`` = step / last step of the run, and at
-        ``s1`` = the run's summed LR at that step.
+        ``s1`` = the run's summed LR at that step, and ``lr_rel`` = its LR there / the run's peak LR
+        (how far it has annealed: the widening past the pilots' summed LR depends on it, see
+        :class:`~scalewatch.bands.ScheduleReach`).
 
         Wider outside the pilot sizes (extrapolation in N; by :attr:`size_reach` where leave-the-largest-
         size-out measured it) and, with a calibrated :attr:`reach`,
@@ -410,7 +412,7 @@ class CurveLaw:
             width = np.where(prog <= self.band_by_progress[0][0], self.band_by_progress[0][2], width)
             width = width if width.ndim else float(width)
         if s1 is not None and self.reach is not None:
-            width = width * self.reach.factor(s1)
+            width = width * self.reach.factor(s1, lr_rel)
             width = width if np.ndim(width) else float(width)
         return width * (self.size_reach or SizeReach()).factor(self.n_outside(n_params))
 
@@ -432,7 +434,7 @@ class CurveLaw:
                              "give a schedule that covers the whole run")
         S1, S2 = schedule_features(schedule, self.lam)
         loss = self.at(n_params).loss(S1[idx], S2[idx])
-        half = self.band_at(n_params, idx / (len(schedule) - 1), S1[idx]) * loss
+        half = self.band_at(n_params, idx / (len(schedule) - 1), S1[idx], schedule[idx] / schedule.max()) * loss
         return CurvePrediction(idx, loss, loss - half, loss + half)
 
     # ------------------------------------------------------------ files

@@ -66,6 +66,11 @@ class Forecast:
     prior_loss: float
     prefix_points: int
     sd_rel: float = math.nan  # the posterior sd of the final loss, relative (see posterior_sd_rel)
+    drop: float = math.nan  # the loss the prior still predicts to fall after the prefix, relative to the final
+    weight: float = 1.0  # the prefix fit's weight against the prior (1: the prefix fit alone)
+    fit_loss: float = math.nan  # the prefix fit's own final loss, before any blend with the prior
+    prior_widen: float = 1.0  # how much wider the prior is than within the pilot sizes
+    last_fraction: float = math.nan  # the prefix's last step / the final step
 
 
 def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
@@ -78,6 +83,11 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     calibrated width, and whose points count as much as the law's error at that step
     lets them. Milliseconds for hundreds of points. ``settings``: see :class:`ForecastSettings`.
 
+    With a law whose calibration chose a blend (:attr:`ForecastCalibration.blend`), the
+    forecast is ``prior + w * (prefix fit - prior)``: the prefix's weight ``w`` falls with the
+    loss drop the prior still predicts after the prefix (a short prefix, early in a long fall,
+    extrapolates far), by the amount that minimised the pilots' own replayed errors.
+
     Example:
         >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
         ...                 "lnC": (math.log(100.0), 0.0)}, n_ref=1e8, band_rel=0.01)
@@ -86,6 +96,49 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         >>> f = forecast_final(law, sched, range(100, 501, 50), truth)
         >>> f.prior_loss < f.loss < f.prior_loss + 0.03
         True
+    """
+    cal = law.forecast_band
+    new = cal is not None and cal.prior_widening
+    fc = prefix_fit(law, schedule, prefix_steps, prefix_loss, n_params, final_step, settings, widen_prior_only=new)
+    if fc.prefix_points < 3:
+        return fc
+    end = fc.step
+    if cal is not None:
+        # Calibrated on the pilots' own prefixes (scalewatch.bands): the posterior width of this prefix
+        # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
+        # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
+        # widen as the predicted curve's band does there.
+        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen, law.n_outside(n_params))
+        final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
+        sched = check_schedule(schedule)
+        S1, _ = schedule_features(sched[: end + 1], law.lam)
+        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end], sched[end] / sched.max()))
+        n_out = law.n_outside(n_params)
+        half = cal.half_width(fc.sd_rel, fc.last_fraction, n_out, cal.blended_at(n_out)) * reach * final
+        return Forecast(end, final, final - half, final + half, fc.prior_loss, fc.prefix_points, fc.sd_rel,
+                        fc.drop, w, fc.loss, fc.prior_widen, fc.last_fraction)
+    # A law file from before the calibration: the law's band at the final step, never shrunk by how
+    # well the prefix pinned the level, and spanning the prior too (an early prefix can pull hard in
+    # the wrong direction).
+    half = law.band_at(n_params, 1.0) * fc.loss
+    return Forecast(end, fc.loss, min(fc.loss, fc.prior_loss) - half, max(fc.loss, fc.prior_loss) + half,
+                    fc.prior_loss, fc.prefix_points, fc.sd_rel, fc.drop, 1.0, fc.loss, fc.prior_widen,
+                    fc.last_fraction)
+
+
+def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
+               n_params: float | None = None, final_step: int | None = None,
+               settings: ForecastSettings | None = None, widen_prior_only: bool = True) -> Forecast:
+    """The uncalibrated prefix fit behind :func:`forecast_final`: its ``loss`` is the MAP final loss (no
+    blend), ``low``/``high`` the law's band around it; ``sd_rel``, ``drop`` and ``prior_widen`` say how
+    much the prefix told and how far it had to extrapolate. The replays that calibrate the band use it.
+
+    ``widen_prior_only``: outside the pilot sizes the posterior width puts the law's extra width (its
+    size widening) on the prior of the level and of ln A only, not on the prefix points' own error, so
+    that a prefix that pins the level shrinks the band out of range too (the calibration then needs no
+    blanket widening for the distance in N). False: as law files from before it (the in-range width,
+    widened as a whole by the calibration). The MAP fit itself is the same either way: the level's prior
+    and the points' error both at the law's width at N, as before.
     """
     cfg = _DEFAULT if settings is None else settings
     schedule = check_schedule(schedule)
@@ -99,44 +152,40 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     ok = np.isfinite(y) & (st >= 1) & (st <= end) & (st >= SKIP_FRACTION * end)
     st, y = st[ok], y[ok]
     band = law.band_at(n_params, 1.0)
+    band0 = law.band_at(None, 1.0)  # within the pilot sizes
+    widen = float(band / band0) if band0 > 0 else 1.0
     prior_final = float(base.loss(S1[end:end + 1], S2[end:end + 1])[0])
     if len(st) < 3:  # level and amplitude are two free numbers: fewer points than that leave the prior
-        return Forecast(end, prior_final, prior_final * (1 - band), prior_final * (1 + band), prior_final, len(st))
+        return Forecast(end, prior_final, prior_final * (1 - band), prior_final * (1 + band), prior_final, len(st),
+                        prior_widen=widen)
+    last = int(st.max())
+    # The loss the prior says is still to fall after the prefix (relative): how far the prefix extrapolates.
+    drop = float(base.loss(S1[last:last + 1], S2[last:last + 1])[0] - prior_final) / prior_final
     sigma_point = band / _Z90  # the law's relative error scale at one point
     sigma_level = band * prior_final / _Z90
+    sigma_lnA = cfg.sigma_lnA
 
     def residuals(d: np.ndarray) -> np.ndarray:
         # Each logged point counts as one independent error (counting several neighbouring
         # points as one was tried on the OLMo runs and not kept).
         pred = base.L0 + d[0] + base.A * math.exp(d[1]) * np.power(S1[st], -base.alpha) - base.C * S2[st]
         data = (pred - y) / y / sigma_point
-        return np.concatenate([data, [d[0] / sigma_level, d[1] / cfg.sigma_lnA]])
+        return np.concatenate([data, [d[0] / sigma_level, d[1] / sigma_lnA]])
 
     fit = least_squares(residuals, np.zeros(2))
     d = fit.x
     amp_end = base.A * math.exp(d[1]) * S1[end] ** (-base.alpha)
     final = float(base.L0 + d[0] + amp_end - base.C * S2[end])
-    # The posterior width on the law's error scale within the pilot sizes: the calibration widens the
-    # band for the distance in N itself, by what replays from outside the pilot sizes needed.
-    sp0 = law.band_at(None, 1.0) / _Z90
+    # The posterior width on the law's error scale within the pilot sizes. Law files from before
+    # widen_prior_only: the in-range priors (the calibration widens the band for the distance in N itself).
+    sp0 = band0 / _Z90
     sd_rel = posterior_sd_rel(fit.fun[:-2] * sigma_point / sp0,
                               base.A * math.exp(d[1]) * np.power(S1[st], -base.alpha) / y / sp0, 1.0 / y / sp0,
-                              amp_end, final, (st.max() - st.min()) / end, sp0 * prior_final, cfg.sigma_lnA)
-    cal = law.forecast_band
-    if cal is not None:
-        # Calibrated on the pilots' own prefixes (scalewatch.bands): the posterior width of this prefix
-        # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
-        # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
-        # widen as the predicted curve's band does there.
-        reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end]))
-        half = cal.half_width(sd_rel, float(st.max()) / end, law.n_outside(n_params)) * reach * final
-        return Forecast(end, final, final - half, final + half, prior_final, len(st), sd_rel)
-    # A law file from before the calibration: the law's band at the final step, never shrunk by how
-    # well the prefix pinned the level, and spanning the prior too (an early prefix can pull hard in
-    # the wrong direction).
-    half = band * final
-    return Forecast(end, final, min(final, prior_final) - half, max(final, prior_final) + half, prior_final, len(st),
-                    sd_rel)
+                              amp_end, final, (st.max() - st.min()) / end,
+                              sigma_level if widen_prior_only else sp0 * prior_final,
+                              sigma_lnA * widen if widen_prior_only else sigma_lnA)
+    return Forecast(end, final, final * (1 - band), final * (1 + band), prior_final, len(st), sd_rel, drop, 1.0,
+                    final, widen, last / end)
 
 
 def posterior_sd_rel(resid: np.ndarray, d_amp: np.ndarray, d_level: np.ndarray, amp_end: float, final: float,
@@ -230,7 +279,8 @@ class CurvePlugin:
         S1, S2 = self._S
         model = self.law.at(self.n_params)
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
-        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step])) * pred
+        half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step]),
+                                float(self.schedule[obs.step] / self.schedule.max())) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
         if math.isfinite(obs.loss):
