@@ -311,7 +311,10 @@ def test_band_outside_the_pilot_sizes_holds_the_truth_and_shrinks_with_the_prefi
     params = _family((5e7,), 0.0)[1]
     pilots = [bumped(f"{n:.0e}-{k}{i}", make(), rng, OFFSET, 0.0, params(n), n) for n in sizes for i in range(2)
               for k, make in SCHEDULES.items()]
-    law = fit_curves(pilots).law
+    # The linear form, which this family (level linear in ln N) follows: the test is of the band's
+    # mechanics out of range. With the floor form (the default) the same family is misspecified and two
+    # sizes give 82% here (measured when the floor form became the default), below this test's 85%.
+    law = fit_curves(pilots, form=FORM_LINEAR).law
     cal = law.forecast_band
     if len(sizes) == 2:  # nothing measures how far a prefix corrects a law extrapolated in N: the blanket rule,
         # and outside the sizes no blend (the in-range replays say nothing of a prior extrapolated in N)
