@@ -11,6 +11,7 @@ A script that already lists ScaleWatch keeps its own: the attached one then step
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
         doc = found[0].get("init_args") or {}
     if not isinstance(doc, dict):
         raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: expected a mapping of ScaleWatch arguments")
+    import dataclasses
+
+    from scalewatch.config import ScaleWatchConfig
+
+    known = {f.name for f in dataclasses.fields(ScaleWatchConfig)}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise ScaleWatchConfigError(f"scalewatch: {CONFIG}={path}: unknown ScaleWatch argument(s) {hint}; the "
+                                    "arguments are those of ScaleWatch(...) (README: Attach it to your training "
+                                    "script)")
     return dict(doc)
 
 

@@ -139,6 +139,11 @@ or a positive number of FLOPs per token, got '7N'
     webhook_url: str | None = None
 
     def __post_init__(self) -> None:
+        # YAML 1.1 (PyYAML, so SCALEWATCH_CONFIG files) reads 2e10 as the string "2e10": take numbers
+        # written that way as the numbers they are, so that a config file says what the user meant.
+        for name in ("n_params", "peak_flops", "unique_tokens", "gns_decay", "flops", "n_layer", "d_model",
+                     "context_length", "log_every_n_steps", "history_size"):
+            setattr(self, name, _number_from_text(getattr(self, name), integral=name not in _FLOAT_FIELDS))
         n = self.n_params
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ScaleWatchConfigError(f"scalewatch: n_params must be a positive int, got {n!r}; "
@@ -162,10 +167,15 @@ or a positive number of FLOPs per token, got '7N'
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d < 1):
             raise ScaleWatchConfigError(f"scalewatch: gns_decay must be in (0, 1), e.g. 0.99, got {d!r}")
         self.gns_decay = float(d)
-        if self.peak_flops is not None and not (self.peak_flops > 0):
+        pf = self.peak_flops
+        if pf is not None and (isinstance(pf, bool) or not isinstance(pf, (int, float)) or not pf > 0):
             raise ScaleWatchConfigError(f"scalewatch: peak_flops must be positive FLOP/s, got {self.peak_flops!r}")
         if isinstance(self.history_size, bool) or not isinstance(self.history_size, int) or self.history_size < 4:
             raise ScaleWatchConfigError(f"scalewatch: history_size must be an int >= 4, got {self.history_size!r}")
+        if isinstance(self.schedule, (str, Path)) and not Path(self.schedule).is_file():
+            raise ScaleWatchConfigError(f"scalewatch: schedule: no file {str(self.schedule)!r}; give a step,lr CSV, "
+                                        "a list of LRs per step, or a function of the step (or leave it out to "
+                                        "read the run's own LR scheduler)")
         self.curve_law = _load_curve_law(self.curve_law)
         self.law = _load_law(self.law)
         if self.health is None:
@@ -180,6 +190,29 @@ or a positive number of FLOPs per token, got '7N'
                                                or not self.unique_tokens > 0):
             raise ScaleWatchConfigError(f"scalewatch: unique_tokens must be a positive number of tokens, got "
                                         f"{self.unique_tokens!r}")
+
+
+_FLOAT_FIELDS = ("peak_flops", "unique_tokens", "gns_decay", "flops")
+
+
+def _number_from_text(value: Any, integral: bool) -> Any:
+    """``"2e10"`` -> ``2e10`` (``"1.2e9"`` -> ``1200000000`` for a count); anything else as it was.
+
+    Example:
+        >>> _number_from_text("2e10", integral=False), _number_from_text("1.2e9", integral=True)
+        (20000000000.0, 1200000000)
+        >>> _number_from_text("6N+attn", integral=False)
+        '6N+attn'
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if integral:
+        return int(number) if number.is_integer() else value
+    return number
 
 
 def _load_law(law: Any) -> Any:

@@ -88,3 +88,20 @@ def test_an_attached_scalewatch_stands_down_when_the_script_has_its_own(tmp_path
     monkeypatch.setenv("SCALEWATCH", "0")
     monkeypatch.setenv("SCALEWATCH_CONFIG", str(tmp_path / "missing.yaml"))
     assert callbacks() == []  # an explicit off wins over a (bad) config path
+
+
+def test_yaml_numbers_in_exponent_form_and_unknown_keys(tmp_path, monkeypatch) -> None:
+    # PyYAML reads 2e10 as the string "2e10": the callback must still take it as a number.
+    p = tmp_path / "sw.yaml"
+    p.write_text("unique_tokens: 2e10\npeak_flops: 1e12\nn_params: 1.2e6\nflops: 6N+attn\n")
+    monkeypatch.setenv("SCALEWATCH_CONFIG", str(p))
+    (watch,) = callbacks()
+    assert watch.config.unique_tokens == 2e10 and watch.config.peak_flops == 1e12
+    assert watch.config.n_params == 1_200_000 and watch.config.flops == "6N+attn"
+    p.write_text("flop: 6N+attn\n")
+    with pytest.raises(ScaleWatchConfigError, match=r"unknown ScaleWatch argument\(s\) 'flop' \(did you mean 'flops'\?\)"):
+        callbacks()
+    with pytest.raises(ScaleWatchConfigError, match="peak_flops must be positive"):
+        ScaleWatch(peak_flops="fast")  # a string that is no number: one clear line, not a TypeError
+    with pytest.raises(ScaleWatchConfigError, match="schedule: no file"):
+        ScaleWatch(schedule=str(tmp_path / "missing.csv"))
