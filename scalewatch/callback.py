@@ -193,7 +193,7 @@ class ScaleWatch(Callback):
                                                         self.config.peak_flops)
         if self.curve_plugin is not None:
             self.curve_plugin.n_params = n
-            for message in curve_law_warnings(self.curve_plugin.law, self.config.param_convention):
+            for message in curve_law_warnings(self.curve_plugin.law, self.config.param_convention, n):
                 self._note(message, message)
         if trainer.is_global_zero:
             conv = self.counter.convention

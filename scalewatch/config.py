@@ -242,7 +242,7 @@ def _load_curve_law(law: Any) -> CurveLaw | None:
 _HELD_OUT_WORDS = {"val", "valid", "validation", "eval", "evaluation", "test", "heldout"}
 
 
-def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
+def curve_law_warnings(law: CurveLaw, param_convention: str, n_params: int | None = None) -> list[str]:
     """What a user should know when this curve law is compared with this run's training loss.
 
     Example:
@@ -252,6 +252,8 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
         ["the curve law predicts 'val_loss'"]
         >>> curve_law_warnings(CurveLaw({}, n_ref=1.0, conventions={"loss": "train loss per log interval"}), "total")
         []
+        >>> curve_law_warnings(CurveLaw({}, n_ref=1.0, fitted_on={"sizes": [2.5e7]}), "total", n_params=137_000)[0][:60]
+        'the curve law was fitted on one model size (N=2.5e+07) and p'
     """
     out = []
     law_loss = law.conventions.get("loss", "")
@@ -264,6 +266,15 @@ def curve_law_warnings(law: CurveLaw, param_convention: str) -> list[str]:
     if law_conv and law_conv != param_convention:
         out.append(f"the curve law was fitted with N counted as {law_conv!r}, this run counts N as "
                    f"{param_convention!r}; pass ScaleWatch(param_convention={law_conv!r}) or refit")
+    if law.n_range is None and n_params:
+        # One pilot size: the law has no N-dependence and predicts that size's curve for any model.
+        sizes = [float(n) for n in (law.fitted_on.get("sizes") or []) if n]
+        if not sizes:
+            out.append(f"the curve law was fitted on curves of one model size, not recorded: it predicts that size's "
+                       f"loss whatever this run's N ({n_params:,}); fit it on pilots of 2+ sizes with their n_params")
+        elif not 2 / 3 <= n_params / sizes[0] <= 1.5:
+            out.append(f"the curve law was fitted on one model size (N={sizes[0]:.3g}) and predicts that size's loss "
+                       f"for this run's N={n_params:.3g}; fit it on pilots of 2+ sizes around this one")
     return out
 
 
@@ -310,10 +321,20 @@ def describe_laws(curve_law: Any, law: Any) -> str:
             fitted = {"curves": len(fitted["curves"]), **{k: v for k, v in fitted.items() if k != "curves"}}
         if fitted.get("sizes"):
             fitted["sizes"] = ", ".join(f"{n:.3g}" for n in fitted["sizes"])
+        from scalewatch.curves import FORM_FLOOR, law_form
+
         m = curve_law.at(curve_law.n_ref)
         coef = f"L0={m.L0:.4g}, A={m.A:.4g}, alpha={m.alpha:.4g}, C={m.C:.4g}"
+        if curve_law.n_range is None:
+            in_n = "(one size: no N-dependence)"
+        elif law_form(curve_law.coef) == FORM_FLOOR:
+            e, beta = curve_law.coef["E"][0], curve_law.coef["beta"][0]
+            in_n = (f"(L0 = E + B·(N/n_ref)^-beta with {_code(f'E={e:.4g}, beta={beta:.3g}')}; A, alpha, C linear "
+                    "in ln N)")
+        else:
+            in_n = "(each linear in ln N)"
         blocks.append(f"Curve law ({curve_law.family}) {_code(CURVE_FORMULA)} with {_code(coef)} at "
-                      f"{_code(f'N={curve_law.n_ref:.4g}')} (each linear in ln N), 90% band ±{curve_law.band_rel:.2%}"
+                      f"{_code(f'N={curve_law.n_ref:.4g}')} {in_n}, 90% band ±{curve_law.band_rel:.2%}"
                       f"\n\n- fitted on: {_entries(fitted)}\n- conventions: {_entries(curve_law.conventions)}")
     return "\n\n".join(blocks) if blocks else "No law given: the undertraining check uses ~20 tokens per parameter."
 

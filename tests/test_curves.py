@@ -316,3 +316,16 @@ def test_cli_fits_the_floor_form_by_default_across_sizes_and_the_linear_form_on_
     assert cli(["fit", "--curves", *paths, "--curve-form", "linear_ln_n", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["form"] == "linear_ln_n" and "L0" in doc["params"]
+
+
+def test_a_one_size_curve_law_warns_when_the_run_is_another_size() -> None:
+    from scalewatch.config import curve_law_warnings
+
+    unrecorded = CurveLaw({}, n_ref=1.0)
+    (msg,) = curve_law_warnings(unrecorded, "total", n_params=137_000)
+    assert "one model size, not recorded" in msg and "137,000" in msg
+    known = CurveLaw({}, n_ref=1.0, fitted_on={"sizes": [2.5e7]})
+    assert curve_law_warnings(known, "total", n_params=2.4e7) == []  # the pilots' own size: nothing to say
+    assert "N=2.5e+07" in curve_law_warnings(known, "total", n_params=1e8)[0]
+    several = CurveLaw({}, n_ref=1.0, n_range=(1e7, 1e8))
+    assert curve_law_warnings(several, "total", n_params=1e9) == []  # predict() widens its band instead
