@@ -27,48 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_gpt import GPTConfig, TinyGPTModule, make_loaders  # noqa: E402
 
 from scalewatch import ScaleWatch  # noqa: E402
-from scalewatch.detectors import CHINCHILLA_TOKENS_PER_PARAM  # noqa: E402
-from scalewatch.laws import optimal_allocation  # noqa: E402
 
 LAWS = Path(__file__).resolve().parent / "laws"  # fitted on this model's pilot runs by pilot_sweep.py
-
-
-def print_summary(watch: ScaleWatch, elapsed: float) -> None:
-    """What the run spent and how it did against its laws, in a few lines."""
-    s, n, tokens = watch.latest, watch.n_params, watch.tokens
-    print("\nscalewatch summary")
-    print(f"  spent:      {tokens:,} tokens, {watch.flops:.3g} FLOPs in {elapsed:.0f} s; N = {n:,}")
-    print(f"  counted as: {watch.describe()}")
-    law = watch.config.law
-    if law is not None:  # the compute-optimal split of this run's compute (C = 6ND) under the pilots' law
-        n_opt, d_opt = (float(x) for x in optimal_allocation(law, 6.0 * n * tokens))
-        optimum = f"{d_opt / n_opt:.1f} at this compute by the pilots' law (N ~ {n_opt:,.0f}, D ~ {d_opt:,.0f})"
-    else:
-        optimum = f"~{CHINCHILLA_TOKENS_PER_PARAM:g} (Chinchilla's rule of thumb; no law given)"
-    print(f"  allocation: {tokens / n:.2f} tokens/param; compute-optimal is {optimum}")
-    loss = watch.monitor.last.loss
-    if "loss_pred" in s:
-        inside = s["loss_pred_low"] <= loss <= s["loss_pred_high"]
-        print(f"  loss:       final train loss {loss:.3f} nats/byte; the pilots' curve law predicted "
-              f"{s['loss_pred']:.3f} (90% band {s['loss_pred_low']:.3f}-{s['loss_pred_high']:.3f}): "
-              f"{'inside' if inside else 'OUTSIDE'} the band")
-    else:
-        print(f"  loss:       final train loss {loss:.3f} nats/byte (no curve law: no prediction)")
-    if "loss_forecast_final" in s:
-        print(f"  forecast:   final loss {s['loss_forecast_final']:.3f} (90% band {s['loss_forecast_final_low']:.3f}-"
-              f"{s['loss_forecast_final_high']:.3f}), from the run up to step {s['loss_forecast_at_step']:.0f} "
-              "with the curve law as prior")
-    if "gns/b_crit" in s:
-        print(f"  noise:      B_simple = {s['gns/b_simple']:.1f} sequences = {s['gns/b_crit']:,.0f} tokens "
-              f"(critical batch estimate, {watch.gns_method}) vs a batch of {s['gns/batch_tokens']:,.0f} tokens: "
-              f"{s['gns/compute_factor']:.2f}x the minimum compute, {s['gns/steps_factor']:.2f}x the minimum steps")
-    book = watch.monitor.alerts
-    firing = book.firing()
-    said = {(a.kind, a.key): a.message for a in book.recent if a.state == "firing"}  # the newest firing message
-    print(f"  alerts:     {len(firing) or 'none'} firing at the end")
-    for slot, severity in firing.items():
-        print(f"    {slot[0]} ({severity}): {said.get(slot, '')}".rstrip(": "))
-    print("  (the alert table, the conventions and the laws are in TensorBoard's text tab)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit(module, train, val)
     elapsed = time.perf_counter() - start
 
-    print_summary(watch, elapsed)
+    print("\n" + watch.summary())
+    print(f"  (wall time of trainer.fit, validation included: {elapsed:.0f} s; the alert table, the conventions "
+          "and the laws are in TensorBoard's text tab)")
     print(f"TensorBoard logs: {trainer.logger.log_dir}\n  view them with: tensorboard --logdir {args.logdir} "
           "--samples_per_plugin scalars=100000")
     return 0

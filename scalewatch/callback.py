@@ -48,6 +48,7 @@ from scalewatch.lightning_io import (
     wire_detectors,
 )
 from scalewatch.monitor import Observation
+from scalewatch.summary import run_summary
 
 __all__ = ["ScaleWatch", "choose_gns_method", "lookahead_schedule"]
 
@@ -320,6 +321,14 @@ class ScaleWatch(Callback):
             return self.counter.describe()
         return self.counter.describe() + f" Gradient noise scale: {self.noise_scale.method or 'none'} " \
                                          f"({self.noise_scale.description})."
+
+    def summary(self) -> str:
+        """What the run spent and how it did against its laws, in a few lines (rank 0 holds the alerts).
+
+        Example (after ``trainer.fit``): ``print(watch.summary())``.
+        """
+        last = self.monitor.last
+        return run_summary(self, last.time if last is not None else None)  # training time, validation excluded
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._val_started = time.perf_counter()

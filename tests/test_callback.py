@@ -49,6 +49,11 @@ def test_counts_are_exact_with_masks_accumulation_and_short_last_batch(tmp_path,
     first_interval = model.seen_losses[: 2 * accumulate]
     assert s["scalewatch/loss"][0][1] == pytest.approx(sum(first_interval) / len(first_interval), rel=1e-5)
     assert per_step == 2 * 11
+    if accumulate == 1:  # the end-of-run summary says the same numbers
+        text = watch.summary()
+        assert f"{watch.tokens:,} tokens" in text and f"N = {watch.n_params:,}" in text
+        assert f"{watch.tokens / watch.n_params:.2f} tokens/param" in text and "~20 (Chinchilla" in text
+        assert f"last training loss {s['scalewatch/loss'][-1][1]:.4g}" in text and "alerts:" in text
 
 
 def test_attention_flops_use_each_batch_sequence_length(tmp_path) -> None:

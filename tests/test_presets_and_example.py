@@ -52,7 +52,7 @@ def test_main_example_trains_and_shows_its_laws(tmp_path) -> None:
     assert "undertrained (warning)" in p.stdout
     for line in ("spent:", "allocation:", "loss:", "forecast:", "noise:", "alerts:"):
         assert line in p.stdout, line
-    assert "the pilots' curve law predicted" in p.stdout
+    assert "the curve law predicted" in p.stdout
 
 
 @pytest.mark.slow
