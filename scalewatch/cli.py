@@ -60,6 +60,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                        "(or --tie-exponents)")
     if args.two_stage and not args.data_constrained:
         raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
+    if args.run_column and not args.curves:
+        raise CLIError("--run-column splits a loss-curve CSV into runs; it goes with --curves")
+    if args.plot and not args.curves:  # before the fit, not after minutes of bootstrap
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]' (or drop --plot)") from None
     if args.curves:
         if args.runs:
             raise CLIError("give either RUNS (final points, a law L(N, D)) or --curves FILES (loss curves), not both")
@@ -225,7 +232,8 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            curves = read_curves(args.curves, loss_column=args.loss_column)
+            curves = read_curves(args.curves, loss_column=args.loss_column, where=args.where,
+                                 run_column=args.run_column)
             result = fit_curves(curves, loss_name=args.loss_name or args.loss_column or "loss",
                                 n_convention=args.n_convention or "total", form=args.curve_form)
         except CurveError as exc:
@@ -240,8 +248,9 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
                "band_rel_90": law.band_rel, "in_sample_mean_rel_error": result.in_sample,
                "held_out_mean_rel_error": result.held_out, "sizes": sizes, "out": args.out,
                "converged": result.converged, "message": result.message, "form": law.form}
-    lines = [f"curve law (Tissue et al. momentum law) from {len(curves)} curves"
-             + (f" at {len(sizes)} sizes, form {law.form}" if sizes else "")]
+    lines = [f"curve law (Tissue et al. momentum law) from {len(curves)} curve{'s' * (len(curves) != 1)}"
+             + (f" at {len(sizes)} sizes, form {law.form}" if len(sizes) >= 2 else
+                " at one size (no N-dependence)" if sizes else "")]
     if len(sizes) >= 2 and "E" in law.coef:  # the floor form: the loss in N levels off at E
         lines.append(f"  long-training level in N: L0 = {law.coef['E'][0]:.4g} + {math.exp(law.coef['lnB'][0]):.4g}"
                      f"*(N/{law.n_ref:.4g})^-{law.coef['beta'][0]:.3f} (floor E = {law.coef['E'][0]:.4g})")
@@ -282,10 +291,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         lo, hi = law.n_range
         if not lo <= args.n_params <= hi:
             r = law.size_reach
+            # A law of 2 sizes has no size_reach either (nothing to measure it with): only a file of 3+ sizes
+            # without one predates the measurement.
+            sizes = law.fitted_on.get("sizes")
+            n_sizes = len(sizes) if isinstance(sizes, list) and sizes else None
             how = ("by 1 + the distance in ln N (this law file predates that measurement: refit it with "
-                   "`scalewatch fit --curves` to measure it, with 3+ pilot sizes)" if r is None else
-                   "by 1 + the distance in ln N (not measured: leaving a size out needs 3+ pilot sizes)"
-                   if not r.points else
+                   "`scalewatch fit --curves` to measure it, with 3+ pilot sizes)"
+                   if r is None and (n_sizes is None or n_sizes >= 3) else
+                   "by 1 + the distance in ln N (not measured: leaving a size out needs 3+ pilot sizes"
+                   + (f"; this law has {n_sizes})" if n_sizes and n_sizes < 3 else ")")
+                   if r is None or not r.points else
                    f"by {r.per_ln_n:.2f} per unit ln N, measured by leaving the largest and smallest size out up "
                    f"to {r.n_out_max:.2f} in ln N (at least 1 per unit further out)")
             print(f"scalewatch predict: warning: N={_fmt(args.n_params)} is outside the pilot sizes "
@@ -496,13 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
     fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
-                     help="keep only rows where COL equals VALUE (repeatable)")
+                     help="keep only rows where COL equals VALUE (repeatable; runs and --curves CSVs)")
     fit.add_argument("--n-convention", choices=("total", "non_embedding"),
                      help="how N was counted in the runs (recorded in the law file)")
     fit.add_argument("--loss-name", help="what the loss is (recorded in the law file), e.g. 'c4 val nats/token'")
     fit.add_argument("--curves", nargs="+", metavar="FILE",
                      help="fit a schedule-aware curve law instead: loss-curve CSVs (step,lr,loss[,n_params]) "
                           "or TensorBoard event directories")
+    fit.add_argument("--run-column", metavar="COL[,COL]",
+                     help="with --curves: the CSV holds several runs; one curve per value of this column (or of "
+                          "these columns), named by it, each with its own n_params column value")
     fit.add_argument("--curve-form", choices=("linear_ln_n", "power_floor_l0"), default=None,
                      help="with --curves at several sizes: the long-training level E + B*N^-beta with a floor E "
                           "(power_floor_l0, the default) or each parameter linear in ln N (linear_ln_n, the form "

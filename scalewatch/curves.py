@@ -37,7 +37,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from scalewatch.bands import ForecastCalibration, ScheduleReach, SizeReach
-from scalewatch.data import pick_column
+from scalewatch.data import no_rows_left, parse_where, pick_column
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
 
@@ -217,8 +217,12 @@ def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
 
 
-def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: float | None = None) -> Curve:
+def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: float | None = None,
+                   where: Sequence[str] = ()) -> Curve:
     """A CSV with columns ``step,lr,loss`` (optional ``n_params``; aliases accepted, any case).
+
+    ``where`` keeps only the rows where ``COL=VALUE`` holds (all of them). A file that holds several
+    runs is read with :func:`read_curve_table` (one curve per run); here it is an error that says so.
 
     Example:
         >>> import tempfile, os
@@ -227,21 +231,106 @@ def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: f
         >>> read_curve_csv(p).loss.tolist()
         [3.2, 3.0, 2.9]
     """
+    return read_curve_table(path, loss_column, n_params, where=where)[0]
+
+
+# Columns that name a run in a table of several (checked, in order, when a file's steps repeat).
+_RUN_KEYS = ("run", "name", "run_name", "run_id", "id")
+
+
+def read_curve_table(path: str | Path, loss_column: str | None = None, n_params: float | None = None,
+                     where: Sequence[str] = (), run_column: str | None = None) -> list[Curve]:
+    """The curves of a CSV: one, or with ``run_column`` (a column, or several joined by commas) one per
+    value of it, named by the value (values joined by ``/``), each with its own ``n_params`` column value.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "runs.csv")
+        >>> _ = open(p, "w").write("run,step,lr,loss,n_params\\n" + "".join(
+        ...     f"{r},{s},1e-3,{3 - s / 100},{n}\\n" for r, n in (("a", 1e8), ("b", 2e8)) for s in (10, 20, 30)))
+        >>> [(c.name, c.n_params) for c in read_curve_table(p, run_column="run")]
+        [('a', 100000000.0), ('b', 200000000.0)]
+    """
     p = Path(path)
     header, rows = _read_csv(p)
+    filters = parse_where(where, error=CurveError)
+    run_cols = [c.strip() for c in run_column.split(",")] if run_column else []
+    for k in [k for k, _ in filters] + run_cols:
+        if k not in header:
+            raise CurveError(f"{p}: column {k!r} not found; columns are {', '.join(header)}")
+    kept = [r for r in rows if all(str(r.get(k)) == v for k, v in filters)]
+    if rows and not kept:
+        raise CurveError(f"{p}: {no_rows_left(rows, filters)}")
     sk = pick_column(header, _STEP_KEYS, "step", str(p), error=CurveError)
     lk = pick_column(header, _LR_KEYS, "learning-rate", str(p), error=CurveError)
     yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
     nk = pick_column(header, _N_KEYS)  # optional
-    try:
-        steps = np.array([float(r[sk]) for r in rows])
-        lr = np.array([float(r[lk]) for r in rows])
-        loss = np.array([float(r[yk]) if r[yk] not in ("", None) else math.nan for r in rows])
-    except (TypeError, ValueError) as exc:
-        raise CurveError(f"{p}: a value is not a number ({exc})") from None
-    if n_params is None and nk is not None and rows and rows[0].get(nk):
-        n_params = float(rows[0][nk])
-    return validate_curve(Curve(str(p), steps, lr, loss, n_params))
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in kept:
+        groups.setdefault("/".join(str(r.get(c)) for c in run_cols) or str(p), []).append(r)
+    curves = []
+    for name, group in groups.items():
+        try:
+            steps = np.array([float(r[sk]) for r in group])
+            lr = np.array([float(r[lk]) for r in group])
+            loss = np.array([float(r[yk]) if r[yk] not in ("", None) else math.nan for r in group])
+        except (TypeError, ValueError) as exc:
+            raise CurveError(f"{p}: a value is not a number ({exc})") from None
+        if len(steps) >= 3 and np.any(np.diff(steps) <= 0):
+            hint = _several_runs_hint(header, group, sk, run_cols)
+            if hint:
+                raise CurveError(f"{p}" + (f" ({name})" if run_cols else "") + f": steps are not increasing: {hint}")
+        n = n_params
+        if n is None and nk is not None and group[0].get(nk):
+            try:
+                n = float(group[0][nk])
+            except ValueError:
+                raise CurveError(f"{p}: {nk}={group[0][nk]!r} is not a number") from None
+        curves.append(validate_curve(Curve(name if run_cols else str(p), steps, lr, loss, n)))
+    if not curves:
+        raise CurveError(f"{p}: no rows in the file")
+    return curves
+
+
+def _several_runs_hint(header: Sequence[str], rows: Sequence[Mapping[str, str]], step_col: str,
+                       run_cols: Sequence[str]) -> str | None:
+    """When steps repeat because the rows hold several runs: which column (or pair of columns) splits them
+    into curves of increasing steps, as advice; None when no column does."""
+
+    def splits(cols: Sequence[str]) -> int | None:
+        last: dict[tuple[str, ...], float] = {}
+        for r in rows:
+            key = tuple(str(r.get(c)) for c in cols)
+            try:
+                s = float(r[step_col])
+            except (TypeError, ValueError):
+                return None
+            if key in last and s <= last[key]:
+                return None
+            last[key] = s
+        return len(last) if len(last) > 1 else None
+
+    lower = {h.lower().strip(): h for h in reversed(header)}
+    named = [lower[k] for k in _RUN_KEYS if k in lower and lower[k] not in run_cols]
+    others = [h for h in header if h not in named and h not in run_cols and h != step_col
+              and 1 < len({r.get(h) for r in rows}) <= 50]
+    for col in named:
+        cols = [*run_cols, col]
+        if (k := splits(cols)) is not None:
+            break
+        for extra in others:  # e.g. runs of the same name in several subsets
+            cols = [extra, *run_cols, col]
+            if (k := splits(cols)) is not None:
+                break
+        else:
+            continue
+        break
+    else:
+        return None
+    what = (f"column {cols[0]!r} has {k} values" if len(cols) == 1 else
+            f"columns {', '.join(repr(c) for c in cols)} have {k} combinations")
+    return (f"this file holds several runs ({what}): add --run-column {','.join(cols)}, "
+            "or filter with --where COL=VALUE")
 
 
 def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_params: float | None = None) -> Curve:
@@ -249,6 +338,10 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     :mod:`scalewatch.tensorboard`), N from ``scalewatch/n_params`` where logged."""
     from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, find_tag, read_scalars, tag
 
+    if not any(Path(path).glob("events.out.tfevents.*")):
+        found = sorted({str(f.parent.relative_to(path)) for f in Path(path).rglob("events.out.tfevents.*")})
+        hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
+        raise CurveError(f"{path}: no TensorBoard event files in this directory{hint}")
     series = read_scalars(path)
     tags = list(series)
     lr_tag, y_tag = find_tag(tags, LR_TAGS), find_tag(tags, LOSS_TAGS, loss_tag)
@@ -263,15 +356,20 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     return validate_curve(Curve(str(path), arr[:, 0], arr[:, 1], arr[:, 2], n_params))
 
 
-def read_curves(paths: Sequence[str | Path], loss_column: str | None = None) -> list[Curve]:
-    """CSV files and TensorBoard event directories, in order."""
+def read_curves(paths: Sequence[str | Path], loss_column: str | None = None, where: Sequence[str] = (),
+                run_column: str | None = None) -> list[Curve]:
+    """CSV files and TensorBoard event directories, in order; ``where`` (``COL=VALUE`` filters) and
+    ``run_column`` (one curve per value) apply to the CSVs (see :func:`read_curve_table`)."""
     out = []
     for path in paths:
         p = Path(path)
         if p.is_dir():
+            if where or run_column:
+                raise CurveError(f"{p}: --where and --run-column select rows of a CSV; a TensorBoard directory "
+                                 "holds one run (give the run's own directory)")
             out.append(read_curve_tensorboard(p, loss_column))
         elif p.exists():
-            out.append(read_curve_csv(p, loss_column))
+            out.extend(read_curve_table(p, loss_column, where=where, run_column=run_column))
         else:
             raise CurveError(f"{p}: no such file or directory")
     return out

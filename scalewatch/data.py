@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ def _rows(path: Path) -> list[dict[str, Any]]:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FitError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if isinstance(doc, Mapping) and "runs" not in doc and ("family" in doc or "schema" in doc):
+            raise FitError(f"{path}: this is a law file, not runs: give the CSV/JSON of pilot runs it was fitted "
+                           "on, or use the law with `scalewatch plan --law` / `scalewatch predict --law`")
         if isinstance(doc, Mapping):
             doc = doc.get("runs")
         if not isinstance(doc, Sequence) or not all(isinstance(r, Mapping) for r in doc):
@@ -90,6 +94,39 @@ def pick_column(header: Sequence[str], aliases: Sequence[str], what: str | None 
     raise error(f"{prefix}no {what} column (looked for {', '.join(aliases)}); columns are {', '.join(header)}")
 
 
+def parse_where(where: Sequence[str], error: type[Exception] = FitError) -> list[tuple[str, str]]:
+    """``--where COL=VALUE`` filters as ``(column, value)`` pairs.
+
+    Example:
+        >>> parse_where(["dataset = c4", "run=a=b"])
+        [('dataset', 'c4'), ('run', 'a=b')]
+    """
+    out = []
+    for f in where:
+        if "=" not in f:
+            raise error(f"filter {f!r} must look like column=value")
+        k, v = f.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def no_rows_left(rows: Sequence[Mapping[str, Any]], filters: Sequence[tuple[str, str]], what: str = "rows") -> str:
+    """Why ``filters`` kept none of ``rows``: the first filter whose value the column never holds, with the
+    values it does hold (up to 8), else that the filters hold only apart.
+
+    Example:
+        >>> no_rows_left([{"dataset": "c4_original"}, {"dataset": "rpj"}], [("dataset", "c4")])
+        "no rows left after the filters: no row has dataset='c4'; dataset holds 'c4_original', 'rpj'"
+    """
+    for k, v in filters:
+        values = list(dict.fromkeys(str(r.get(k)) for r in rows))
+        if v not in values:
+            shown = ", ".join(repr(x) for x in values[:8]) + (f" (+{len(values) - 8} more)" if len(values) > 8 else "")
+            return f"no {what} left after the filters: no row has {k}={v!r}; {k} holds {shown}"
+    return (f"no {what} left after the filters: each of {', '.join(f'{k}={v}' for k, v in filters)} matches rows, "
+            "but no row matches them all")
+
+
 def _number(row: Mapping[str, Any], col: str, where: str) -> float:
     value = row.get(col)
     try:
@@ -114,13 +151,9 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
         >>> read_runs([p]).L
         array([3.1, 2.9])
     """
-    filters = []
-    for f in where:
-        if "=" not in f:
-            raise FitError(f"filter {f!r} must look like column=value")
-        k, v = f.split("=", 1)
-        filters.append((k.strip(), v.strip()))
+    filters = parse_where(where)
     N, D, L, U, names = [], [], [], [], []
+    seen: list[Mapping[str, Any]] = []
     has_u = True
     for path in map(Path, paths):
         rows = _rows(path)
@@ -134,12 +167,15 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
             missing.append("D (or compute C)")
         if missing:
             hint = "; name the loss column with --loss-column" if "loss" in missing else ""
+            if (cols["N"] is None or cols["D"] is None) and pick_column(header, ("step", "_step", "global_step")):
+                hint = "; this looks like a loss curve (a step column): use `scalewatch fit --curves FILE`"
             raise FitError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)} "
                            f"(see `scalewatch fit --help` for accepted names){hint}")
         for k, _ in filters:
             if k not in header:
                 raise FitError(f"{path}: filter column {k!r} not found; columns are {', '.join(header)}")
         has_u = has_u and cols["U"] is not None
+        seen.extend(rows)
         for i, row in enumerate(rows, start=2 if path.suffix.lower() != ".json" else 1):
             if any(str(row.get(k)) != v for k, v in filters):
                 continue
@@ -154,5 +190,9 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
             label = row.get(cols["name"]) if cols["name"] else None
             names.append(f"{where_}" + (f" ({label})" if label else ""))
     if not L:
-        raise FitError("no runs left after the filters" if filters else "no runs found")
+        raise FitError(no_rows_left(seen, filters, "runs") if filters else "no runs found")
+    distinct = len(set(zip(N, D, strict=True)))
+    if distinct < len(L):
+        warnings.warn(f"{len(L)} rows but only {distinct} distinct (N, D): several runs share a size and token "
+                      "count (different data or validation sets?); filter with --where COL=VALUE", stacklevel=2)
     return make_runs(N, D, L, U if has_u and U else None, names, min_runs=min_runs)

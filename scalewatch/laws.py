@@ -316,6 +316,10 @@ def check_law_header(doc: Any, source: str = "law file", family: str | None = No
         raise LawFileError(f"{source}: law file version {doc.get('version')!r} is not supported "
                            f"(this scalewatch reads version {SCHEMA_VERSION}); refit or upgrade scalewatch")
     fam = doc.get("family")
+    if fam == "momentum_curve" and ((known is not None and fam not in known) or (family is not None and fam != family)):
+        raise LawFileError(f"{source} is a curve law (L over steps): use it with `scalewatch predict --law` or "
+                           "`scalewatch watch --curve-law`; here a law L(N, D) from `scalewatch fit` (Chinchilla) "
+                           "is needed")
     if known is not None and fam not in known:
         raise LawFileError(f"{source}: unknown law family {fam!r}; expected one of {sorted(known)}")
     if family is not None and fam != family:

@@ -200,6 +200,13 @@ def test_size_reach_survives_the_file_and_predict_says_which_rule_widened(tmp_pa
                     "--n-params", "4e8"]) == 0
         err = capsys.readouterr().err
         assert "outside the pilot sizes" in err and says in err
+    two = fit_curves(_family((5e7, 1e8), 0.03)[0], calibrate=False).law  # two sizes: nothing to measure with
+    assert two.size_reach is None
+    save_curve_law(two, tmp_path / "two.json")
+    assert cli(["predict", "--law", str(tmp_path / "two.json"), "--schedule", str(tmp_path / "s.csv"),
+                "--n-params", "4e8"]) == 0
+    err = capsys.readouterr().err
+    assert "not measured: leaving a size out needs 3+ pilot sizes; this law has 2" in err and "predates" not in err
     doc["band"]["beyond_sizes"] = {"per_ln_n": -1}
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(LawFileError, match="beyond_sizes"):

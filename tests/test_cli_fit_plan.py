@@ -270,3 +270,120 @@ def test_fit_data_constrained_two_stage_and_its_errors(tmp_path) -> None:
     # With --base, the fix offered is consistent: dropping the extra flag, not adding another.
     bad = _run("fit", str(csv), "--data-constrained", "--tie-exponents", "--base", str(base))
     assert bad.returncode == 2 and "drop --tie-exponents to use that base, or drop --base" in bad.stderr
+
+
+# ------------------------------------------------------------ a new user's trial: one-line errors that name the fix
+CURVES = Path(__file__).resolve().parents[1] / "examples" / "laws" / "curves"
+OLMO = DATA / "olmo_ladder" / "loss_curves.csv"
+GADRE = DATA / "gadre2024_overtraining" / "final_losses.csv"
+
+
+def _runs_table(tmp_path: Path, names: list[str]) -> Path:
+    """The example pilot curves in one CSV, a ``run`` column naming each (and a ``subset`` column)."""
+    lines = ["subset,run,step,lr,loss,n_params"]
+    for name in names:
+        rows = (CURVES / f"{name}.csv").read_text().splitlines()[1:]
+        lines += [f"pilots,{name},{r}" for r in rows]
+    out = tmp_path / "table.csv"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def test_fit_curves_splits_a_table_of_runs_and_filters_it(tmp_path, capsys) -> None:
+    from scalewatch.curves import read_curves
+
+    names = ["L2_d64_constant_600", "L2_d64_cosine_600", "L3_d96_constant_600", "L3_d96_cosine_600"]
+    table = _runs_table(tmp_path, names)
+    curves = read_curves([table], run_column="run")
+    assert [c.name for c in curves] == names
+    assert [c.n_params for c in curves] == [read_curves([CURVES / f"{n}.csv"])[0].n_params for n in names]
+    assert curves[2].n_params != curves[0].n_params  # n_params per run, from its own rows
+    two = read_curves([table], where=["run=L2_d64_cosine_600"])
+    assert len(two) == 1 and two[0].loss.tolist() == curves[1].loss.tolist()
+    # Steps repeat: the error names the column that splits the file, not "sort the file".
+    assert main(["fit", "--curves", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "several runs (column 'run' has 4 values): add --run-column run" in err
+    assert main(["fit", "--curves", str(table), "--where", "run=L2_d64_cosine_60"]) == 2
+    err = capsys.readouterr().err
+    assert "no row has run='L2_d64_cosine_60'; run holds 'L2_d64_constant_600', 'L2_d64_cosine_600'" in err
+    assert main(["fit", "--curves", str(table), "--run-column", "run", "--where", "subset=pilots"]) == 0
+    assert "from 4 curves at 2 sizes" in capsys.readouterr().out
+    assert main(["fit", str(table), "--run-column", "run"]) == 2
+    assert "goes with --curves" in capsys.readouterr().err
+
+
+def test_fit_curves_at_one_size_says_so(capsys) -> None:
+    pilots = [str(CURVES / f"L2_d64_{k}_600.csv") for k in ("constant", "cosine")]
+    assert main(["fit", "--curves", *pilots]) == 0
+    out = capsys.readouterr().out
+    assert "from 2 curves at one size (no N-dependence)" in out and "1 sizes" not in out and "form" not in out
+
+
+@pytest.mark.skipif(not OLMO.exists(), reason="needs /work/shared/data")
+def test_fit_curves_on_the_olmo_ladder_file(tmp_path, capsys) -> None:
+    base = ["fit", "--curves", str(OLMO), "--loss-column", "eval/c4_en-validation/CrossEntropyLoss"]
+    assert main(base) == 2  # 18 run names in 3 subsets: the pair splits the file
+    assert "columns 'subset', 'run' have 36 combinations): add --run-column subset,run" in capsys.readouterr().err
+    assert main([*base, "--where", "subset=peteish-moreeval"]) == 2
+    assert "(column 'run' has 18 values): add --run-column run, or filter with --where" in capsys.readouterr().err
+    assert main([*base, "--where", "subset=peteish-moreeval", "--where", "size=190M", "--run-column", "run",
+                 "--out", str(tmp_path / "law.json")]) == 0
+    assert "from 6 curves at one size" in capsys.readouterr().out
+
+
+def test_fit_warns_when_rows_repeat_n_and_d_and_lists_values_a_filter_missed(tmp_path, capsys) -> None:
+    rows = [(n, 20 * n, 3.0 - 0.1 * i + 0.01 * j) for i, n in enumerate((1e7, 2e7, 4e7, 8e7, 1.6e8))
+            for j in range(2)]
+    table = tmp_path / "runs.csv"
+    table.write_text("params,tokens,loss,val_data\n" + "".join(f"{n},{d},{v},set{j % 2}\n"
+                                                               for j, (n, d, v) in enumerate(rows)))
+    assert main(["fit", str(table), "--bootstrap", "0", "--no-calibrate"]) in (0, 1)
+    assert "10 rows but only 5 distinct (N, D): several runs share a size and token count" in capsys.readouterr().err
+    assert main(["fit", str(table), "--where", "val_data=c4"]) == 2
+    assert "no row has val_data='c4'; val_data holds 'set0', 'set1'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not GADRE.exists(), reason="needs /work/shared/data")
+def test_fit_on_the_unfiltered_gadre_table_warns(capsys) -> None:
+    assert main(["fit", str(GADRE), "--bootstrap", "0", "--no-calibrate", "--json"]) == 0
+    assert "832 rows but only" in capsys.readouterr().err
+    assert main(["fit", str(GADRE), "--where", "dataset=c4"]) == 2
+    assert "dataset holds 'c4_original', 'rpj', 'rw_original'" in capsys.readouterr().err
+
+
+def test_a_curve_law_where_a_chinchilla_law_is_needed(tmp_path, capsys) -> None:
+    from scalewatch.laws import SCHEMA, SCHEMA_VERSION
+
+    law = tmp_path / "curve_law.json"
+    law.write_text(json.dumps({"schema": SCHEMA, "version": SCHEMA_VERSION, "family": "momentum_curve"}))
+    assert main(["plan", "--law", str(law), "--flops", "1e21"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "curve_law.json is a curve law (L over steps): use it with `scalewatch predict" in err
+    assert "unknown law family" not in err
+    (tmp_path / "logs").mkdir()
+    assert main(["watch", "--law", str(law), str(tmp_path / "logs")]) != 0
+    assert "is a curve law (L over steps)" in capsys.readouterr().err
+    assert main(["fit", str(law)]) == 2  # a law file given as runs
+    assert "this is a law file, not runs" in capsys.readouterr().err
+
+
+def test_fit_on_a_loss_curve_points_to_fit_curves_and_plot_fails_before_fitting(sweep_csv, monkeypatch,
+                                                                                   capsys) -> None:
+    assert main(["fit", str(CURVES / "L2_d64_cosine_600.csv")]) == 2
+    assert "this looks like a loss curve (a step column): use `scalewatch fit --curves" in capsys.readouterr().err
+    import scalewatch.fitting
+
+    def boom(*a, **k):
+        raise AssertionError("fitted before checking --plot")
+
+    monkeypatch.setattr(scalewatch.fitting, "fit_chinchilla", boom)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert main(["fit", str(sweep_csv), "--plot", "x.png"]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_fit_curves_on_a_directory_without_event_files(tmp_path, capsys) -> None:
+    assert main(["fit", "--curves", str(tmp_path)]) == 2
+    assert f"{tmp_path}: no TensorBoard event files in this directory" in capsys.readouterr().err
