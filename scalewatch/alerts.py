@@ -114,6 +114,8 @@ class AlertBook:
         self._said: dict[tuple[str, str], str] = {}  # firing slots: the message they fired with
         self._kinds: set[str] = set()  # every kind known, for health scalars that stay at 0
         self.recent: list[Alert] = []  # the last alerts, newest last, for the alert table
+        #: the worst severity that fired since this book was made ("ok" if none): a NaN that recovered still counts
+        self.worst_fired = "ok"
 
     def know(self, kinds: Iterable[str]) -> None:
         """Kinds to report in :meth:`health` from the start (0 until they fire)."""
@@ -137,6 +139,8 @@ class AlertBook:
                     self._firing[slot] = f.severity
                     self._said[slot] = f.message
                     changed.append(self._alert(f, f.severity, "firing", step, tokens))
+                    if HEALTH_LEVEL[f.severity] > HEALTH_LEVEL[self.worst_fired]:
+                        self.worst_fired = f.severity
             elif was is not None:
                 self._quiet[slot] = self._quiet.get(slot, 0) + 1
                 if self._quiet[slot] >= self.resolve_after:

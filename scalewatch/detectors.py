@@ -170,22 +170,31 @@ class NonFiniteDetector(_Detector):
 
     def __init__(self, config: HealthConfig | None = None) -> None:
         super().__init__(config)
-        self.first_step: int | None = None
+        self.first_step: int | None = None  # the log step of the episode's first bad interval
+        self.first_from: int | None = None  # that interval's first step (the step after the previous log point)
+        self.prev_step = 0  # the previous log point's step (counts start at step 0)
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         bad = not obs.all_finite or (obs.grad_norm_max is not None and not math.isfinite(obs.grad_norm_max)) \
             or obs.grad_nonfinite > 0
+        since, self.prev_step = self.prev_step + 1, obs.step
         if not bad:
-            self.first_step = None  # a later episode reports its own first step
+            self.first_step = self.first_from = None  # a later episode reports its own first interval
             return StageOutput(findings=[Finding("nonfinite", False, "critical", "losses and gradients finite again")])
-        self.first_step = obs.step if self.first_step is None else self.first_step
+        if self.first_step is None:
+            self.first_step, self.first_from = obs.step, min(since, obs.step)
+        first_from = self.first_from if self.first_from is not None else self.first_step
+        # The detector sees log points: the NaN is somewhere in the interval since the previous one.
+        where = (f"at step {self.first_step:,}" if first_from == self.first_step
+                 else f"in steps {first_from:,}–{self.first_step:,}")
+        still = f" (still at step {obs.step:,})" if obs.step != self.first_step else ""
         what = "loss" if not obs.all_finite else "gradient norm"
         return StageOutput(findings=[Finding(
             "nonfinite", True, "critical",
-            f"non-finite {what} in the interval ending at step {obs.step:,} ({obs.nonfinite} NaN/Inf micro-batch "
-            f"losses so far; first seen at step {self.first_step:,}): check the LR and warmup, fp16 loss scaling and "
-            "the data of those steps; resume from the last finite checkpoint",
-            values={"nonfinite_losses": float(obs.nonfinite), "first_step": float(self.first_step)})])
+            f"non-finite {what} {where}{still} ({obs.nonfinite} NaN/Inf micro-batch losses so far): check the LR "
+            "and warmup, fp16 loss scaling and the data of those steps; resume from the last finite checkpoint",
+            values={"nonfinite_losses": float(obs.nonfinite), "first_step": float(self.first_step),
+                    "interval_start": float(first_from)})])
 
 
 class _SpikeDetector(_Detector):
@@ -497,14 +506,14 @@ class BatchSizeDetector(_Detector):
         off = batch / b_crit > f or b_crit / batch > f
         self.streak = self.streak + 1 if off else 0
         big = batch > b_crit
-        what = (f"the batch ({batch:.3g} tokens) is {batch / b_crit:.1f}x the critical batch ({b_crit:.3g}): it costs "
-                f"{compute:.2f}x the minimum compute; a smaller batch (or a larger model) would reach the same loss "
-                "cheaper now, but B_crit grows as the loss falls (about 2x per 13% drop, Kaplan et al.): early in a "
-                "run this is expected, act if it persists" if big else
-                f"the batch ({batch:.3g} tokens) is {b_crit / batch:.1f}x below the critical batch ({b_crit:.3g}): it "
-                f"takes {steps:.2f}x the minimum steps; a larger batch would finish sooner at little extra compute")
-        return StageOutput(findings=[Finding("batch_size", self.streak >= self.cfg.batch_points, "info",
-                                             what + f" (step {obs.step:,})",
+        what = (f"the batch ({batch:.3g} tokens) is {batch / b_crit:.1f}x the critical batch ({b_crit:.3g} tokens): "
+                f"it costs {compute:.2f}x the minimum compute; a smaller batch (or a larger model) would reach the "
+                "same loss cheaper now, but B_crit grows as the loss falls (about 2x per 13% drop, Kaplan et al.): "
+                "early in a run this is expected, act if it persists" if big else
+                f"the batch ({batch:.3g} tokens) is {b_crit / batch:.1f}x below the critical batch ({b_crit:.3g} "
+                f"tokens): it takes {steps:.2f}x the minimum steps; a larger batch would finish sooner at little "
+                "extra compute")
+        return StageOutput(findings=[Finding("batch_size", self.streak >= self.cfg.batch_points, "info", what,
                                              values={"batch_tokens": batch, "b_crit": b_crit,
                                                      "compute_factor": compute, "steps_factor": steps})])
 

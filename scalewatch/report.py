@@ -26,7 +26,8 @@ from typing import Any
 from scalewatch.alerts import Alert
 from scalewatch.monitor import ForecastBand, History, Report
 from scalewatch.tensorboard import Tags, no_loss_message
-from scalewatch.watch import Replayer, WatchError, add_run_arguments, open_source, replayer_kwargs, worst_state
+from scalewatch.watch import (Replayer, TableSource, WatchError, add_run_arguments, open_source, replayer_kwargs,
+                              stderr_once, with_log_schedule, worst_state)
 
 #: Colours (colour-blind-safe where it matters: the loss, the prediction and the severities differ in hue and dash).
 COLORS = {"loss": "#1f5fa8", "pred": "#e07b00", "forecast": "#c0392b", "optimal": "#2a8a3e", "ratio": "#1f5fa8",
@@ -229,6 +230,7 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
 
     collector = ReportCollector()
     source = open_source(path)
+    kwargs = with_log_schedule(path, kwargs)  # a curve law without --schedule: the log's own LR, if it has one
     rp = Replayer(**{**kwargs, "sinks": [*kwargs.get("sinks", []), collector]})
     try:
         for step, row in source.poll(final=True):
@@ -241,6 +243,9 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     cut = f"{', '.join(short_files)} ends in an incomplete record (cut short?)" if short_files else ""
     if rp.observed == 0 and cut and not source.tags():
         raise WatchError(f"{path}: {cut}: no complete log point before the cut; nothing to report")
+    not_a_log = source.not_a_log() if isinstance(source, TableSource) and rp.observed == 0 else None
+    if not_a_log:
+        raise WatchError(not_a_log)
     if rp.observed == 0:
         raise WatchError(no_loss_message(path, rp.loss_tag, source.tags()) + (f"; {cut}" if cut else ""))
     monitor = rp.monitor
@@ -258,9 +263,10 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
         print(f"scalewatch report: warning: {cut}; the report shows the {rp.observed:,} log points before it",
               file=sys.stderr)
     curve = next((p for p in monitor.plugins if getattr(p, "name", "") == "curve"), None)
+    data.notes.extend(rp.notes)  # e.g. the schedule read from the log's own LR, or why there is none
     if curve is not None and getattr(curve, "schedule", None) is not None:
         data.final_step = len(curve.schedule) - 1
-    elif config.curve_law is not None:
+    elif config.curve_law is not None and not rp.notes:
         data.notes.append("A curve law was given but no usable --schedule (step,lr of the whole run): "
                           "no predicted band and no forecast.")
     last = points[-1]
@@ -639,7 +645,8 @@ def _loss_section(d: RunData) -> str:
                      f"step {fmt(fc.at_step)}" + (f"; the pilots alone predict {fmt(d.pred_final, 4)}."
                                                   if d.pred_final is not None else "."))
     elif not has_pred:
-        notes.append(esc("No predicted band or forecast: give --curve-law and --schedule (the run's step,lr), "
+        notes.append(esc("No predicted band or forecast: give --curve-law (and --schedule, the run's step,lr, "
+                         "when the log has no LR), "
                          "with --n-params if the law was fitted on several sizes."))
     xmin = min(x for x in xs if x > 0) if any(x > 0 for x in xs) else 0.0
     chart.log_x = xmin > 0 and max(xs) / xmin > 50  # a long run: its early points would be squashed otherwise
@@ -736,9 +743,16 @@ def _summary(d: RunData) -> str:
         for k, v, cls in cards) + "</div>"
     if not fired:
         return html_cards + '<p class="note">No alert fired.</p>'
-    firing_now = {kind for (kind, _key) in d.firing_at_end}
-    items = ", ".join(f'<span class="chip sev-{esc(a.severity)}">{esc(a.kind)}</span> {esc(a.severity)} at step '
-                      f"{a.step:,}" + (" (still firing)" if a.kind in firing_now else "") for a in fired[:12])
+    # Still firing: only the latest firing alert of each (kind, key) at the end, listed first (an earlier one
+    # of the same kind was resolved in between, as the timeline and the table show).
+    firing_now = set(d.firing_at_end)
+    latest = {(a.kind, a.key): i for i, a in enumerate(d.alerts) if a.state == "firing"}
+    still = {i for slot, i in latest.items() if slot in firing_now}
+    order = [i for i, a in enumerate(d.alerts) if i in still] + \
+            [i for i, a in enumerate(d.alerts) if a.state == "firing" and i not in still]
+    items = ", ".join(f'<span class="chip sev-{esc(d.alerts[i].severity)}">{esc(d.alerts[i].kind)}</span> '
+                      f"{esc(d.alerts[i].severity)} at step {d.alerts[i].step:,}"
+                      + (" (still firing)" if i in still else "") for i in order[:12])
     more = f" and {len(fired) - 12} more" if len(fired) > 12 else ""
     return html_cards + (f'<p class="note">{len(fired)} alert(s) fired: {items}{more}. '
                          '<a href="#alerts">Timeline</a></p>')
@@ -854,6 +868,7 @@ def add_parser(sub: Any) -> None:
 def run_cli(args: Any) -> int:
     """``scalewatch report``: 0 when the page is written (whatever the run's health), 3 on bad input."""
     kwargs = replayer_kwargs(args, args.path, [])
+    kwargs["say"] = stderr_once("report")
     try:
         data = write_report(args.path, args.out, kwargs)
     except WatchError:

@@ -308,7 +308,7 @@ class RowConverter:
 
 def no_loss_message(path: str | Path, loss_tag: str | None, tags: Sequence[str]) -> str:
     """The one-line error for a log without a (findable) loss: what was looked for, what was found."""
-    wanted = f"the loss tag {loss_tag!r}" if loss_tag else \
+    wanted = f"loss tag {loss_tag!r}" if loss_tag else \
         f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
     return f"{path}: no {wanted}; tags/columns: {', '.join(tags) or 'none'}; name it with --loss-tag"
 

@@ -4,12 +4,14 @@ Inputs are streamed, so memory stays flat on a long log: TensorBoard event direc
 (ScaleWatch's own, or any trainer's: the loss tag is found among common names or given), or CSV /
 JSON-lines files with ``step,loss[,lr,tokens]``. The alerts go to the same sinks as the callback's
 (console, JSON lines, webhook) and to a TensorBoard run of its own, written beside the watched one.
-The exit status is the worst alert still firing at the end: 0 healthy, 1 warning, 2 critical.
+The exit status is the worst alert that fired during the replay, even one resolved since (a NaN the
+run recovered from still pages): 0 healthy (or info only), 1 warning, 2 critical, 3 bad input.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -23,11 +25,11 @@ from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.data import pick_column
 from scalewatch.monitor import Monitor, Observation, Report
-from scalewatch.tensorboard import LOSS_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
+from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
 
 _CHUNK = 1 << 20  # bytes read at a time from a CSV/JSONL log
 
-#: Exit status by the worst alert firing at the end.
+#: Exit status by the worst alert that fired during the replay.
 EXIT_CODES = {"ok": 0, "info": 0, "warning": 1, "critical": 2}
 
 
@@ -45,6 +47,10 @@ class TableSource:
         self._header: list[str] | None = None
         self._seen: set[str] = set()
         self.jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+        self.rows = 0  # lines that were log points
+        self.skipped = 0  # lines that are not JSON (a JSON-lines log)
+        self._skipped_said = 0
+        self.quiet = False  # True: say nothing on stderr (a first pass that reads the LR schedule)
 
     def poll(self, final: bool = False) -> Iterator[tuple[int, dict[str, float]]]:
         """The complete lines appended since the last poll, read 1 MiB at a time (memory stays flat)."""
@@ -75,14 +81,40 @@ class TableSource:
                         if row is not None:
                             yield row
                 if at_end:
+                    self._say_skipped()
                     return
+
+    def _say_skipped(self) -> None:
+        """Lines that are not JSON, said once per poll with their count (none said before a first log point:
+        a file with no log point at all gets the error of :meth:`not_a_log` instead)."""
+        new = self.skipped - self._skipped_said
+        if new and self.rows and not self.quiet:
+            print(f"scalewatch watch: {self.path.name}: skipped {new:,} line{'s' if new > 1 else ''} that "
+                  f"{'are' if new > 1 else 'is'} not JSON", file=sys.stderr)
+            self._skipped_said = self.skipped
+
+    def not_a_log(self) -> str | None:
+        """Why a file with no log point at all is not a JSON-lines log, or None (e.g. a log without a loss)."""
+        if not self.jsonl or self.rows:
+            return None
+        try:
+            if self.path.stat().st_size < 64 << 20:
+                json.loads(self.path.read_text(encoding="utf-8", errors="replace"))
+                return (f"{self.path}: {self.path.name} is one JSON document, not a JSONL log of scalars (one "
+                        "JSON object per line with a step): give a TensorBoard directory, a CSV or a JSONL log")
+        except (OSError, ValueError):
+            pass
+        if self.skipped:
+            return (f"{self.path}: none of its {self.skipped:,} lines is a JSON object with a step: give a "
+                    "TensorBoard directory, a CSV or a JSONL log (one JSON object per line with a step)")
+        return None
 
     def _parse(self, text: str) -> tuple[int, dict[str, float]] | None:
         if self.jsonl:
             try:
                 doc = json.loads(text)
             except json.JSONDecodeError:
-                print(f"scalewatch watch: {self.path.name}: skipped a line that is not JSON", file=sys.stderr)
+                self.skipped += 1  # said once with the count, at the end of the poll
                 return None
             cells = {str(k): v for k, v in doc.items()} if isinstance(doc, Mapping) else {}
         else:
@@ -105,6 +137,7 @@ class TableSource:
                 continue
         if key not in numbers or not math.isfinite(numbers[key]):
             return None
+        self.rows += 1
         return int(numbers.pop(key)), numbers
 
     def tags(self) -> list[str]:
@@ -137,6 +170,9 @@ class Replayer:
     n_params: int | None = None
     total_steps: int | None = None
     sinks: list[Any] = field(default_factory=list)
+    #: what to say once, on stderr by the CLI, when the first log point arrives (none on bad input)
+    notes: list[str] = field(default_factory=list)
+    say: Callable[[str], None] | None = None
     monitor: Monitor | None = None
     observed: int = 0
     rows: RowConverter | None = None
@@ -151,12 +187,77 @@ class Replayer:
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
+            if self.say is not None:
+                for note in self.notes + ([NO_TOTAL_STEPS] if self.total_steps is None and self.config.detect else []):
+                    self.say(note)
             # Counts in a log start from zero at step 0, as the live callback's Monitor.start() sees them:
             # so the first point already has its batch size (and the noise scale its B_crit), like live.
             self.monitor.start(Observation(step=0, tokens=0, samples=0, flops=0))
         obs = self.rows.observation(step, row, self.monitor.n_params)
         self.observed += 1
         return self.monitor.observe(obs)
+
+
+NO_TOTAL_STEPS = ("no --total-steps: the undertrained / overtrained / repeated_data checks are off (they project "
+                  "to the planned end)")
+
+
+def log_schedule(source: EventSource | TableSource, lr_tag: str | None = None
+                 ) -> tuple[Any, str | None, tuple[int, int]]:
+    """The LR at every step, interpolated from the log's own LR (``scalewatch/lr``, an ``lr`` column...).
+
+    Returns ``(per-step LR or None, the tag, (first, last) logged step)``; reads the whole log (a first pass).
+    """
+    import numpy as np
+
+    from scalewatch.curves import CurveError, per_step_lr
+
+    wanted = {a.lower() for a in (*LR_TAGS, *([lr_tag] if lr_tag else []))}
+    rows: dict[int, dict[str, float]] = {}
+    for step, row in source.poll(final=True):
+        values = {k: v for k, v in row.items() if k.lower() in wanted and math.isfinite(v)}
+        if values:
+            rows.setdefault(step, {}).update(values)
+    name = find_tag(sorted({k for r in rows.values() for k in r}), LR_TAGS, lr_tag)
+    points = sorted((s, r[name]) for s, r in rows.items() if name in r) if name else []
+    if len(points) < 2:
+        return None, name, (0, 0)
+    try:
+        steps, lrs = zip(*points, strict=True)
+        return np.asarray(per_step_lr(steps, lrs)), name, (points[0][0], points[-1][0])
+    except CurveError:
+        return None, name, (0, 0)
+
+
+def with_log_schedule(path: str | Path, kwargs: Mapping[str, Any], follow: bool = False) -> dict[str, Any]:
+    """``kwargs`` for :class:`Replayer`, with a curve law but no schedule: the log's own LR as the schedule.
+
+    The predicted curve needs the LR at every step of the run; a finished log that has the LR at each log
+    point gives it. Says so (a note), or why there is no predicted curve.
+    """
+    cfg: ScaleWatchConfig = kwargs["config"]
+    if cfg.curve_law is None or cfg.schedule is not None:
+        return dict(kwargs)
+    source = open_source(path)
+    if isinstance(source, TableSource):
+        source.quiet = True  # the replay says what it skipped
+    schedule, name, (first, last) = log_schedule(source, kwargs.get("lr_tag"))
+    if schedule is None:
+        note = ("--curve-law without --schedule, and the log has no LR per step"
+                + (f" (only a few {name!r} points)" if name else "")
+                + ": no predicted curve; give --schedule step,lr.csv (the run's LR at every step)")
+        return {**kwargs, "notes": [*kwargs.get("notes", []), note]}
+    note = (f"--curve-law without --schedule: the schedule is the log's own {name!r} (steps {first:,}–{last:,}, "
+            "interpolated between log points)"
+            + ("; with --follow, only the steps logged so far: give --schedule step,lr.csv for the whole run"
+               if follow else ""))
+    return {**kwargs, "config": dataclasses.replace(cfg, schedule=schedule),
+            "notes": [*kwargs.get("notes", []), note]}
+
+
+def worst_fired(monitor: Monitor | None) -> str:
+    """``"critical"``, ``"warning"``, ``"info"`` or ``"ok"``: the worst alert that fired, resolved since or not."""
+    return "ok" if monitor is None else monitor.alerts.worst_fired
 
 
 def worst_state(monitor: Monitor | None) -> str:
@@ -237,12 +338,13 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
     monitors: list[Monitor | None] = []
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
         source = open_source(path)
-        sinks = list(replayer_kwargs.get("sinks", []))
+        following = follow and i == len(paths) - 1
+        kwargs = with_log_schedule(path, replayer_kwargs, follow=following)
+        sinks = list(kwargs.get("sinks", []))
         writer = _LazyTensorBoard(target) if target is not None else None
         if writer is not None:
             sinks.append(writer)
-        rp = Replayer(**{**replayer_kwargs, "sinks": sinks})
-        following = follow and i == len(paths) - 1
+        rp = Replayer(**{**kwargs, "sinks": sinks})
         last_new = time.monotonic()
         try:
             while True:
@@ -269,6 +371,9 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
             if writer is not None:
                 writer.close()
         if rp.observed == 0:
+            not_a_log = source.not_a_log() if isinstance(source, TableSource) else None
+            if not_a_log:
+                raise WatchError(not_a_log)
             found = find_tag(source.tags(), LOSS_TAGS, rp.loss_tag)
             if found:  # the column is there, no row has a value in it: an empty (or just started) log
                 raise WatchError(f"{path}: the loss {found!r} is there but no row has a value yet: an empty log?")
@@ -285,12 +390,27 @@ def add_run_arguments(parser: Any) -> None:
     parser.add_argument("--tokens-per-step", type=float,
                         help="tokens per optimizer step, when the log has no token count")
     parser.add_argument("--n-params", type=float, help="N, when the log does not carry scalewatch/n_params")
-    parser.add_argument("--total-steps", type=int, help="the run's planned steps (for the undertraining check)")
+    parser.add_argument("--total-steps", type=int, help="the run's planned steps (for the undertrained / "
+                        "overtrained / repeated_data checks, which project to the planned end; off without it)")
     parser.add_argument("--law", help="Chinchilla law file (`scalewatch fit --out`)")
-    parser.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); needs --schedule")
-    parser.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law")
+    parser.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); the LR schedule is "
+                        "--schedule, else the log's own LR per log point")
+    parser.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law (default: the LR the "
+                        "log has)")
     parser.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
     parser.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")
+
+
+def stderr_once(command: str) -> Callable[[str], None]:
+    """A ``say`` for :class:`Replayer`: each note once on stderr (several paths share the notes)."""
+    said: set[str] = set()
+
+    def say(note: str) -> None:
+        if note not in said:
+            said.add(note)
+            print(f"scalewatch {command}: {note}", file=sys.stderr)
+
+    return say
 
 
 def replayer_kwargs(args: Any, path: str | Path, sinks: list[Any], **config: Any) -> dict[str, Any]:
@@ -335,6 +455,7 @@ def add_parser(sub: Any) -> None:
 def run_cli(args: Any) -> int:
     kwargs = replayer_kwargs(args, args.paths[-1], [ConsoleSink(as_json=args.json)], alerts_jsonl=args.jsonl,
                              webhook_url=args.webhook)
+    kwargs["say"] = stderr_once("watch")
     tb_out = None
     last = Path(args.paths[-1]).resolve()
     # Beside a watched TensorBoard run by default (its own run, never inside); a CSV or JSONL log (often
@@ -347,10 +468,14 @@ def run_cli(args: Any) -> int:
         raise
     except Exception as exc:  # exit 1 and 2 mean the run's health: a failure of watch itself must not read so
         raise WatchError(f"could not read the logs: {type(exc).__name__}: {exc}") from None
-    states = [worst_state(m) for m in monitors]
-    state = max(states, key=["ok", "info", "warning", "critical"].index)  # the worst over every path
+    order = ["ok", "info", "warning", "critical"].index
+    state = max((worst_state(m) for m in monitors), key=order)  # the worst over every path
+    fired = max((worst_fired(m) for m in monitors), key=order)
     if not args.json:
         n = sum(len(m.history) for m in monitors if m)
+        still = sorted({f"{kind} ({sev})" for m in monitors if m for (kind, _), sev in m.alerts.firing().items()})
         print(f"scalewatch watch: {n} log points kept; state at the end: {state}"
+              + (f" ({', '.join(still)} still firing)" if still else "")
+              + f"; worst alert fired: {fired if fired != 'ok' else 'none'} (exit {EXIT_CODES[fired]})"
               + (f"; TensorBoard: {tb_out}" if tb_out else ""), file=sys.stderr)
-    return EXIT_CODES[state]
+    return EXIT_CODES[fired]

@@ -88,6 +88,33 @@ def test_nonfinite_is_critical_at_once_with_the_first_step() -> None:
     assert m.observe(_obs(70, 2.0, grad_nonfinite=1)).alerts == []  # still firing (a gradient this time)
 
 
+def test_nonfinite_names_the_interval_since_the_previous_log_point() -> None:
+    """Logged every 10 steps, a NaN at step 151 is seen at the log point of step 160: the message says where
+    it can be (steps 151–160), not only the log step; the structured values keep the log step and add the first."""
+    m = Monitor(plugins=[NonFiniteDetector()])
+    assert _fired(m, [(s, 3.0) for s in range(10, 160, 10)]) == []
+    (a,) = m.observe(_obs(160, math.nan, all_finite=False, nonfinite=1)).alerts
+    assert "non-finite loss in steps 151–160 (" in a.message and "first seen at step" not in a.message
+    assert (a.values["first_step"], a.values["interval_start"]) == (160.0, 151.0)
+    m = Monitor(plugins=[NonFiniteDetector()])  # logged every step: one step, said as one
+    assert _fired(m, [(1, 3.0)]) == []
+    (a,) = m.observe(_obs(2, math.nan, all_finite=False, nonfinite=1)).alerts
+    assert "non-finite loss at step 2 (" in a.message and a.values["interval_start"] == 2.0
+
+
+def test_batch_size_message_gives_b_crit_its_unit_and_does_not_repeat_the_step() -> None:
+    from types import SimpleNamespace
+
+    from scalewatch.detectors import BatchSizeDetector
+    from scalewatch.monitor import Report
+
+    det = BatchSizeDetector()
+    monitor = SimpleNamespace(report=Report(step=600, tokens=0, scalars={
+        "gns/compute_factor": 4.2, "gns/steps_factor": 1.1, "gns/b_crit": 73.5}))
+    (f,) = det.on_observation(_obs(600, 3.0, batch_tokens=4096.0), monitor).findings
+    assert "the critical batch (73.5 tokens)" in f.message and "(step" not in f.message, f.message
+
+
 def test_grad_norm_spike() -> None:
     m = Monitor(plugins=[GradNormSpikeDetector()])
     fired = [a.kind for i in range(20) for a in m.observe(_obs(10 * i, 3.0, grad_norm_max=1.0 + 0.05 * (i % 3))).alerts]

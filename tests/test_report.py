@@ -8,6 +8,7 @@ measured and logged too.
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 import struct
@@ -279,3 +280,39 @@ def test_the_report_renders_in_headless_chromium(sw_report, tmp_path) -> None:
     assert share("#c0392b") > 1e-4  # the critical divergence: its card, chip and mark on the loss plot
     dom = subprocess.run([*common, "--dump-dom", sw_report.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0 and dom.stdout.count("<svg") == 4 and 'id="alert-table"' in dom.stdout
+
+
+def test_summary_marks_the_latest_firing_alert_of_a_kind_not_an_earlier_resolved_one() -> None:
+    """batch_size raised at step 20, resolved at 190, raised again at 600 and still firing at the end: the
+    summary says the one of step 600 is still firing (the table and the timeline say so too)."""
+    from scalewatch.alerts import AlertBook, Finding
+    from scalewatch.report import Point, RunData, _summary
+    from scalewatch.tensorboard import Tags
+
+    book = AlertBook(resolve_after=2, cooldown=5)
+    alerts = []
+    for step in range(10, 610, 10):
+        active = step in (20, 30) or step >= 600 or 40 <= step < 180  # quiet at 180 and 190: resolved at 190
+        alerts += book.update([Finding("batch_size", active, "info", "batch far above B_crit")], step, 0)
+    assert [(a.state, a.step) for a in alerts] == [("firing", 20), ("resolved", 190), ("firing", 600)]
+    d = RunData(run="r", source="x", points=[Point(600, 0, 3.0)], alerts=alerts, state="info", log_points=60,
+                tags=Tags(loss="loss"), tags_found=["loss"], firing_at_end=list(book.firing()))
+    text = re.sub(r"<[^>]+>", "", _summary(d))
+    assert "batch_size info at step 600 (still firing)" in text, text
+    assert "batch_size info at step 20 (still firing)" not in text and "batch_size info at step 20" in text
+
+
+def test_report_with_a_curve_law_and_no_schedule_uses_the_logs_lr(tmp_path, capsys) -> None:
+    if not MPL.exists():
+        pytest.skip("../shared/data not present")
+    law = tmp_path / "law.json"
+    assert main(["fit", "--curves", str(MPL / "csv_25__cosine_24000.csv"), str(MPL / "csv_25__constant_24000.csv"),
+                 "--out", str(law), "--json"]) == 0
+    run = MPL / "csv_25__wsd_20000_24000.csv"  # step,lr,loss: the LR at every log point
+    capsys.readouterr()
+    assert main(["report", str(run), "--out", str(tmp_path / "own.html"), "--curve-law", str(law)]) == 0
+    assert capsys.readouterr().err.count("the schedule is the log's own 'lr'") == 1
+    assert main(["report", str(run), "--out", str(tmp_path / "given.html"), "--curve-law", str(law),
+                 "--schedule", str(run)]) == 0
+    own, given = (tables((tmp_path / f).read_text())["loss-table"] for f in ("own.html", "given.html"))
+    assert own == given and num(own[-1]["predicted"]) > 0

@@ -24,8 +24,8 @@ def test_watch_on_a_scalewatch_run_gives_the_alerts_the_live_callback_gave(tmp_p
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     replayed = [(d["kind"], d["severity"], d["step"]) for d in lines if d["state"] == "firing"]
     assert replayed and sorted(replayed) == sorted(_firing(live))
-    worst_live = max((live.monitor.alerts.firing() or {("", ""): "ok"}).values(),
-                     key=["ok", "info", "warning", "critical"].index)
+    # the exit status is the worst alert that fired (resolved since or not), as the live run's did
+    worst_live = max([s for _, s, _ in _firing(live)] or ["ok"], key=["ok", "info", "warning", "critical"].index)
     assert rc == {"ok": 0, "info": 0, "warning": 1, "critical": 2}[worst_live]
     assert (tmp_path / "w").is_dir()  # its own run, beside; the watched one untouched:
     assert sorted((p.name, p.stat().st_size) for p in logdir.iterdir()) == before
@@ -178,3 +178,78 @@ def test_watch_writes_no_tensorboard_run_beside_a_csv_or_on_bad_input(tmp_path) 
     assert not (tmp_path / "tb").exists()  # created only at the first report
     assert main(["watch", str(data / "run.csv"), "--tb-out", str(tmp_path / "tb")]) == 0
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def _nan_then_recovered(path, every=10, nan_step=160):
+    path.write_text("step,loss,lr\n" + "".join(
+        f"{s},{'nan' if s == nan_step else 2 + 3 / math.sqrt(s)},3e-4\n" for s in range(every, 610, every)))
+    return path
+
+
+def test_a_nan_the_run_recovered_from_still_exits_2_and_the_end_state_is_said(tmp_path, capsys) -> None:
+    """A cron job must not miss a NaN: the exit status is the worst alert that FIRED during the replay."""
+    csv = _nan_then_recovered(tmp_path / "run.csv")
+    assert main(["watch", str(csv), "--no-tb", "--total-steps", "600"]) == 2
+    captured = capsys.readouterr()
+    assert "CRITICAL  nonfinite" in captured.out and "resolved  nonfinite" in captured.out
+    assert "non-finite loss in steps 151–160 (" in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert "state at the end: ok;" in last and "worst alert fired: critical (exit 2)" in last, last
+
+
+def test_no_total_steps_is_said_once_and_bad_input_stays_one_line(tmp_path, capsys) -> None:
+    csv = _nan_then_recovered(tmp_path / "run.csv", nan_step=-1)
+    assert main(["watch", str(csv), str(csv), "--no-tb"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no --total-steps: the undertrained / overtrained / repeated_data checks are off "
+                     "(they project to the planned end)") == 1, err
+    assert main(["watch", str(csv), "--no-tb", "--total-steps", "600"]) == 0
+    assert "--total-steps" not in capsys.readouterr().err
+    assert main(["report", str(csv), "--out", str(tmp_path / "r.html")]) == 0
+    assert capsys.readouterr().err.count("scalewatch report: no --total-steps") == 1
+
+
+def test_a_json_document_is_not_a_log_and_non_json_lines_are_counted_once(tmp_path, capsys) -> None:
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"L0": 1.7, "coefficients": list(range(1000)), "conventions": {"N": "total"}},
+                              indent=1))
+    assert len(law.read_text().splitlines()) > 1000
+    assert main(["watch", str(law), "--no-tb"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "law.json is one JSON document, not a JSONL log of scalars" in err[0], err
+    assert "give a TensorBoard directory, a CSV or a JSONL log" in err[0]
+    # a log with 1,000 lines of noise among its points: one line with the count
+    noisy = tmp_path / "noisy.jsonl"
+    noisy.write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 40))
+                     + "not json\n" * 1000)
+    assert main(["watch", str(noisy), "--no-tb", "--total-steps", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1,000 lines that are not JSON" in err and err.count("not JSON") == 1, err
+
+
+def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    mpl = Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
+    if not mpl.exists():
+        pytest.skip("../shared/data not present")
+    law = tmp_path / "law.json"
+    assert main(["fit", "--curves", str(mpl / "csv_25__cosine_24000.csv"), str(mpl / "csv_25__constant_24000.csv"),
+                 "--out", str(law), "--json"]) == 0
+    run = mpl / "csv_25__wsd_20000_24000.csv"  # step,lr,loss
+    capsys.readouterr()
+    args = ["watch", str(run), "--no-tb", "--json", "--curve-law", str(law), "--total-steps", "24000"]
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert err.count("--curve-law without --schedule: the schedule is the log's own 'lr'") == 1, err
+    # the same alerts (here the band's off_curve ones) as with the schedule given: the prediction is on
+    assert main([*args, "--schedule", str(run)]) == rc and "off_curve" in out
+    given = capsys.readouterr()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in out.splitlines()]
+    assert strip == [{k: v for k, v in json.loads(x).items() if k != "time"} for x in given.out.splitlines()]
+    assert "--curve-law without --schedule" not in given.err
+    no_lr = tmp_path / "no_lr.csv"
+    no_lr.write_text("\n".join(",".join(r.split(",")[i] for i in (0, 2)) for r in run.read_text().splitlines()))
+    assert main(["watch", str(no_lr), "--no-tb", "--curve-law", str(law), "--total-steps", "24000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no predicted curve; give --schedule step,lr.csv") == 1, err
