@@ -446,8 +446,10 @@ class AllocationDetector(_Detector):
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         n = getattr(monitor, "n_params", None)
+        # The planned length goes into the log too, so an offline replay (`scalewatch watch`) can project.
+        planned = {"total_steps": float(self.total_steps)} if self.total_steps else {}
         if not n or not self.total_steps or obs.step < 1 or obs.tokens <= 0:
-            return StageOutput()
+            return StageOutput(scalars=planned)
         d_end = obs.tokens / obs.step * self.total_steps
         ratio = d_end / n
         flops = 6.0 * n * d_end
@@ -484,7 +486,7 @@ class AllocationDetector(_Detector):
                 f"the run will see its unique data {epochs:.1f} times by step {self.total_steps:,}; beyond about "
                 f"{self.cfg.max_epochs:g} epochs repeated tokens are worth much less (Muennighoff et al. 2023): "
                 "add data or stop earlier", values={"epochs": epochs, "unique_tokens": float(self.unique_tokens)}))
-        return StageOutput(findings=findings)
+        return StageOutput(scalars=planned, findings=findings)
 
 
 class BatchSizeDetector(_Detector):

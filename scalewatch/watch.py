@@ -186,6 +186,8 @@ class Replayer:
             return None  # a step without a loss (e.g. only the LR was logged)
         if self.monitor is None:
             n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
+            if self.total_steps is None and tag("total_steps") in row:  # logged by the live callback
+                self.total_steps = int(row[tag("total_steps")])
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)
             if self.say is not None:
                 for note in self.notes + ([NO_TOTAL_STEPS] if self.total_steps is None and self.config.detect else []):

@@ -107,8 +107,10 @@ def test_law_fitted_on_another_n_convention_or_loss_is_flagged(tmp_path, caplog)
     assert any("a held-out loss" in m and "c4_en-validation" in m for m in messages)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="scalewatch"):
-        _fit(tmp_path / "same", ScaleWatch(curve_law=LAW))  # a law without such conventions: silent
-    assert not [r for r in caplog.records if "curve law" in r.getMessage()]
+        _fit(tmp_path / "same", ScaleWatch(curve_law=LAW))  # a law without such conventions: silent on them
+    said = [r.getMessage() for r in caplog.records if "curve law" in r.getMessage()]
+    # (LAW is a one-size law with no recorded size: that, and only that, is said)
+    assert len(said) == 1 and "fitted on curves of one model size, not recorded" in said[0]
 
 
 def test_resumed_run_keeps_the_schedule_it_started_with(tmp_path) -> None:

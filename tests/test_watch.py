@@ -20,8 +20,11 @@ def test_watch_on_a_scalewatch_run_gives_the_alerts_the_live_callback_gave(tmp_p
     live, _ = _train(tmp_path / "run", fault=LRFault(FAULT_STEP, FAULT_STEP + 3, 30.0))
     logdir = tmp_path / "run" / "tb" / "version_0"
     before = sorted((p.name, p.stat().st_size) for p in logdir.iterdir())
-    rc = main(["watch", str(logdir), "--total-steps", "300", "--json", "--tb-out", str(tmp_path / "w")])
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    # No --total-steps: the live callback logged the planned length (scalewatch/total_steps).
+    rc = main(["watch", str(logdir), "--json", "--tb-out", str(tmp_path / "w")])
+    captured = capsys.readouterr()
+    assert "no --total-steps" not in captured.err
+    lines = [json.loads(x) for x in captured.out.splitlines()]
     replayed = [(d["kind"], d["severity"], d["step"]) for d in lines if d["state"] == "firing"]
     assert replayed and sorted(replayed) == sorted(_firing(live))
     # the exit status is the worst alert that fired (resolved since or not), as the live run's did
