@@ -368,12 +368,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
             what = "the fit without " + ", ".join(p.name for j, p in enumerate(prepared) if groups[j] == g)
             if len(rest) < 2:
                 continue
-            try:
-                c_g, r_g = _fit_coef(rest, multi and len({q.x for q in rest}) >= 2, start=coef, form=form)
-            except CurveError:
-                fits.append((what, None))
+            c_g = _held_out_fit(rest, multi and len({q.x for q in rest}) >= 2, coef, form, what, fits)
+            if c_g is None:
                 continue
-            fits.append((what, r_g))
             left_out[g] = c_g
             for j, p in enumerate(prepared):
                 if groups[j] == g:
@@ -403,12 +400,9 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
                 for m in [np.arange(len(p.y)) < cut * len(p.y)]]
         if min(len(q.y) for q in part) < 3:
             continue
-        try:
-            c_r, r_r = _fit_coef(part, multi, start=coef, form=form)
-        except CurveError:
-            fits.append((f"the fit on the first {cut:.0%} of each curve", None))
+        c_r = _held_out_fit(part, multi, coef, form, f"the fit on the first {cut:.0%} of each curve", fits)
+        if c_r is None:
             continue
-        fits.append((f"the fit on the first {cut:.0%} of each curve", r_r))
         s1_fit = max(float(q.S1.max()) for q in part)
         for p, r in zip(prepared, lr_rel, strict=True):
             late = np.arange(len(p.y)) >= cut * len(p.y)
@@ -528,6 +522,19 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
     return [r for r in replays if math.isfinite(r.rel_error) and math.isfinite(r.sd_rel) and r.sd_rel > 0]
 
 
+def _held_out_fit(parts: Sequence[_Prepared], multi: bool, coef: Mapping[str, tuple[float, float]], form: str,
+                  label: str, fits: list[tuple[str, OptimizeResult | None]]) -> dict[str, tuple[float, float]] | None:
+    """One fit of the band's calibration, warm-started from the full fit; recorded in ``fits`` under
+    ``label`` (with None when it failed, which leaves that evidence out rather than stopping the fit)."""
+    try:
+        c, r = _fit_coef(parts, multi, start=coef, form=form)
+    except CurveError:
+        fits.append((label, None))
+        return None
+    fits.append((label, r))
+    return c
+
+
 def _size_out_fits(prepared: Sequence[_Prepared], n_params: Sequence[float | None],
                    coef: Mapping[str, tuple[float, float]], form: str, fits: list[tuple[str, OptimizeResult | None]]
                    ) -> dict[float, tuple[dict[str, tuple[float, float]], tuple[float, float]]]:
@@ -540,13 +547,9 @@ def _size_out_fits(prepared: Sequence[_Prepared], n_params: Sequence[float | Non
         left = sorted({m for m in n_params if m is not None and m != n})
         if len(left) < 2:
             continue
-        try:
-            c, r = _fit_coef(rest, True, start=coef, form=form)
-        except CurveError:
-            fits.append((f"the fit without N={n:.3g}", None))
-            continue
-        fits.append((f"the fit without N={n:.3g}", r))
-        out[n] = (c, (left[0], left[-1]))
+        c = _held_out_fit(rest, True, coef, form, f"the fit without N={n:.3g}", fits)
+        if c is not None:
+            out[n] = (c, (left[0], left[-1]))
     return out
 
 
