@@ -312,6 +312,7 @@ def test_blended_forecast_of_held_out_runs_is_no_worse_than_prior_or_prefix_fit(
     assert 0.8 <= np.mean(inside) <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(5e7, 2e8), (5e7, 1e8, 2e8)])
 def test_band_outside_the_pilot_sizes_holds_the_truth_and_shrinks_with_the_prefix(sizes) -> None:
     rng = np.random.default_rng(9)

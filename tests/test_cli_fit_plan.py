@@ -55,6 +55,7 @@ def test_fit_json_is_machine_readable(sweep_csv) -> None:
     assert lo < doc["params"]["beta"] < hi
 
 
+@pytest.mark.slow
 def test_fit_accepts_compute_in_place_of_tokens_and_json_runs(tmp_path) -> None:
     N = np.repeat(np.logspace(7, 9, 4), 4)
     D = np.tile(np.logspace(9, 11, 4), 4)
@@ -127,6 +128,7 @@ def test_plan_default_law_is_labelled_and_warns() -> None:
     assert co["n_params"] == pytest.approx(2.8e9, rel=0.02) and co["tokens_per_param"] == pytest.approx(22, abs=0.5)
 
 
+@pytest.mark.slow
 def test_plan_with_fitted_law_has_intervals_and_all_questions(sweep_csv, tmp_path) -> None:
     law = tmp_path / "law.json"
     assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "30").returncode == 0
@@ -227,6 +229,7 @@ def test_plan_says_clearly_when_the_law_has_no_bootstrap_laws(sweep_csv, tmp_pat
     assert "has no bootstrap samples; refit with `scalewatch fit --bootstrap 200" in doc["interval_note"]
 
 
+@pytest.mark.slow
 def test_fit_tie_exponents_writes_a_tied_law_and_refuses_other_methods(sweep_csv, tmp_path) -> None:
     out = tmp_path / "tied.json"
     p = _run("fit", str(sweep_csv), "--tie-exponents", "--bootstrap", "20", "--out", str(out), "--json")
@@ -246,6 +249,7 @@ def test_fit_tie_exponents_writes_a_tied_law_and_refuses_other_methods(sweep_csv
     assert bad.returncode == 2 and "drop --method 2 (or --tie-exponents)" in bad.stderr  # names the flag given
 
 
+@pytest.mark.slow
 def test_fit_data_constrained_two_stage_and_its_errors(tmp_path) -> None:
     from scalewatch.laws import DataConstrainedLaw
 

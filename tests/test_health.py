@@ -275,6 +275,7 @@ def _firing(watch: ScaleWatch) -> list[tuple[str, str, int]]:
     return [(a.kind, a.severity, a.step) for a in watch.monitor.alerts.recent if a.state == "firing"]
 
 
+@pytest.mark.slow
 def test_healthy_run_raises_nothing_and_writes_health_series_jsonl_and_table(tmp_path) -> None:
     watch, t = _train(tmp_path, alerts_jsonl=tmp_path / "alerts.jsonl")
     assert _firing(watch) == []
@@ -419,6 +420,7 @@ def test_inconsistent_thresholds_fail_at_construction(kwargs, match) -> None:
         HealthConfig(**kwargs)
 
 
+@pytest.mark.slow
 def test_stop_on_warning_ignores_planning_findings_and_refits_do_not_pile_up_sinks(tmp_path, caplog) -> None:
     # far too big for its tokens: `undertrained` (a warning) fires at once, but it is a plan, not a fault
     watch, t = _train(tmp_path, n_layer=4, n_embd=128, steps=40, stop_on="warning")

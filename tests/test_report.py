@@ -97,6 +97,7 @@ def sw_report(sw_run, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_on_a_scalewatch_run_shows_the_live_alerts_and_the_logged_numbers(sw_run, sw_report) -> None:
     live, logdir = sw_run
     page = sw_report.read_text()
