@@ -485,6 +485,9 @@ class ScheduleReach:
         points: how many such points it rests on (all of them).
         per_ln_s1_annealed: the same from the points at or below half their peak LR; None (files from
             before it, or no such point): ``per_ln_s1`` at every LR.
+        s1_min: the smallest S1 of the points the law was fitted on (each pilot's first SKIP_FRACTION is
+            left out): below it the law extrapolates backwards into the fast early drop, where its band
+            was never checked, so ``off_curve`` does not judge a run there. None: files from before it.
 
     Example:
         >>> ScheduleReach(s1_max=10.0, per_ln_s1=1.0).factor(np.array([5.0, 10.0, 10.0 * math.e])).tolist()
@@ -497,6 +500,7 @@ class ScheduleReach:
     per_ln_s1: float = 0.0
     points: int = 0
     per_ln_s1_annealed: float | None = None
+    s1_min: float | None = None
 
     def factor(self, s1: Any, lr_rel: Any = None) -> Any:
         beyond = np.log(np.maximum(np.asarray(s1, dtype=float), 1e-300) / self.s1_max)
@@ -511,6 +515,8 @@ class ScheduleReach:
         doc = {"s1_max": float(self.s1_max), "per_ln_s1": float(self.per_ln_s1), "points": int(self.points)}
         if self.per_ln_s1_annealed is not None:
             doc["per_ln_s1_annealed"] = float(self.per_ln_s1_annealed)
+        if self.s1_min is not None:
+            doc["s1_min"] = float(self.s1_min)
         return doc
 
     @classmethod
@@ -519,12 +525,13 @@ class ScheduleReach:
                 and _finite(doc.get("per_ln_s1", 0.0)) and doc.get("per_ln_s1", 0.0) >= 0
                 and _finite(doc.get("points", 0)) and doc.get("points", 0) >= 0
                 and (doc.get("per_ln_s1_annealed") is None
-                     or (_finite(doc["per_ln_s1_annealed"]) and doc["per_ln_s1_annealed"] >= 0))):
+                     or (_finite(doc["per_ln_s1_annealed"]) and doc["per_ln_s1_annealed"] >= 0))
+                and (doc.get("s1_min") is None or (_finite(doc["s1_min"]) and doc["s1_min"] >= 0))):
             raise LawFileError(f"{source}: band.beyond_pilots must be {{s1_max > 0, per_ln_s1 >= 0, points >= 0, "
-                               "per_ln_s1_annealed >= 0 (optional)}")
-        annealed = doc.get("per_ln_s1_annealed")
+                               "per_ln_s1_annealed >= 0 (optional), s1_min >= 0 (optional)}")
+        annealed, s1_min = doc.get("per_ln_s1_annealed"), doc.get("s1_min")
         return cls(float(doc["s1_max"]), float(doc.get("per_ln_s1", 0.0)), int(doc.get("points", 0)),
-                   None if annealed is None else float(annealed))
+                   None if annealed is None else float(annealed), None if s1_min is None else float(s1_min))
 
 
 def calibrate_reach(rel_errors: np.ndarray, widths: np.ndarray, beyond: np.ndarray, s1_max: float,

@@ -287,6 +287,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         pred = law.predict(schedule, n_params=args.n_params, steps=sorted({*range(every, last + 1, every), last}))
     except CurveError as exc:
         raise CLIError(str(exc)) from None
+    if law.n_range is None and args.n_params is not None:
+        from scalewatch.config import size_warning
+
+        said = size_warning(law, args.n_params)
+        if said:
+            print(f"scalewatch predict: warning: {said}", file=sys.stderr)
     if args.n_params is not None and law.n_range is not None:
         lo, hi = law.n_range
         if not lo <= args.n_params <= hi:

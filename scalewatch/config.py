@@ -266,16 +266,40 @@ def curve_law_warnings(law: CurveLaw, param_convention: str, n_params: int | Non
     if law_conv and law_conv != param_convention:
         out.append(f"the curve law was fitted with N counted as {law_conv!r}, this run counts N as "
                    f"{param_convention!r}; pass ScaleWatch(param_convention={law_conv!r}) or refit")
-    if law.n_range is None and n_params:
-        # One pilot size: the law has no N-dependence and predicts that size's curve for any model.
+    size = size_warning(law, n_params)
+    return out + ([size] if size else [])
+
+
+def size_warning(law: CurveLaw, n_params: float | None) -> str | None:
+    """What to say when a curve law is asked about a model size its pilots did not cover, else None.
+
+    A one-size law has no N-dependence (it predicts its pilots' curve for any model); a law of several
+    sizes widens its band outside them, but far outside its prediction means little.
+
+    Example:
+        >>> from scalewatch.curves import CurveLaw
+        >>> size_warning(CurveLaw({}, n_ref=1e8, n_range=(1e8, 4e8)), 8.4e5)[:34]
+        'N=8.4e+05 is outside the curve law'
+    """
+    if not n_params:
+        return None
+    if law.n_range is None:
         sizes = [float(n) for n in (law.fitted_on.get("sizes") or []) if n]
         if not sizes:
-            out.append(f"the curve law was fitted on curves of one model size, not recorded: it predicts that size's "
-                       f"loss whatever this run's N ({n_params:,}); fit it on pilots of 2+ sizes with their n_params")
-        elif not 2 / 3 <= n_params / sizes[0] <= 1.5:
-            out.append(f"the curve law was fitted on one model size (N={sizes[0]:.3g}) and predicts that size's loss "
-                       f"for this run's N={n_params:.3g}; fit it on pilots of 2+ sizes around this one")
-    return out
+            return (f"the curve law was fitted on curves of one model size, not recorded: it predicts that size's "
+                    f"loss whatever this run's N ({n_params:,.0f}); fit it on pilots of 2+ sizes with their n_params")
+        if not 2 / 3 <= n_params / sizes[0] <= 1.5:
+            return (f"the curve law was fitted on one model size (N={sizes[0]:.3g}) and predicts that size's loss "
+                    f"for this run's N={n_params:.3g}; fit it on pilots of 2+ sizes around this one")
+        return None
+    lo, hi = law.n_range
+    if lo <= n_params <= hi:
+        return None
+    out = max(math.log(lo / n_params), math.log(n_params / hi))
+    return (f"N={n_params:.3g} is outside the curve law's pilot sizes {lo:.3g}..{hi:.3g} ({math.exp(out):.1f}x "
+            "beyond): its band widens with the distance, "
+            + ("but this far out its prediction means little; fit it on pilots nearer this size" if out > math.log(10)
+               else "and its prediction is an extrapolation"))
 
 
 #: The laws' formulas, as the text tab shows them.

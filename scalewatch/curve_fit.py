@@ -446,6 +446,7 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
         e_l, f_l, b_l, r_l = (np.concatenate(v) for v in zip(*late_points, strict=True))
         law.reach = calibrate_reach(e_l, law.band_at(None, f_l), b_l,
                                     s1_max=max(float(p.S1.max()) for p in prepared), level=BAND_LEVEL, lr_rel=r_l)
+        law.reach.s1_min = min(float(p.S1.min()) for p in prepared)  # where the fitted points begin
     # (c) Leave the largest (and the smallest) size out, 3+ sizes: a law of the other sizes, of the kind
     # the pilots' own is, predicting a size outside them measures how the band must grow with the distance
     # in N (issue 12). With two sizes the law left would have no N-dependence at all: its misses (the

@@ -194,5 +194,6 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
     distinct = len(set(zip(N, D, strict=True)))
     if distinct < len(L):
         warnings.warn(f"{len(L)} rows but only {distinct} distinct (N, D): several runs share a size and token "
-                      "count (different data or validation sets?); filter with --where COL=VALUE", stacklevel=2)
+                      "count (different data, validation sets or LR schedules?); filter with --where COL=VALUE",
+                      stacklevel=2)
     return make_runs(N, D, L, U if has_u and U else None, names, min_runs=min_runs)

@@ -406,7 +406,8 @@ class OffCurveDetector(_Detector):
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         pred, high, low = (_scalar(monitor, k) for k in ("loss_pred", "loss_pred_high", "loss_pred_low"))
-        if pred is None or high is None or low is None or not math.isfinite(obs.loss):
+        # No residual: before the stretch of the run where the law's band is calibrated (or no loss).
+        if pred is None or high is None or low is None or _scalar(monitor, "loss_residual") is None:
             return StageOutput()
         self.above = self.above + 1 if obs.loss > high else 0
         self.below = self.below + 1 if obs.loss < low else 0

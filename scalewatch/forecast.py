@@ -283,7 +283,12 @@ class CurvePlugin:
                                 float(self.schedule[obs.step] / self.schedule.max())) * pred
         out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
                "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
-        if math.isfinite(obs.loss):
+        # The residual (what off_curve watches) only where the law's band is calibrated: its fits and
+        # held-out errors leave out each curve's first SKIP_FRACTION (the warmup and the fast early drop),
+        # of this run and, where the law records it, below the smallest summed LR its fitted points had.
+        s1_min = self.law.reach.s1_min if self.law.reach is not None else None
+        calibrated = obs.step >= SKIP_FRACTION * end and (s1_min is None or S1[obs.step] >= s1_min)
+        if math.isfinite(obs.loss) and calibrated:
             out["loss_residual"] = (obs.loss - pred) / half if half > 0 else math.nan
         hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
         if hist:

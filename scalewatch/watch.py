@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from scalewatch.alerts import HEALTH_LEVEL
-from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
+from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, size_warning
 from scalewatch.data import pick_column
 from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
@@ -192,6 +192,9 @@ class Replayer:
             if self.say is not None:
                 for note in self.notes + ([NO_TOTAL_STEPS] if self.total_steps is None and self.config.detect else []):
                     self.say(note)
+                size = size_warning(self.config.curve_law, n) if self.config.curve_law is not None else None
+                if size:
+                    self.say(size)
             # Counts in a log start from zero at step 0, as the live callback's Monitor.start() sees them:
             # so the first point already has its batch size (and the noise scale its B_crit), like live.
             self.monitor.start(Observation(step=0, tokens=0, samples=0, flops=0))

@@ -328,4 +328,6 @@ def test_a_one_size_curve_law_warns_when_the_run_is_another_size() -> None:
     assert curve_law_warnings(known, "total", n_params=2.4e7) == []  # the pilots' own size: nothing to say
     assert "N=2.5e+07" in curve_law_warnings(known, "total", n_params=1e8)[0]
     several = CurveLaw({}, n_ref=1.0, n_range=(1e7, 1e8))
-    assert curve_law_warnings(several, "total", n_params=1e9) == []  # predict() widens its band instead
+    assert curve_law_warnings(several, "total", n_params=5e7) == []  # inside the pilot sizes
+    (far,) = curve_law_warnings(several, "total", n_params=2e9)  # the band widens, but say so
+    assert "outside the curve law's pilot sizes" in far and "20.0x beyond" in far and "means little" in far

@@ -142,14 +142,24 @@ def test_off_curve_reads_the_forecasters_band() -> None:
     class Band:
         name, kind = "band", "forecaster"
 
+        def __init__(self, calibrated_from: int = 0) -> None:
+            self.calibrated_from = calibrated_from
+
         def on_observation(self, obs, monitor):
-            return {"loss_pred": 3.0, "loss_pred_low": 2.9, "loss_pred_high": 3.1}
+            out = {"loss_pred": 3.0, "loss_pred_low": 2.9, "loss_pred_high": 3.1}
+            if obs.step >= self.calibrated_from:  # as CurvePlugin: a residual only where the band is calibrated
+                out["loss_residual"] = (obs.loss - 3.0) / 0.1
+            return out
 
     m = Monitor(plugins=[OffCurveDetector(), Band()])
     fired = _fired(m, [(10 * i, 3.3) for i in range(1, 6)])
     assert [(k, s) for k, s, _ in fired] == [("off_curve", "warning")] and fired[0][2] == 40  # 4 points outside
     m = Monitor(plugins=[OffCurveDetector(), Band()])
     assert [(k, s) for k, s, _ in _fired(m, [(10 * i, 2.7) for i in range(1, 6)])] == [("off_curve", "info")]
+    # Before the stretch of the run where the law's band was calibrated (the fast early drop): not judged.
+    m = Monitor(plugins=[OffCurveDetector(), Band(calibrated_from=30)])
+    fired = _fired(m, [(10 * i, 3.3) for i in range(1, 8)])
+    assert [(k, s, st) for k, s, st in fired] == [("off_curve", "warning", 60)]  # points 30, 40, 50, 60
 
 
 def test_saturation_with_a_curve_law_when_the_forecast_drifts_above_the_prediction() -> None:

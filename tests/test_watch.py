@@ -256,3 +256,24 @@ def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path,
     assert main(["watch", str(no_lr), "--no-tb", "--curve-law", str(law), "--total-steps", "24000"]) == 0
     err = capsys.readouterr().err
     assert err.count("no predicted curve; give --schedule step,lr.csv") == 1, err
+
+
+MPL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
+
+
+@pytest.mark.skipif(not MPL.exists(), reason="needs ../shared/data beside the checkout")
+def test_a_healthy_run_on_its_own_recipes_curve_law_raises_no_warning(tmp_path, capsys) -> None:
+    # The law of the 25M model's cosine + constant runs, watching its WSD runs: their first logged
+    # points (the fast early drop, below any summed LR the law was fitted on) are not judged.
+    law = tmp_path / "law.json"
+    assert main(["fit", "--curves", str(MPL / "csv_25__cosine_24000.csv"), str(MPL / "csv_25__constant_24000.csv"),
+                 "--out", str(law)]) == 0
+    doc = json.loads(law.read_text())
+    assert 0 < doc["band"]["beyond_pilots"]["s1_min"] < doc["band"]["beyond_pilots"]["s1_max"]
+    for name in ("wsdcon_18", "wsd_20000_24000"):
+        csv = MPL / f"csv_25__{name}.csv"
+        last = csv.read_text().strip().splitlines()[-1].split(",")[0]
+        capsys.readouterr()
+        rc = main(["watch", str(csv), "--curve-law", str(law), "--json", "--no-tb", "--total-steps", last])
+        fired = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert rc == 0 and not [d for d in fired if d["severity"] != "info"], (name, fired)
