@@ -713,6 +713,23 @@ class DataConstrainedFit:
                                     **self.residuals.as_dict()})
 
 
+def _single_epoch(runs: RunSet) -> RunSet:
+    """The runs that see each token at most once (tokens <= unique tokens): the data-constrained law's base."""
+    return runs.subset(np.flatnonzero(runs.D <= runs.U * (1 + 1e-9)))
+
+
+def _can_fit_base(runs: RunSet, tie_exponents: bool) -> bool:
+    """Enough runs for a Chinchilla fit (one more than its parameters), at 2+ sizes and 2+ token counts."""
+    return len(runs) >= (5 if tie_exponents else 6) and np.unique(runs.N).size >= 2 and np.unique(runs.D).size >= 2
+
+
+def _fit_base(runs: RunSet, delta: float, tie_exponents: bool) -> ChinchillaLaw:
+    """Stage one of the two-stage fit: a point fit of the base law (its warnings are the fitter's own business)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_chinchilla(runs, n_bootstrap=0, delta=delta, tie_exponents=tie_exponents).law
+
+
 def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_bootstrap: int = 200,
                          delta: float = HUBER_DELTA, seed: int = 0, two_stage: bool = False,
                          tie_exponents: bool = False) -> DataConstrainedFit:
@@ -747,13 +764,11 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
         raise FitError("tie_exponents applies to the two-stage base fit; pass two_stage=True")
     stage_one = ""
     if two_stage:
-        fresh = runs.subset(np.flatnonzero(runs.D <= runs.U * (1 + 1e-9)))
-        if len(fresh) < (5 if tie_exponents else 6) or np.unique(fresh.N).size < 2 or np.unique(fresh.D).size < 2:
+        fresh = _single_epoch(runs)
+        if not _can_fit_base(fresh, tie_exponents):
             raise FitError(f"a two-stage fit needs single-epoch runs (tokens <= unique_tokens) at 2+ sizes and 2+ "
                            f"token counts for its base law; {len(fresh)} found")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = fit_chinchilla(fresh, n_bootstrap=0, delta=delta, tie_exponents=tie_exponents).law
+        base = _fit_base(fresh, delta, tie_exponents)
         stage_one = (f"two stages: base fitted on the {len(fresh)} single-epoch runs"
                      f"{' (alpha = beta tied)' if tie_exponents else ''}, then ")
     repeated = int(np.sum(runs.D > runs.U * (1 + 1e-9)))
@@ -767,8 +782,7 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
         fresh = runs.subset(np.flatnonzero(runs.D <= runs.U))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            start_law = fit_chinchilla(fresh if len(fresh) >= 6 and np.unique(fresh.N).size >= 2
-                                       and np.unique(fresh.D).size >= 2 else runs, n_bootstrap=0).law
+            start_law = fit_chinchilla(fresh if _can_fit_base(fresh, False) else runs, n_bootstrap=0).law
         head = [math.log(start_law.A), math.log(start_law.B), math.log(start_law.E), start_law.alpha, start_law.beta]
         starts = [np.array(head + list(g)) for g in grid]
     else:
@@ -790,12 +804,10 @@ def fit_data_constrained(runs: RunSet, base: ChinchillaLaw | None = None, n_boot
             continue
         base_b = base
         if stage_one:  # both stages again on the resample, so the base's uncertainty is in the intervals
-            fresh_b = sub.subset(np.flatnonzero(sub.D <= sub.U * (1 + 1e-9)))
-            if len(fresh_b) < (5 if tie_exponents else 6) or np.unique(fresh_b.N).size < 2 or np.unique(fresh_b.D).size < 2:
+            fresh_b = _single_epoch(sub)
+            if not _can_fit_base(fresh_b, tie_exponents):
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                base_b = fit_chinchilla(fresh_b, n_bootstrap=0, delta=delta, tie_exponents=tie_exponents).law
+            base_b = _fit_base(fresh_b, delta, tie_exponents)
         fit_b = _dc_local(best.x, sub, base_b, delta)  # warm start from the full-data fit
         rows.append([float(v) for v in _dc_law(fit_b.x, base_b).params().values()])
     samples = np.array(rows) if rows else np.empty((0, 7))
