@@ -269,7 +269,8 @@ def read_law_json(path: str | Path, how_to_write: str = "`scalewatch fit --out`"
     try:
         text = p.read_text()
     except OSError as exc:
-        raise LawFileError(f"{p}: cannot read law file ({exc.strerror})") from None
+        raise LawFileError(f"{p}: cannot read law file ({exc.strerror}); give the path of a file written by "
+                           "`scalewatch fit ... --out`") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

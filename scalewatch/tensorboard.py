@@ -310,7 +310,9 @@ def no_loss_message(path: str | Path, loss_tag: str | None, tags: Sequence[str])
     """The one-line error for a log without a (findable) loss: what was looked for, what was found."""
     wanted = f"loss tag {loss_tag!r}" if loss_tag else \
         f"loss tag or column (looked for {', '.join(LOSS_TAGS[:6])}, ...)"
-    return f"{path}: no {wanted}; tags/columns: {', '.join(tags) or 'none'}; name it with --loss-tag"
+    if not tags:
+        return f"{path}: the log is empty (no tags or columns, no rows): give a log that has a loss"
+    return f"{path}: no {wanted}; tags/columns: {', '.join(tags)}; name it with --loss-tag"
 
 
 def read_observations(logdir: str | Path, loss_tag: str | None = None, lr_tag: str | None = None,

@@ -277,3 +277,11 @@ def test_a_healthy_run_on_its_own_recipes_curve_law_raises_no_warning(tmp_path, 
         rc = main(["watch", str(csv), "--curve-law", str(law), "--json", "--no-tb", "--total-steps", last])
         fired = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert rc == 0 and not [d for d in fired if d["severity"] != "info"], (name, fired)
+
+
+def test_an_empty_log_is_named_as_such(tmp_path, capsys) -> None:
+    empty = tmp_path / "losses.csv"
+    empty.write_text("")
+    assert main(["watch", str(empty), "--no-tb"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the log is empty" in err[0]
