@@ -36,3 +36,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+#: The public loss curves beside the checkout (../shared/data), for tests on real data.
+MULTIPOWERLAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
+
+
+@pytest.fixture(scope="session")
+def mpl25_curve_law(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The curve law of multipowerlaw's 25M cosine_24000 + constant_24000 runs, fitted once by
+    ``scalewatch fit --curves`` (tests that use it watch or report the other schedules of that model)."""
+    if not MULTIPOWERLAW.exists():
+        pytest.skip("../shared/data not beside the checkout")
+    import contextlib
+    import io
+
+    from scalewatch.cli import main
+
+    law = tmp_path_factory.mktemp("mpl25") / "law.json"
+    pilots = [str(MULTIPOWERLAW / f"csv_25__{k}_24000.csv") for k in ("cosine", "constant")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--curves", *pilots, "--out", str(law)]) == 0
+    return law

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MULTIPOWERLAW
 from helpers import scalars
 from test_health import FAULT_STEP, LRFault, _train
 from torch.utils.tensorboard import SummaryWriter
 
 from scalewatch.cli import main
 
-MPL = Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
 WIDTH, HEIGHT = 1600, 1200
 
 
@@ -129,15 +129,12 @@ def test_report_on_a_scalewatch_run_shows_the_live_alerts_and_the_logged_numbers
     assert page.count("<svg") == 4  # loss, tokens per parameter, noise scale, timeline
 
 
-def test_report_on_a_real_curve_with_a_curve_law_shows_the_band_and_the_forecast(tmp_path, capsys) -> None:
-    if not MPL.exists():
-        pytest.skip("../shared/data not present")
+def test_report_on_a_real_curve_with_a_curve_law_shows_the_band_and_the_forecast(tmp_path, capsys,
+                                                                                  mpl25_curve_law) -> None:
     from scalewatch.curves import load_curve_law, read_curve_csv
 
-    law = tmp_path / "law.json"
-    assert main(["fit", "--curves", str(MPL / "csv_25__cosine_24000.csv"), str(MPL / "csv_25__constant_24000.csv"),
-                 "--out", str(law), "--json"]) == 0
-    run = MPL / "csv_25__wsd_20000_24000.csv"  # another schedule of the same recipe
+    law = mpl25_curve_law
+    run = MULTIPOWERLAW / "csv_25__wsd_20000_24000.csv"  # another schedule of the same recipe
     out = tmp_path / "wsd.html"
     assert main(["report", str(run), "--out", str(out), "--curve-law", str(law), "--schedule", str(run),
                  "--json"]) == 0
@@ -303,13 +300,9 @@ def test_summary_marks_the_latest_firing_alert_of_a_kind_not_an_earlier_resolved
     assert "batch_size info at step 20 (still firing)" not in text and "batch_size info at step 20" in text
 
 
-def test_report_with_a_curve_law_and_no_schedule_uses_the_logs_lr(tmp_path, capsys) -> None:
-    if not MPL.exists():
-        pytest.skip("../shared/data not present")
-    law = tmp_path / "law.json"
-    assert main(["fit", "--curves", str(MPL / "csv_25__cosine_24000.csv"), str(MPL / "csv_25__constant_24000.csv"),
-                 "--out", str(law), "--json"]) == 0
-    run = MPL / "csv_25__wsd_20000_24000.csv"  # step,lr,loss: the LR at every log point
+def test_report_with_a_curve_law_and_no_schedule_uses_the_logs_lr(tmp_path, capsys, mpl25_curve_law) -> None:
+    law = mpl25_curve_law
+    run = MULTIPOWERLAW / "csv_25__wsd_20000_24000.csv"  # step,lr,loss: the LR at every log point
     capsys.readouterr()
     assert main(["report", str(run), "--out", str(tmp_path / "own.html"), "--curve-law", str(law)]) == 0
     assert capsys.readouterr().err.count("the schedule is the log's own 'lr'") == 1

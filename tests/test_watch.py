@@ -230,16 +230,11 @@ def test_a_json_document_is_not_a_log_and_non_json_lines_are_counted_once(tmp_pa
     assert "skipped 1,000 lines that are not JSON" in err and err.count("not JSON") == 1, err
 
 
-def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path, capsys) -> None:
-    from pathlib import Path
+def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path, capsys, mpl25_curve_law) -> None:
+    from conftest import MULTIPOWERLAW
 
-    mpl = Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
-    if not mpl.exists():
-        pytest.skip("../shared/data not present")
-    law = tmp_path / "law.json"
-    assert main(["fit", "--curves", str(mpl / "csv_25__cosine_24000.csv"), str(mpl / "csv_25__constant_24000.csv"),
-                 "--out", str(law), "--json"]) == 0
-    run = mpl / "csv_25__wsd_20000_24000.csv"  # step,lr,loss
+    law = mpl25_curve_law
+    run = MULTIPOWERLAW / "csv_25__wsd_20000_24000.csv"  # step,lr,loss
     capsys.readouterr()
     args = ["watch", str(run), "--no-tb", "--json", "--curve-law", str(law), "--total-steps", "24000"]
     rc = main(args)
@@ -258,16 +253,12 @@ def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path,
     assert err.count("no predicted curve; give --schedule step,lr.csv") == 1, err
 
 
-MPL = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "multipowerlaw"
-
-
-@pytest.mark.skipif(not MPL.exists(), reason="needs ../shared/data beside the checkout")
-def test_a_healthy_run_on_its_own_recipes_curve_law_raises_no_warning(tmp_path, capsys) -> None:
+def test_a_healthy_run_on_its_own_recipes_curve_law_raises_no_warning(capsys, mpl25_curve_law) -> None:
     # The law of the 25M model's cosine + constant runs, watching its WSD runs: their first logged
     # points (the fast early drop, below any summed LR the law was fitted on) are not judged.
-    law = tmp_path / "law.json"
-    assert main(["fit", "--curves", str(MPL / "csv_25__cosine_24000.csv"), str(MPL / "csv_25__constant_24000.csv"),
-                 "--out", str(law)]) == 0
+    from conftest import MULTIPOWERLAW as MPL
+
+    law = mpl25_curve_law
     doc = json.loads(law.read_text())
     assert 0 < doc["band"]["beyond_pilots"]["s1_min"] < doc["band"]["beyond_pilots"]["s1_max"]
     for name in ("wsdcon_18", "wsd_20000_24000"):
