@@ -62,6 +62,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
     if args.run_column and not args.curves:
         raise CLIError("--run-column splits a loss-curve CSV into runs; it goes with --curves")
+    if args.lr_schedule and not args.curves:
+        raise CLIError("--lr-schedule describes the LR of loss curves; it goes with --curves")
     if args.plot and not args.curves:  # before the fit, not after minutes of bootstrap
         try:
             import matplotlib  # noqa: F401
@@ -233,7 +235,7 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             curves = read_curves(args.curves, loss_column=args.loss_column, where=args.where,
-                                 run_column=args.run_column)
+                                 run_column=args.run_column, schedule=args.lr_schedule)
             result = fit_curves(curves, loss_name=args.loss_name or args.loss_column or "loss",
                                 n_convention=args.n_convention or "total", form=args.curve_form)
         except CurveError as exc:
@@ -269,7 +271,7 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from scalewatch.curves import CurveError, load_curve_law, schedule_from_csv
+    from scalewatch.curves import CurveError, load_curve_law, schedule_from_arg
     from scalewatch.laws import LawFileError
 
     try:
@@ -281,7 +283,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if law.n_range is not None and args.n_params is None:
         raise CLIError("this law was fitted on several sizes: give --n-params N for the run to predict")
     try:
-        schedule = schedule_from_csv(args.schedule)
+        schedule = schedule_from_arg(args.schedule, None)  # a spec without total= says to give it
         last = len(schedule) - 1
         every = max(1, last // max(args.points - 1, 1))
         pred = law.predict(schedule, n_params=args.n_params, steps=sorted({*range(every, last + 1, every), last}))
@@ -527,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--run-column", metavar="COL[,COL]",
                      help="with --curves: the CSV holds several runs; one curve per value of this column (or of "
                           "these columns), named by it, each with its own n_params column value")
+    fit.add_argument("--lr-schedule", metavar="SPEC",
+                     help="with --curves whose logs have no LR: describe the schedule of every run, e.g. "
+                          "cosine:peak=6e-4,warmup=0.01,final=0.1 (kinds constant, cosine, linear, wsd; warmup and "
+                          "decay in steps or as a fraction of the run; each run ends at its own last step unless "
+                          "total= is given); used instead of an LR column where there is one")
     fit.add_argument("--curve-form", choices=("linear_ln_n", "power_floor_l0"), default=None,
                      help="with --curves at several sizes: the long-training level E + B*N^-beta with a floor E "
                           "(power_floor_l0, the default) or each parameter linear in ln N (linear_ln_n, the form "
@@ -535,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="predict a run's loss curve from a curve law and its LR schedule")
     pred.add_argument("--law", required=True, help="curve-law file from `scalewatch fit --curves --out`")
-    pred.add_argument("--schedule", required=True, help="CSV with columns step,lr covering the whole run")
+    pred.add_argument("--schedule", required=True,
+                      help="CSV with columns step,lr covering the whole run, or a description with total= "
+                           "(e.g. cosine:peak=6e-4,warmup=2000,final=0.1,total=143000)")
     pred.add_argument("--n-params", type=float, help="N of the run (needed for laws fitted on several sizes)")
     pred.add_argument("--points", type=int, default=21, help="how many steps to print (default 21)")
     pred.add_argument("--plot", help="draw the predicted curve and band to this image (needs matplotlib)")

@@ -84,7 +84,8 @@ class ScaleWatchConfig:
             half-width), ``loss_forecast_final`` with its band, and a TensorBoard
             custom-scalars chart of the live loss inside the predicted band.
         schedule: the run's LR per optimizer step for the prediction (a sequence, a
-            ``step,lr`` CSV path, or ``fn(step) -> lr``). Default: the configured LR
+            ``step,lr`` CSV path, a description such as ``"cosine:peak=3e-4,warmup=2000,final=0.1"``
+            (:func:`~scalewatch.curves.schedule_from_spec`), or ``fn(step) -> lr``). Default: the configured LR
             scheduler evaluated ahead on a copy (training state untouched).
         forecast_in_background: run the final-loss forecast (a small fit, milliseconds) on a
             worker thread, off the training loop; each log point then reports the latest
@@ -172,8 +173,16 @@ or a positive number of FLOPs per token, got '7N'
             raise ScaleWatchConfigError(f"scalewatch: peak_flops must be positive FLOP/s, got {self.peak_flops!r}")
         if isinstance(self.history_size, bool) or not isinstance(self.history_size, int) or self.history_size < 4:
             raise ScaleWatchConfigError(f"scalewatch: history_size must be an int >= 4, got {self.history_size!r}")
-        if isinstance(self.schedule, (str, Path)) and not Path(self.schedule).is_file():
+        from scalewatch.curves import CurveError, is_schedule_spec, schedule_from_spec
+
+        if is_schedule_spec(self.schedule) and not Path(self.schedule).is_file():
+            try:  # checked now (with a stand-in length) so that a typo fails here, not at the first step
+                schedule_from_spec(self.schedule, 10)
+            except CurveError as exc:
+                raise ScaleWatchConfigError(f"scalewatch: {exc}") from None
+        elif isinstance(self.schedule, (str, Path)) and not Path(self.schedule).is_file():
             raise ScaleWatchConfigError(f"scalewatch: schedule: no file {str(self.schedule)!r}; give a step,lr CSV, "
+                                        "a description such as 'cosine:peak=3e-4,warmup=2000,final=0.1', "
                                         "a list of LRs per step, or a function of the step (or leave it out to "
                                         "read the run's own LR scheduler)")
         self.curve_law = _load_curve_law(self.curve_law)

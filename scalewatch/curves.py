@@ -217,12 +217,23 @@ def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
 
 
+def _with_spec(c: Curve, spec: str) -> Curve:
+    """``c`` with the LR of a described schedule (:func:`schedule_from_spec`; the run ends at its last logged
+    step unless the spec says ``total``)."""
+    full = schedule_from_spec(spec, int(c.steps.max()))
+    if int(c.steps.max()) >= len(full):
+        raise CurveError(f"{c.name}: the schedule {spec!r} ends at step {len(full) - 1}, before the curve's last "
+                         f"step {int(c.steps.max())}; fix total=")
+    return validate_curve(Curve(c.name, c.steps, full[c.steps.astype(int)], c.loss, c.n_params, full))
+
+
 def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: float | None = None,
-                   where: Sequence[str] = ()) -> Curve:
+                   where: Sequence[str] = (), schedule: str | None = None) -> Curve:
     """A CSV with columns ``step,lr,loss`` (optional ``n_params``; aliases accepted, any case).
 
     ``where`` keeps only the rows where ``COL=VALUE`` holds (all of them). A file that holds several
     runs is read with :func:`read_curve_table` (one curve per run); here it is an error that says so.
+    ``schedule``: the LR described in words (:func:`schedule_from_spec`) for a file with no LR column.
 
     Example:
         >>> import tempfile, os
@@ -231,7 +242,7 @@ def read_curve_csv(path: str | Path, loss_column: str | None = None, n_params: f
         >>> read_curve_csv(p).loss.tolist()
         [3.2, 3.0, 2.9]
     """
-    return read_curve_table(path, loss_column, n_params, where=where)[0]
+    return read_curve_table(path, loss_column, n_params, where=where, schedule=schedule)[0]
 
 
 # Columns that name a run in a table of several (checked, in order, when a file's steps repeat).
@@ -239,9 +250,13 @@ _RUN_KEYS = ("run", "name", "run_name", "run_id", "id")
 
 
 def read_curve_table(path: str | Path, loss_column: str | None = None, n_params: float | None = None,
-                     where: Sequence[str] = (), run_column: str | None = None) -> list[Curve]:
+                     where: Sequence[str] = (), run_column: str | None = None,
+                     schedule: str | None = None) -> list[Curve]:
     """The curves of a CSV: one, or with ``run_column`` (a column, or several joined by commas) one per
     value of it, named by the value (values joined by ``/``), each with its own ``n_params`` column value.
+    ``schedule`` (e.g. ``"cosine:peak=6e-4,warmup=0.01,final=0.1"``, :func:`schedule_from_spec`): every
+    curve's LR, each ending at its own last step unless it says ``total``; needed where the file has no
+    LR column, and used instead of the column where it has one.
 
     Example:
         >>> import tempfile, os
@@ -262,7 +277,11 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
     if rows and not kept:
         raise CurveError(f"{p}: {no_rows_left(rows, filters)}")
     sk = pick_column(header, _STEP_KEYS, "step", str(p), error=CurveError)
-    lk = pick_column(header, _LR_KEYS, "learning-rate", str(p), error=CurveError)
+    lk = pick_column(header, _LR_KEYS)
+    if lk is None and schedule is None:
+        raise CurveError(f"{p}: no learning-rate column (looked for {', '.join(_LR_KEYS)}); columns are "
+                         f"{', '.join(header)}. A curve law needs the LR schedule: add an lr column, or describe "
+                         "it with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
     yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
     nk = pick_column(header, _N_KEYS)  # optional
     groups: dict[str, list[dict[str, str]]] = {}
@@ -272,7 +291,7 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
     for name, group in groups.items():
         try:
             steps = np.array([float(r[sk]) for r in group])
-            lr = np.array([float(r[lk]) for r in group])
+            lr = np.array([float(r[lk]) for r in group]) if lk else np.ones(len(group))
             loss = np.array([float(r[yk]) if r[yk] not in ("", None) else math.nan for r in group])
         except (TypeError, ValueError) as exc:
             raise CurveError(f"{p}: a value is not a number ({exc})") from None
@@ -286,7 +305,8 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
                 n = float(group[0][nk])
             except ValueError:
                 raise CurveError(f"{p}: {nk}={group[0][nk]!r} is not a number") from None
-        curves.append(validate_curve(Curve(name if run_cols else str(p), steps, lr, loss, n)))
+        c = Curve(name if run_cols else str(p), steps, lr, loss, n)
+        curves.append(validate_curve(c) if schedule is None else _with_spec(c, schedule))
     if not curves:
         raise CurveError(f"{p}: no rows in the file")
     return curves
@@ -333,9 +353,11 @@ def _several_runs_hint(header: Sequence[str], rows: Sequence[Mapping[str, str]],
             "or filter with --where COL=VALUE")
 
 
-def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_params: float | None = None) -> Curve:
+def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_params: float | None = None,
+                           schedule: str | None = None) -> Curve:
     """A TensorBoard event directory: the loss and LR tags (ScaleWatch's or common names, see
-    :mod:`scalewatch.tensorboard`), N from ``scalewatch/n_params`` where logged."""
+    :mod:`scalewatch.tensorboard`), N from ``scalewatch/n_params`` where logged; ``schedule`` (a
+    description, :func:`schedule_from_spec`) instead of the LR tag."""
     from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, find_tag, read_scalars, tag
 
     if not any(Path(path).glob("events.out.tfevents.*")):
@@ -345,9 +367,17 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     series = read_scalars(path)
     tags = list(series)
     lr_tag, y_tag = find_tag(tags, LR_TAGS), find_tag(tags, LOSS_TAGS, loss_tag)
-    if lr_tag is None or y_tag is None:
+    if y_tag is None or (lr_tag is None and schedule is None):
         raise CurveError(f"{path}: TensorBoard logs need a loss tag and an LR tag (e.g. scalewatch/loss and "
-                         f"scalewatch/lr, written by ScaleWatch); found {', '.join(tags) or 'no scalars'}")
+                         f"scalewatch/lr, written by ScaleWatch; or describe the LR with --lr-schedule); found "
+                         f"{', '.join(tags) or 'no scalars'}")
+    if schedule is not None:
+        if n_params is None and tag("n_params") in series:
+            n_params = float(series[tag("n_params")][-1][1])
+        pts = sorted(series[y_tag])
+        c = Curve(str(path), np.array([p[0] for p in pts], dtype=float), np.ones(len(pts)),
+                  np.array([p[1] for p in pts], dtype=float), n_params)
+        return _with_spec(c, schedule)
     lr_by_step = dict(series[lr_tag])
     pts = [(step, lr_by_step[step], loss) for step, loss in series[y_tag] if step in lr_by_step]
     if n_params is None and tag("n_params") in series:
@@ -357,9 +387,10 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
 
 
 def read_curves(paths: Sequence[str | Path], loss_column: str | None = None, where: Sequence[str] = (),
-                run_column: str | None = None) -> list[Curve]:
+                run_column: str | None = None, schedule: str | None = None) -> list[Curve]:
     """CSV files and TensorBoard event directories, in order; ``where`` (``COL=VALUE`` filters) and
-    ``run_column`` (one curve per value) apply to the CSVs (see :func:`read_curve_table`)."""
+    ``run_column`` (one curve per value) apply to the CSVs (see :func:`read_curve_table`); ``schedule``
+    describes the LR of every run (:func:`schedule_from_spec`) where the logs have none."""
     out = []
     for path in paths:
         p = Path(path)
@@ -367,9 +398,9 @@ def read_curves(paths: Sequence[str | Path], loss_column: str | None = None, whe
             if where or run_column:
                 raise CurveError(f"{p}: --where and --run-column select rows of a CSV; a TensorBoard directory "
                                  "holds one run (give the run's own directory)")
-            out.append(read_curve_tensorboard(p, loss_column))
+            out.append(read_curve_tensorboard(p, loss_column, schedule=schedule))
         elif p.exists():
-            out.extend(read_curve_table(p, loss_column, where=where, run_column=run_column))
+            out.extend(read_curve_table(p, loss_column, where=where, run_column=run_column, schedule=schedule))
         else:
             raise CurveError(f"{p}: no such file or directory")
     return out
@@ -617,19 +648,98 @@ def load_curve_law(path: str | Path) -> CurveLaw:
     return CurveLaw.from_json(read_law_json(path, _HOW_TO_WRITE), source=str(path))
 
 
-def schedule_from_arg(arg: Any, total_steps: int) -> np.ndarray | None:
-    """The per-step LR a ``schedule=`` argument gives: a ``step,lr`` CSV path, ``fn(step) -> lr``, or a
+def schedule_from_arg(arg: Any, total_steps: int | None) -> np.ndarray | None:
+    """The per-step LR a ``schedule=`` argument gives: a ``step,lr`` CSV path, a description such as
+    ``"cosine:peak=3e-4,warmup=2000,final=0.1"`` (:func:`schedule_from_spec`), ``fn(step) -> lr``, or a
     sequence; None when no schedule was given (then the caller reads the run's own scheduler).
 
     Example:
         >>> schedule_from_arg(lambda s: 0.1 / (s + 1), 3).round(3).tolist()
         [0.1, 0.05, 0.033, 0.025]
     """
+    if is_schedule_spec(arg) and not Path(arg).exists():
+        return schedule_from_spec(arg, total_steps)
     if isinstance(arg, (str, Path)):
         return schedule_from_csv(arg)
     if callable(arg):
-        return np.array([float(arg(s)) for s in range(total_steps + 1)])
+        return np.array([float(arg(s)) for s in range(int(total_steps or 0) + 1)])
     return None if arg is None else np.asarray(arg, dtype=float)
+
+
+SCHEDULE_KINDS = ("constant", "cosine", "linear", "wsd")
+_SPEC_KEYS = {"peak", "warmup", "final", "total", "decay"}
+SPEC_HELP = ("KIND:key=value,... with KIND one of constant, cosine, linear, wsd; keys peak (the peak LR, default 1: "
+             "only ratios matter for one recipe), warmup (steps, or a fraction of the run if < 1; default 0), final "
+             "(the last LR as a fraction of the peak; default 0), total (the run's last step; default the run's own), "
+             "decay (wsd: the decay's length, steps or a fraction of the run; default 0.2). "
+             "E.g. cosine:peak=6e-4,warmup=0.01,final=0.1")
+
+
+def is_schedule_spec(arg: Any) -> bool:
+    """Whether ``arg`` reads as a schedule description (``KIND:...`` or a bare KIND) rather than a file path.
+
+    Example:
+        >>> is_schedule_spec("cosine:peak=3e-4"), is_schedule_spec("wsd"), is_schedule_spec("lr.csv")
+        (True, True, False)
+    """
+    return isinstance(arg, str) and arg.split(":", 1)[0].strip().lower() in SCHEDULE_KINDS
+
+
+def schedule_from_spec(spec: str, total_steps: int | None = None) -> np.ndarray:
+    """The per-step LR (steps 0..total) of a schedule described in words, for runs whose logs have no LR.
+
+    ``spec``: see :data:`SPEC_HELP`. Warmup is linear from 0 to the peak; ``cosine`` falls from the peak to
+    ``final * peak`` along a half cosine, ``linear`` along a line, ``wsd`` holds the peak and falls linearly over
+    the last ``decay`` of the run; ``constant`` holds the peak. A bad spec is a :class:`CurveError` naming the fix.
+
+    Example:
+        >>> schedule_from_spec("cosine:peak=1,warmup=2,final=0.1", 6).round(3).tolist()
+        [0.0, 0.5, 1.0, 0.868, 0.55, 0.232, 0.1]
+        >>> schedule_from_spec("wsd:peak=2,decay=0.5,total=4").tolist()
+        [2.0, 2.0, 2.0, 1.0, 0.0]
+    """
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in SCHEDULE_KINDS:
+        raise CurveError(f"schedule {spec!r}: unknown kind {kind!r}; {SPEC_HELP}")
+    vals: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in _SPEC_KEYS:
+            raise CurveError(f"schedule {spec!r}: {item!r} is not one of {', '.join(sorted(_SPEC_KEYS))} = a number; "
+                             f"{SPEC_HELP}")
+        try:
+            vals[key] = float(value)
+        except ValueError:
+            raise CurveError(f"schedule {spec!r}: {key}={value.strip()!r} is not a number") from None
+        if not math.isfinite(vals[key]) or vals[key] < 0:
+            raise CurveError(f"schedule {spec!r}: {key} must be a number >= 0")
+    peak, final = vals.get("peak", 1.0), vals.get("final", 0.0)
+    if peak <= 0 or final > 1:
+        raise CurveError(f"schedule {spec!r}: peak must be > 0 and final (a fraction of the peak) at most 1")
+    total = vals.get("total", total_steps)
+    if total is None or int(total) < 1:
+        raise CurveError(f"schedule {spec!r}: give total=LAST_STEP (the run's length is not known here)")
+    total = int(total)
+
+    def steps_of(v: float) -> float:  # a fraction of the run below 1, steps from 1 up
+        return v * total if v < 1 else v
+
+    warm = min(steps_of(vals.get("warmup", 0.0)), float(total))
+    s = np.arange(total + 1, dtype=float)
+    if kind == "wsd":
+        start = total - min(steps_of(vals.get("decay", 0.2)), total - warm)
+        t = np.clip((s - start) / max(total - start, 1e-12), 0.0, 1.0)
+        shape = 1.0 - t * (1.0 - final)
+    else:
+        t = np.clip((s - warm) / max(total - warm, 1e-12), 0.0, 1.0)
+        shape = {"constant": np.ones_like(t), "cosine": final + (1 - final) * 0.5 * (1 + np.cos(np.pi * t)),
+                 "linear": 1.0 - t * (1.0 - final)}[kind]
+    lr = peak * shape
+    if warm > 0:
+        lr = np.where(s < warm, peak * s / warm, lr)
+    return lr
 
 
 def schedule_from_csv(path: str | Path) -> np.ndarray:

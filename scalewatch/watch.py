@@ -400,7 +400,8 @@ def add_run_arguments(parser: Any) -> None:
     parser.add_argument("--law", help="Chinchilla law file (`scalewatch fit --out`)")
     parser.add_argument("--curve-law", help="curve-law file (`scalewatch fit --curves --out`); the LR schedule is "
                         "--schedule, else the log's own LR per log point")
-    parser.add_argument("--schedule", help="step,lr CSV of the whole run, for the curve law (default: the LR the "
+    parser.add_argument("--schedule", help="step,lr CSV of the whole run, or a description such as "
+                        "cosine:peak=3e-4,warmup=2000,final=0.1,total=50000, for the curve law (default: the LR the "
                         "log has)")
     parser.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
     parser.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")

@@ -331,3 +331,54 @@ def test_a_one_size_curve_law_warns_when_the_run_is_another_size() -> None:
     assert curve_law_warnings(several, "total", n_params=5e7) == []  # inside the pilot sizes
     (far,) = curve_law_warnings(several, "total", n_params=2e9)  # the band widens, but say so
     assert "outside the curve law's pilot sizes" in far and "20.0x beyond" in far and "means little" in far
+
+
+def test_schedule_described_in_words_matches_the_written_out_schedule() -> None:
+    from scalewatch.curves import schedule_from_spec
+
+    # The same cosine as the tests' own helper (warmup held at the peak there: schedule_features counts
+    # warmup at the peak anyway, so S1 and S2 agree from the end of warmup on).
+    spec = schedule_from_spec("cosine:peak=3e-4,warmup=200,final=0.1", 20000)
+    ref = cosine(20000)
+    assert len(spec) == 20001 and np.allclose(spec[200:], ref[200:], rtol=1e-9)
+    assert spec[0] == 0.0 and spec[100] == pytest.approx(1.5e-4)  # linear warmup from 0
+    S1a, S2a = schedule_features(spec)
+    S1b, S2b = schedule_features(ref)
+    assert np.allclose(S1a[200:], S1b[200:]) and np.allclose(S2a, S2b)
+    w = schedule_from_spec("wsd:peak=3e-4,decay=0.2,total=30000")
+    assert w[24000] == pytest.approx(3e-4) and w[27000] == pytest.approx(1.5e-4) and w[30000] == 0.0
+    assert schedule_from_spec("linear:warmup=0.1,final=0.5", 100)[100] == pytest.approx(0.5)
+    assert np.all(schedule_from_spec("constant:peak=2e-4", 50) == 2e-4)
+    for bad, says in (("cosin:peak=1", "unknown kind 'cosin'"), ("cosine:peak=x", "peak='x' is not a number"),
+                      ("cosine:warm=3", "'warm=3' is not one of"), ("cosine:final=2", "at most 1"),
+                      ("cosine:peak=1", "give total=")):
+        with pytest.raises(CurveError, match=re.escape(says)):
+            schedule_from_spec(bad, None)
+
+
+def test_curves_without_an_lr_column_fit_with_a_described_schedule(tmp_path, capsys) -> None:
+    """Public loss logs rarely carry the LR: the schedule in words stands in for it, per run's own length."""
+    spec = "cosine:peak=3e-4,warmup=200,final=0.1"
+    rows = ["run,step,loss"]
+    for run, total in (("short", 20000), ("long", 40000)):
+        c = synthetic(run, cosine(total))
+        rows += [f"{run},{s},{y}" for s, y in zip(c.steps, c.loss, strict=True)]
+    (tmp_path / "runs.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["fit", "--curves", str(tmp_path / "runs.csv"), "--run-column", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "no learning-rate column" in err and "--lr-schedule" in err
+    law = tmp_path / "law.json"
+    assert cli(["fit", "--curves", str(tmp_path / "runs.csv"), "--run-column", "run", "--lr-schedule", spec,
+                "--out", str(law)]) == 0
+    capsys.readouterr()
+    m = load_curve_law(law).at()
+    assert (m.L0, m.A, m.alpha, m.C) == pytest.approx(tuple(TRUE.values()), rel=2e-2)
+    # predict with the description too (its length must be given there)
+    assert cli(["predict", "--law", str(law), "--schedule", spec + ",total=30000", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out)["points"][-1]
+    assert last["step"] == 30000
+    assert last["loss"] == pytest.approx(float(synthetic("t", cosine(30000), every=30000).loss[-1]), rel=2e-3)
+    assert cli(["predict", "--law", str(law), "--schedule", spec]) == 2
+    assert "give total=" in capsys.readouterr().err
+    assert cli(["fit", "--lr-schedule", spec, str(tmp_path / "runs.csv")]) == 2
+    assert "goes with --curves" in capsys.readouterr().err

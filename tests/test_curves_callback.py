@@ -171,3 +171,17 @@ def test_last_forecast_sees_the_last_step_even_when_the_worker_lags(tmp_path, mo
     assert watch.latest["loss_forecast_at_step"] == STEPS
     at_steps = [v for _, v in scalars(tmp_path / "tb" / "version_0")["scalewatch/loss_forecast_at_step"]]
     assert len(at_steps) < 6 and at_steps[-1] == STEPS  # the worker skipped log points, the end caught up
+
+
+def test_a_schedule_described_in_words_is_the_one_the_callback_predicts_with(tmp_path) -> None:
+    from scalewatch.curves import schedule_from_spec
+
+    # The run's own cosine to 10% in words: the plugin's schedule is the same LR at every step as the scheduler's.
+    watch = ScaleWatch(curve_law=LAW, schedule="cosine:peak=0.05,final=0.1", forecast_in_background=False)
+    _fit(tmp_path, watch)
+    expected = np.array([0.05 * _lambda(s) for s in range(STEPS + 1)])
+    assert watch.curve_plugin.schedule == pytest.approx(expected)
+    assert watch.curve_plugin.schedule == pytest.approx(schedule_from_spec("cosine:peak=0.05,final=0.1", STEPS))
+    assert len(scalars(tmp_path / "tb" / "version_0")["scalewatch/loss_pred"]) == 6
+    with pytest.raises(ScaleWatchConfigError, match="'warm=3' is not one of"):
+        ScaleWatch(curve_law=LAW, schedule="cosine:warm=3")
