@@ -62,6 +62,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
     if args.run_column and not args.curves:
         raise CLIError("--run-column splits a loss-curve CSV into runs; it goes with --curves")
+    named = [f"--{k}-column" for k in ("n", "tokens", "flops") if getattr(args, f"{k}_column")]
+    if named and args.curves:
+        raise CLIError(f"{', '.join(named)} name columns of a table of final losses (RUNS); loss curves take "
+                       "--loss-column and --run-column")
     if args.lr_schedule and not args.curves:
         raise CLIError("--lr-schedule describes the LR of loss curves; it goes with --curves")
     if args.plot and not args.curves:  # before the fit, not after minutes of bootstrap
@@ -82,7 +86,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
+            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where, columns=_columns(args))
             if args.method == 3:
                 result = fit_chinchilla(runs, n_bootstrap=args.bootstrap, seed=args.seed,
                                         tie_exponents=args.tie_exponents)
@@ -191,7 +195,7 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where)
+            runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where, columns=_columns(args))
             result = fit_data_constrained(runs, base=base, n_bootstrap=args.bootstrap, seed=args.seed,
                                           two_stage=args.two_stage, tie_exponents=args.tie_exponents)
         except FitError as exc:
@@ -223,6 +227,11 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
         print(f"scalewatch fit: error: the fit did not converge ({result.message})", file=sys.stderr)
         return 1
     return 0
+
+
+def _columns(args: argparse.Namespace) -> dict[str, str | None]:
+    """The columns named on the command line, by quantity (for :func:`scalewatch.data.read_runs`)."""
+    return {"N": args.n_column, "D": args.tokens_column, "C": args.flops_column}
 
 
 def _cmd_fit_curves(args: argparse.Namespace) -> int:
@@ -518,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
+    fit.add_argument("--n-column", help="name of the model-size (N) column if not a standard alias (params, ...)")
+    fit.add_argument("--tokens-column", help="name of the training-tokens (D) column if not a standard alias")
+    fit.add_argument("--flops-column", help="name of the compute column (FLOPs; D = C / 6N) if there is no tokens column")
     fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                      help="keep only rows where COL equals VALUE (repeatable; runs and --curves CSVs)")
     fit.add_argument("--n-convention", choices=("total", "non_embedding"),

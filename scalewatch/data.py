@@ -1,11 +1,14 @@
 """Reading pilot-run tables (CSV or JSON) for fitting.
 
-Columns are matched case-insensitively against common aliases:
+Columns are matched against common aliases, ignoring case and treating spaces and hyphens as
+underscores (``Model Size`` is ``model_size``); ``--n-column`` / ``--tokens-column`` /
+``--flops-column`` / ``--loss-column`` name any other:
 
 ========  =====================================================================
-N         params, n_params, N, parameters, num_params, model_params, n_params_final_json
-D         tokens, D, n_tokens, train_tokens, training_tokens, num_tokens
-C         compute, C, flops, train_flops (used for D = C / (6 N) when D is absent)
+N         params, n_params, N, parameters, num_params, model_params, n_params_final_json, model_size,
+          num_parameters, n_parameters
+D         tokens, D, n_tokens, train_tokens, training_tokens, num_tokens, tokens_seen, data_size, dataset_size
+C         compute, C, flops, train_flops, training_flops, training_flop, flop (D = C / (6 N) when D is absent)
 loss      loss, L, final_loss, val_loss, eval_loss, validation_loss
 U         unique_tokens, U, unique (optional: data-constrained fits and plans)
 name      name, run, id (optional: used to name rows in messages)
@@ -26,9 +29,11 @@ from typing import Any
 from scalewatch.fitting import FitError, RunSet, make_runs
 
 ALIASES: dict[str, tuple[str, ...]] = {
-    "N": ("params", "n_params", "n", "parameters", "num_params", "model_params", "n_params_final_json"),
-    "D": ("tokens", "d", "n_tokens", "train_tokens", "training_tokens", "num_tokens"),
-    "C": ("compute", "c", "flops", "train_flops"),
+    "N": ("params", "n_params", "n", "parameters", "num_params", "model_params", "n_params_final_json", "model_size",
+          "num_parameters", "n_parameters"),
+    "D": ("tokens", "d", "n_tokens", "train_tokens", "training_tokens", "num_tokens", "tokens_seen", "data_size",
+          "dataset_size"),
+    "C": ("compute", "c", "flops", "train_flops", "training_flops", "training_flop", "flop"),
     "loss": ("loss", "l", "final_loss", "val_loss", "eval_loss", "validation_loss"),
     "U": ("unique_tokens", "u", "unique"),
     "name": ("name", "run", "id"),
@@ -56,12 +61,18 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return list(csv.DictReader(text.splitlines()))
 
 
+def _norm(name: str) -> str:
+    """A column name for matching: lower case, no surrounding spaces, inner spaces and hyphens as underscores."""
+    return "_".join(name.strip().lower().replace("-", " ").split())
+
+
 def pick_column(header: Sequence[str], aliases: Sequence[str], what: str | None = None, where: str = "",
                 given: str | None = None, error: type[Exception] = FitError) -> str | None:
     """The header's column for one quantity: ``given`` if set, else the first alias present.
 
-    Matching ignores case and surrounding spaces (``Loss`` and ``loss `` are ``loss``); an exact
-    match wins when a header has both. ``given`` must be there: a name the user typed that is
+    Matching ignores case and surrounding spaces, and takes inner spaces and hyphens for underscores
+    (``Loss`` and ``loss `` are ``loss``, ``Model Size`` is ``model_size``); an exact match wins when a
+    header has both. ``given`` must be there: a name the user typed that is
     missing is an error, never a silent fallback to an alias. With no alias present the
     column is optional (None) unless ``what`` names it, then ``error`` says what was looked for.
     Shared by the pilot-run tables here and the loss-curve CSVs of :mod:`scalewatch.curves`.
@@ -69,6 +80,8 @@ def pick_column(header: Sequence[str], aliases: Sequence[str], what: str | None 
     Example:
         >>> pick_column(["Step", "LR", "Loss"], ("loss", "val_loss"))
         'Loss'
+        >>> pick_column(["Model Size", "Training Tokens"], ("model_size",))
+        'Model Size'
         >>> pick_column(["step", "loss"], ("lr",)) is None
         True
         >>> pick_column(["step", "loss"], ("lr",), what="learning-rate", where="run.csv")
@@ -77,18 +90,18 @@ def pick_column(header: Sequence[str], aliases: Sequence[str], what: str | None 
         scalewatch.fitting.FitError: run.csv: no learning-rate column (looked for lr); columns are step, loss
     """
     prefix = f"{where}: " if where else ""
-    lower = {h.lower().strip(): h for h in reversed(header)}  # reversed: the first of equal names wins
+    lower = {_norm(h): h for h in reversed(header)}  # reversed: the first of equal names wins
     if given:
         if given in header:
             return given
-        if given.lower().strip() in lower:
-            return lower[given.lower().strip()]
+        if _norm(given) in lower:
+            return lower[_norm(given)]
         raise error(f"{prefix}column {given!r} not found; columns are {', '.join(header)}")
     for alias in aliases:
         if alias in header:
             return alias
-        if alias.lower() in lower:
-            return lower[alias.lower()]
+        if _norm(alias) in lower:
+            return lower[_norm(alias)]
     if what is None:
         return None
     raise error(f"{prefix}no {what} column (looked for {', '.join(aliases)}); columns are {', '.join(header)}")
@@ -136,13 +149,14 @@ def _number(row: Mapping[str, Any], col: str, where: str) -> float:
 
 
 def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
-              where: Sequence[str] = (), min_runs: int = 1) -> RunSet:
+              where: Sequence[str] = (), min_runs: int = 1, columns: Mapping[str, str | None] | None = None) -> RunSet:
     """Read pilot runs from CSV/JSON files into a validated :class:`~scalewatch.fitting.RunSet`.
 
     Args:
         paths: files to read and concatenate.
         loss_column: the loss column, when it is not one of the aliases.
         where: filters ``column=value`` (rows kept where all hold), e.g. ``val_data=c4_val``.
+        columns: the column of a quantity (``"N"``, ``"D"``, ``"C"``, ``"U"``) when it is not one of the aliases.
 
     Example:
         >>> import tempfile, os
@@ -160,13 +174,15 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
         if not rows:
             raise FitError(f"{path}: no runs in the file")
         header = list(rows[0].keys())
-        cols = {k: pick_column(header, ALIASES[k], where=str(path), given=loss_column if k == "loss" else None)
-                for k in ALIASES}
+        given = {**(columns or {}), "loss": loss_column}
+        cols = {k: pick_column(header, ALIASES[k], where=str(path), given=given.get(k)) for k in ALIASES}
         missing = [k for k in ("N", "loss") if cols[k] is None]
         if cols["D"] is None and cols["C"] is None:
             missing.append("D (or compute C)")
         if missing:
-            hint = "; name the loss column with --loss-column" if "loss" in missing else ""
+            hint = "; name the column with " + ", ".join(
+                {"N": "--n-column", "loss": "--loss-column"}.get(k, "--tokens-column (or --flops-column)")
+                for k in missing)
             if (cols["N"] is None or cols["D"] is None) and pick_column(header, ("step", "_step", "global_step")):
                 hint = "; this looks like a loss curve (a step column): use `scalewatch fit --curves FILE`"
             raise FitError(f"{path}: missing column(s) {', '.join(missing)}; columns are {', '.join(header)} "

@@ -391,3 +391,24 @@ def test_fit_on_a_loss_curve_points_to_fit_curves_and_plot_fails_before_fitting(
 def test_fit_curves_on_a_directory_without_event_files(tmp_path, capsys) -> None:
     assert main(["fit", "--curves", str(tmp_path)]) == 2
     assert f"{tmp_path}: no TensorBoard event files in this directory" in capsys.readouterr().err
+
+
+def test_fit_reads_columns_by_other_names_or_the_names_given(tmp_path, capsys) -> None:
+    """Tables from elsewhere: 'Model Size' matches model_size; any other name is given with --*-column."""
+    N = np.repeat(np.logspace(7, 9, 4), 4)
+    D = np.tile(np.logspace(9, 11, 4), 4)
+    L = TRUE.predict(N, D)
+    spaced = _csv(tmp_path / "spaced.csv", zip(N, D, 6 * N * D, L), header="Model Size,Training Tokens,Training FLOP,Loss")
+    assert main(["fit", str(spaced), "--json", "--bootstrap", "0", "--no-calibrate"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["alpha"] == pytest.approx(TRUE.alpha, rel=1e-3)
+    odd = _csv(tmp_path / "odd.csv", zip(N, 6 * N * D, L), header="width_params,budget,val")
+    assert main(["fit", str(odd), "--loss-column", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s) N, D (or compute C)" in err and "--n-column" in err and "--flops-column" in err
+    assert main(["fit", str(odd), "--loss-column", "val", "--n-column", "width_params", "--flops-column", "budget",
+                 "--json", "--bootstrap", "0", "--no-calibrate"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["beta"] == pytest.approx(TRUE.beta, rel=1e-3)
+    assert main(["fit", str(odd), "--loss-column", "val", "--n-column", "width", "--flops-column", "budget"]) == 2
+    assert "column 'width' not found" in capsys.readouterr().err
+    assert main(["fit", "--curves", str(odd), "--n-column", "width_params"]) == 2
+    assert "--n-column name columns of a table of final losses" in capsys.readouterr().err
