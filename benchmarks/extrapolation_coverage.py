@@ -1,6 +1,6 @@
 """Chinchilla-law intervals far from the pilots: errors and coverage against distance (issue 12, item 2).
 
-    python benchmarks/extrapolation_coverage.py [--bootstrap 200] [--tie-exponents]
+    python benchmarks/extrapolation_coverage.py [--bootstrap 200] [--exponents free|tied|auto] [--tie-exponents]
 
 1. Gadre et al. 2024: fit the runs up to 411M, predict the 1.4B (1x and 4x/16x/32x Chinchilla
    tokens) and 6.9B (1x) runs, for each training set; C4-trained on c4_val is the issue's target
@@ -10,6 +10,10 @@
    model size (then the two largest), fit and calibrate on the rest (the calibration only sees the
    kept runs), predict the held-out runs. Coverage of the 95% interval, bootstrap only and
    with the extrapolation term, by distance from the kept pilots (decades, max of N and 6ND).
+
+``--exponents auto`` lets every fit choose alpha = beta or free from its own pilots' leave-the-
+largest-out folds (scalewatch fit's rule, :func:`scalewatch.extrapolation.choose_exponents`) and
+prints which it chose; ``--tie-exponents`` is ``--exponents tied``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scalewatch.data import read_runs  # noqa: E402
-from scalewatch.extrapolation import calibrate_extrapolation, predict_with_interval  # noqa: E402
+from scalewatch.extrapolation import calibrate_extrapolation, compare_exponents, predict_with_interval  # noqa: E402
 from scalewatch.fitting import RunSet, _group_by, fit_chinchilla, make_runs  # noqa: E402
 from scalewatch.laws import ChinchillaLaw  # noqa: E402
 
@@ -42,21 +46,33 @@ SETS = {
 BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, 9.0))
 
 
-TIE = False  # --tie-exponents: alpha = beta in every fit (the fits and the calibration folds)
+FORM = "free"  # --exponents: free, tied (alpha = beta in every fit and calibration fold) or auto
+PICKS: list[tuple[str, str]] = []  # (which fit, what auto chose and why)
 
 
-def _fit(runs: RunSet, n_bootstrap: int):
+def _form(runs: RunSet, label: str) -> bool:
+    """Whether this fit ties alpha = beta (auto: decided on these runs' own folds, and recorded)."""
+    if FORM != "auto":
+        return FORM == "tied"
+    choice = compare_exponents(runs)
+    PICKS.append((label, choice.reason()))
+    print(f"    [{label}] {choice.reason()}")
+    return choice.form == "tied"
+
+
+def _fit(runs: RunSet, n_bootstrap: int, label: str = ""):
+    tie = _form(runs, label)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_chinchilla(runs, n_bootstrap=n_bootstrap, tie_exponents=TIE)
-        band = calibrate_extrapolation(runs, tie_exponents=TIE)
+        fit = fit_chinchilla(runs, n_bootstrap=n_bootstrap, tie_exponents=tie)
+        band = calibrate_extrapolation(runs, tie_exponents=tie)
     return fit, [ChinchillaLaw(*row) for row in fit.samples], band
 
 
 def gadre_targets(name: str, n_bootstrap: int) -> None:
     runs = read_runs([SETS[name][0]], where=SETS[name][1])
     pilots = runs.subset(np.flatnonzero(runs.N < 5e8))
-    fit, samples, band = _fit(pilots, n_bootstrap)
+    fit, samples, band = _fit(pilots, n_bootstrap, f"{name}, runs <= 411M")
     print(f"{name}: fit on {len(pilots)} runs <= 411M; calibration k = {band.k_per_decade:.4f} per decade "
           f"from {len(band.held_out)} held-out predictions")
     print(f"  {'target':<16} {'true':>7} {'pred':>7} {'error':>7} {'dist':>5}  {'bootstrap 95%':>17}  "
@@ -81,9 +97,12 @@ def olmo_two_sizes() -> None:
     D, N, L = (np.array(v) for v in zip(*final.values()))
     runs = make_runs(N, D, L)
     small, big = np.flatnonzero(N < 6e8), np.flatnonzero(N > 6e8)
+    tie = _form(runs.subset(small), "OLMo 190M + 370M")
+    if FORM == "auto":
+        _form(runs, "OLMo all three sizes (not used for the prediction)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_chinchilla(runs.subset(small), n_bootstrap=0, tie_exponents=TIE)
+        fit = fit_chinchilla(runs.subset(small), n_bootstrap=0, tie_exponents=tie)
     err = 100 * (fit.law.predict(N[big], D[big]) / L[big] - 1)
     print(f"OLMo ladder final c4_en losses: fit {len(small)} cosine runs of 190M + 370M, predict the {len(big)} 760M "
           f"runs (0.5-10x): |error| mean {np.abs(err).mean():.2f}%, worst {np.abs(err).max():.2f}% "
@@ -96,7 +115,7 @@ def nested(name: str, runs: RunSet, n_bootstrap: int, rows: list) -> None:
         if len(sizes) - n_out < 4:  # the calibration needs 3 sizes after its own hold-out
             continue
         keep, held = np.concatenate(sizes[:-n_out]), np.concatenate(sizes[-n_out:])
-        fit, samples, band = _fit(runs.subset(keep), n_bootstrap)
+        fit, samples, band = _fit(runs.subset(keep), n_bootstrap, f"{name}, without the {n_out} largest")
         if band is None:
             continue
         errs = []
@@ -112,11 +131,22 @@ def nested(name: str, runs: RunSet, n_bootstrap: int, rows: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", type=int, default=200)
-    ap.add_argument("--tie-exponents", action="store_true", help="fit alpha = beta (scalewatch fit --tie-exponents)")
+    ap.add_argument("--exponents", choices=("free", "tied", "auto"), default="free",
+                    help="exponent form of every fit (scalewatch fit --exponents); default free")
+    ap.add_argument("--tie-exponents", action="store_true", help="--exponents tied (scalewatch fit --tie-exponents)")
     args = ap.parse_args()
-    global TIE
-    TIE = args.tie_exponents
-    print(f"fits: {'alpha = beta tied' if TIE else 'alpha, beta free'}")
+    global FORM
+    FORM = "tied" if args.tie_exponents else args.exponents
+    print(f"fits: {dict(free='alpha, beta free', tied='alpha = beta tied', auto='auto (each fit chooses)')[FORM]}")
+    if FORM == "auto":
+        print("\nauto on each whole set (every size):")
+        for name, (path, where) in SETS.items():
+            _form(read_runs([path], where=where), name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dbl = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
+        _form(dbl.subset(np.flatnonzero(dbl.D <= dbl.U)), "datablations single-epoch")
+        print()
     for name in SETS:
         gadre_targets(name, args.bootstrap)
     olmo_two_sizes()
@@ -124,7 +154,9 @@ def main() -> int:
     rows: list = []
     for name, (path, where) in SETS.items():
         nested(name, read_runs([path], where=where), args.bootstrap, rows)
-    dbl = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 296 rows, 138 distinct (N, D): the repeated-data runs, filtered next
+        dbl = read_runs([DATA / "datablations" / "muennighoff2023_final_val_losses.csv"])
     nested("datablations single-epoch", dbl.subset(np.flatnonzero(dbl.D <= dbl.U)), args.bootstrap, rows)
     print(f"\n  {'distance (decades)':<20} {'runs':>5} {'mean |err|':>10} {'bootstrap holds':>16} "
           f"{'calibrated holds':>17} {'median width':>13}")
@@ -137,6 +169,9 @@ def main() -> int:
         width = np.median([r[5] for r in sel]) - 1
         print(f"  {f'{lo:.2f}-{hi:.2f}':<20} {len(sel):>5} {100 * err:9.2f}% {100 * boot:15.0f}% {100 * cal:16.0f}% "
               f"{100 * width:12.1f}%")
+    if PICKS:
+        forms = [reason.split(",")[0].split(": ")[1].split(" ")[0] for _, reason in PICKS]
+        print(f"\nauto chose tied in {forms.count('tied')} of {len(forms)} fits, free in {forms.count('free')}")
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from scalewatch.data import read_runs
+from scalewatch.extrapolation import fit_chinchilla_exponents
 from scalewatch.fitting import approach1, approach2, fit_chinchilla, fit_data_constrained
 from scalewatch.laws import DataConstrainedLaw
 
@@ -42,11 +43,22 @@ def _table(name: str, res, published: dict[str, float] | None) -> None:
     print(f"  implied N_opt ∝ C^{a:.3f}")
 
 
+EXPONENTS = "free"  # --exponents: the Approach-3 fits' form (auto: chosen on each set's leave-the-largest-out folds)
+
+
 def _fit_and_print(name: str, runs, n_bootstrap: int, published: dict[str, float]) -> None:
     t = time.perf_counter()
-    res = fit_chinchilla(runs, n_bootstrap=n_bootstrap)
+    if EXPONENTS == "free":
+        res = fit_chinchilla(runs, n_bootstrap=n_bootstrap)
+    else:
+        res = fit_chinchilla_exponents(runs, EXPONENTS, n_bootstrap=n_bootstrap)
     print(f"\n[{name}: fit + {n_bootstrap} bootstraps in {time.perf_counter() - t:.1f} s]")
     _table(name, res, published)
+    if res.exponents:
+        ev = res.exponents
+        print(f"  exponents {ev['form']} ({ev['chosen_by']}); leave-the-largest-out error free "
+              + (f"{100 * ev['free_error']:.2f}% vs tied {100 * ev['tied_error']:.2f}%" if ev["free_error"] is not None
+                 else "n/a (too few sizes)"))
 
 
 def _rising(runs) -> np.ndarray:
@@ -125,7 +137,11 @@ def main() -> int:
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--dc-bootstrap", type=int, default=100, help="resamples for the data-constrained fits")
     p.add_argument("--dc-only", action="store_true", help="only the data-constrained fits")
+    p.add_argument("--exponents", choices=("free", "tied", "auto"), default="free",
+                   help="Approach 3's exponents (scalewatch fit --exponents); default free")
     args = p.parse_args()
+    global EXPONENTS
+    EXPONENTS = args.exponents
     if args.dc_only:
         data_constrained(args.dc_bootstrap)
         return 0

@@ -22,6 +22,9 @@ RUN_COLUMNS_HELP = ("CSV/JSON columns (case-insensitive): N = params|n_params|N|
                     "loss = loss|L|final_loss|val_loss|eval_loss; optional unique_tokens, name")
 
 
+DEFAULT_EXPONENTS = "free"  # `scalewatch fit --exponents` when not given: auto is not better on every set (README)
+
+
 class CLIError(Exception):
     """Bad input on the command line: printed as one line, exit status 2."""
 
@@ -54,10 +57,21 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from scalewatch.fitting import FitError, approach1, approach2, fit_chinchilla
     from scalewatch.laws import save_law
 
-    if args.tie_exponents and (args.curves or args.method != 3):
+    if args.tie_exponents and args.exponents not in (None, "tied"):
+        raise CLIError(f"--tie-exponents is --exponents tied; give one of --tie-exponents and "
+                       f"--exponents {args.exponents}")
+    if args.tie_exponents:
+        args.exponents = "tied"
+    flag = "--tie-exponents" if args.tie_exponents else f"--exponents {args.exponents}"
+    args.exponents_flag = flag
+    if args.exponents in ("tied", "auto") and (args.curves or args.method != 3):
         given = "--curves" if args.curves else f"--method {args.method}"
-        raise CLIError(f"--tie-exponents ties alpha = beta in Approach 3's law L(N, D); drop {given} "
-                       "(or --tie-exponents)")
+        what = "ties alpha = beta" if args.exponents == "tied" else "chooses alpha = beta or free"
+        raise CLIError(f"{flag} {what} in Approach 3's law L(N, D); drop {given} (or {flag})")
+    if args.exponents == "auto" and args.data_constrained:
+        raise CLIError("--exponents auto chooses the form of the plain law L(N, D); with --data-constrained use "
+                       "--exponents tied (with --two-stage) or leave it out")
+    args.tie_exponents = args.exponents == "tied"  # the data-constrained fit's --two-stage base
     if args.two_stage and not args.data_constrained:
         raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
     if args.run_column and not args.curves:
@@ -87,9 +101,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             runs = read_runs(args.runs, loss_column=args.loss_column, where=args.where, columns=_columns(args))
+            choice = None
             if args.method == 3:
+                choice = _exponent_choice(args, runs)
                 result = fit_chinchilla(runs, n_bootstrap=args.bootstrap, seed=args.seed,
-                                        tie_exponents=args.tie_exponents)
+                                        tie_exponents=choice.form == "tied")
+                if choice.has_evidence or choice.chosen_by == "auto":
+                    result.exponents = choice.as_dict()
             else:
                 result = (approach1 if args.method == 1 else approach2)(runs, n_bootstrap=args.bootstrap,
                                                                         seed=args.seed)
@@ -112,24 +130,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     record = result.to_record()
     band = None
-    tied_check = None
     if args.calibrate:
         from scalewatch.extrapolation import calibrate_extrapolation
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             band = calibrate_extrapolation(runs, n_bootstrap=min(args.bootstrap, 100), seed=args.seed,
-                                           tie_exponents=args.tie_exponents)
+                                           tie_exponents=result.tie_exponents)
         if band is not None:
             record.extrapolation = band.to_json()
-        if band is not None and band.held_out and not args.tie_exponents:
-            # The same leave-the-largest-out folds fitted with alpha = beta (point fits only: cheap): which form
-            # extrapolated better on these pilots is the evidence for --tie-exponents (README, "On real data").
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tied_band = calibrate_extrapolation(runs, n_bootstrap=0, seed=args.seed, tie_exponents=True)
-            if tied_band is not None and len(tied_band.held_out) == len(band.held_out):
-                tied_check = {"free": band.mean_abs_log_error, "tied": tied_band.mean_abs_log_error}
     if args.n_convention:
         record.law.conventions["n_params"] = args.n_convention
     if args.loss_name:
@@ -150,18 +159,16 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                      "predictions); `scalewatch plan` widens its intervals by it")
         payload["extrapolation"] = {"k_per_decade": band.k_per_decade, "N_max": band.N_max, "C_max": band.C_max,
                                     "n_held_out": len(band.held_out)}
-        if tied_check is not None and all(math.isfinite(v) for v in tied_check.values()):
-            payload["extrapolation"]["mean_abs_log_error"] = tied_check
-            free, tied = tied_check["free"], tied_check["tied"]
-            # A tenth of the error is within what one held-out run moves: call that a draw, not advice.
-            verdict = ("the tied law extrapolated better on these pilots; consider --tie-exponents" if tied < 0.9 * free
-                       else "the free law extrapolated better; keep it" if free < 0.9 * tied
-                       else "about equal; keep the free law")
-            lines.append(f"  leave-the-largest-out error, alpha and beta free {100 * free:.2f}% vs tied "
-                         f"{100 * tied:.2f}% (mean): {verdict}")
+        if choice.has_evidence:
+            payload["extrapolation"]["mean_abs_log_error"] = {"free": choice.free_error, "tied": choice.tied_error}
     elif args.calibrate:
         lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
                      "intervals far from the pilots are bootstrap-only and too narrow")
+    # Which exponent form was fitted and why, in one line (the evidence is also in fitted_on.exponents).
+    lines.append("  " + (choice.reason() if choice.has_evidence or choice.chosen_by == "auto" else
+                         f"exponents: {'tied (alpha = beta)' if choice.form == 'tied' else 'free (alpha, beta)'}, "
+                         f"{'as asked (' + args.exponents_flag + '; ' if args.exponents else 'the default ('}"
+                         "--no-calibrate: the forms were not compared)"))
     if args.out:
         save_law(record, args.out)
         lines.append(f"  law written to {args.out}")
@@ -173,6 +180,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exponent_choice(args: argparse.Namespace, runs):
+    """The exponent form to fit (``--exponents``, default :data:`DEFAULT_EXPONENTS`) and the folds' evidence.
+
+    ``auto`` always refits the leave-the-largest-out folds both ways (point fits: cheap); a form asked
+    for is compared as well when the calibration runs, so the output and the law file show both errors.
+    """
+    from scalewatch.extrapolation import ExponentChoice, compare_exponents
+
+    form = args.exponents or DEFAULT_EXPONENTS
+    by = "given" if args.exponents else "default"
+    if form == "auto" or args.calibrate:
+        choice = compare_exponents(runs, form, seed=args.seed)
+        if form != "auto":
+            choice.chosen_by = by
+        return choice
+    return ExponentChoice(form=form, chosen_by=by)
+
+
 def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
     from scalewatch.data import read_runs
     from scalewatch.fitting import FitError, fit_data_constrained
@@ -181,11 +206,12 @@ def _cmd_fit_data_constrained(args: argparse.Namespace) -> int:
     if args.method != 3:
         raise CLIError("--data-constrained fits the law L(N, D, U); drop --method")
     if args.base and (args.two_stage or args.tie_exponents):
-        extra = "--two-stage" if args.two_stage else "--tie-exponents"
+        extra = "--two-stage" if args.two_stage else args.exponents_flag
         raise CLIError(f"--base holds E, A, B, alpha, beta at the given law, so {extra} has nothing to fit; "
                        f"drop {extra} to use that base, or drop --base to fit the base here")
     if args.tie_exponents and not args.two_stage:
-        raise CLIError("with --data-constrained, --tie-exponents applies to the --two-stage base fit; add --two-stage")
+        raise CLIError(f"with --data-constrained, {args.exponents_flag} applies to the --two-stage base fit; "
+                       "add --two-stage")
     base = None
     if args.base:
         try:
@@ -521,9 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--two-stage", action="store_true",
                      help="with --data-constrained: Muennighoff et al.'s procedure, a Chinchilla base fitted on the "
                           "single-epoch runs first, then R*_D, R*_N with it held fixed (default: all 7 jointly)")
+    fit.add_argument("--exponents", choices=("free", "tied", "auto"), default=None,
+                     help="Approach 3's exponents: free (alpha, beta), tied (alpha = beta: one exponent; Muennighoff "
+                          "et al. 2023, Gadre et al. 2024) or auto: tied unless the free form's leave-the-largest-out "
+                          "error on these pilots is below 0.9x the tied form's, free when the pilots are too few for "
+                          f"those folds (default {DEFAULT_EXPONENTS})")
     fit.add_argument("--tie-exponents", action="store_true",
-                     help="fit alpha = beta (one exponent; Muennighoff et al. 2023, Gadre et al. 2024): steadier "
-                          "far beyond the pilots, see the README")
+                     help="--exponents tied (also the --two-stage base of --data-constrained fits)")
     fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")

@@ -370,6 +370,9 @@ class FitResult:
         N_range, D_range: extent of the data.
         method: what was done.
         tie_exponents: whether alpha = beta was imposed.
+        exponents: which exponent form was fitted and why (``form``, ``chosen_by``, the two forms'
+            leave-the-largest-out errors), when it was chosen (see
+            :func:`scalewatch.extrapolation.fit_chinchilla_exponents`); written to ``fitted_on.exponents``.
     """
 
     law: ChinchillaLaw
@@ -383,13 +386,16 @@ class FitResult:
     D_range: tuple[float, float]
     method: str
     tie_exponents: bool = False
+    exponents: dict[str, Any] | None = None  # which form and why, when chosen by the CLI or exponents="auto"
 
     def to_record(self, conventions: dict[str, str] | None = None) -> LawRecord:
         law = self.law if conventions is None else ChinchillaLaw(**self.law.params(), conventions=conventions)
         return LawRecord(
             law=law, ci95=self.ci95, samples=[list(map(float, r)) for r in self.samples],
             fitted_on={"n_runs": self.n_runs, "N_range": list(self.N_range), "D_range": list(self.D_range),
-                       "method": self.method, **({"tie_exponents": True} if self.tie_exponents else {}), "converged": self.converged, "message": self.message,
+                       "method": self.method, **({"tie_exponents": True} if self.tie_exponents else {}),
+                       **({"exponents": self.exponents} if self.exponents else {}),
+                       "converged": self.converged, "message": self.message,
                        **self.residuals.as_dict()},
         )
 
@@ -409,6 +415,8 @@ def fit_chinchilla(runs: RunSet, n_bootstrap: int = 200, delta: float = HUBER_DE
     exponent fewer to pin down: it pays off when predicting sizes or budgets well beyond the pilots
     (see the README's benchmark), at some cost in fit near them when the true exponents differ.
     The law file still stores alpha and beta (equal); ``fitted_on.tie_exponents`` says it was tied.
+    To let the pilots choose (``exponents="auto"``), see
+    :func:`scalewatch.extrapolation.fit_chinchilla_exponents`.
 
     Example:
         >>> import numpy as np
