@@ -44,6 +44,10 @@ POOL_NEIGHBOURS = 1
 EFFECTIVE_POINTS_PER_RUN = 50.0
 # Minimum relative half-width of a forecast band: the final loss is measured on a finite set.
 FORECAST_FLOOR_REL = 0.001
+# How far from the law's band (in half-widths, :func:`scalewatch.forecast.off_band`) a pilot replay may sit
+# and still count as pilot-like: the conformal quantile at this level of the replays' distances. Beyond it
+# a live run is not like the pilots the blend was chosen on.
+OFF_BAND_LEVEL = 0.95
 
 
 def widening(n_out: float, per_ln_n: float, n_out_max: float = 0.0) -> float:
@@ -117,6 +121,7 @@ class Replay:
         prior_rel_error: (the prior's final loss - truth) / truth: the law alone, no prefix.
         drop: the loss the prior still predicted to fall after the prefix, relative to the final loss.
         prior_widen: how much wider the prior was than within the pilot sizes (1 inside).
+        off: how far the prefix's recent losses sat from the law's band (:func:`scalewatch.forecast.off_band`).
     """
 
     curve: str
@@ -128,6 +133,7 @@ class Replay:
     prior_rel_error: float = math.nan
     drop: float = math.nan
     prior_widen: float = 1.0
+    off: float = math.nan
 
     def blended(self, scale: float | None) -> float:
         """The relative error of the forecast ``prior + w * (prefix fit - prior)`` at blend scale ``scale``."""
@@ -236,6 +242,10 @@ class ForecastCalibration:
             not carried there).
         by_fraction_fit: as ``by_fraction``, the scores of the prefix fit alone: the band of a forecast that
             is not blended (outside the pilot sizes without ``blend_far``). None: ``by_fraction``.
+        off_by_fraction: ``(fraction, distance, replays)``: how far from the law's band the replayed prefixes'
+            recent losses sat (the :data:`OFF_BAND_LEVEL` conformal quantile, in half-widths): a live run
+            farther off is not pilot-like, and its forecast leaves the blend for the prefix fit alone
+            (:func:`scalewatch.forecast.forecast_final`). None (files from before it): a fixed 2 half-widths.
         blend_errors: the replays' mean |error| with the blend, with the prefix fit alone and with the
             prior alone (None when not recorded).
         replays: how many replayed forecasts in all (of ``curves`` pilot curves).
@@ -264,6 +274,15 @@ class ForecastCalibration:
     blend_errors: tuple[float, float, float] | None = None
     blend_far: list[tuple[float, float | None, int]] | None = None
     by_fraction_fit: list[tuple[float, float, int]] | None = None
+    off_by_fraction: list[tuple[float, float, int]] | None = None
+
+    def off_at(self, fraction: float) -> float | None:
+        """The farthest from the law's band (half-widths) a pilot-like prefix at this fraction sits: linear
+        between the replayed fractions, the nearest outside; None when not calibrated (older files)."""
+        if not self.off_by_fraction:
+            return None
+        rows = self.off_by_fraction
+        return float(np.interp(fraction, [r[0] for r in rows], [r[1] for r in rows]))
 
     def quantile_at(self, fraction: float, blended: bool = True) -> float:
         """The score quantile at a prefix fraction: linear between the replayed fractions, the nearest outside.
@@ -310,6 +329,8 @@ class ForecastCalibration:
             doc["prior_widening"] = True
         if self.by_fraction_fit:
             doc["by_fraction_fit"] = [[float(f), float(q), int(n)] for f, q, n in self.by_fraction_fit]
+        if self.off_by_fraction:  # absent in older files: a fixed threshold
+            doc["off_band_by_fraction"] = [[float(f), float(q), int(n)] for f, q, n in self.off_by_fraction]
         if self.blend_far:  # absent: outside the pilot sizes the prefix fit alone
             doc["blend_far"] = [[float(f), None if v is None else float(v), int(n)] for f, v, n in self.blend_far]
         if self.blend:  # absent in older files: the prefix fit alone
@@ -356,6 +377,10 @@ class ForecastCalibration:
         if not (rows_ok(fit_rows) and all(r[1] is not None and r[1] > 0 for r in fit_rows)):
             raise LawFileError(f"{where}.by_fraction_fit must be a list of [fraction, quantile > 0, replays] "
                                "sorted by fraction")
+        off_rows = doc.get("off_band_by_fraction", [])
+        if not (rows_ok(off_rows) and all(r[1] is not None and r[1] > 0 for r in off_rows)):
+            raise LawFileError(f"{where}.off_band_by_fraction must be a list of [fraction, distance > 0, replays] "
+                               "sorted by fraction")
         errs = doc.get("blend_mean_abs_error")
         blend_errors = None
         if isinstance(errs, Mapping) and all(_finite(errs.get(k)) for k in ("blend", "prefix_fit", "prior")):
@@ -368,7 +393,8 @@ class ForecastCalibration:
                    blend=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend] or None,
                    blend_errors=blend_errors,
                    blend_far=[(float(f), None if v is None else float(v), int(n)) for f, v, n in blend_far] or None,
-                   by_fraction_fit=[(float(f), float(q), int(n)) for f, q, n in fit_rows] or None)
+                   by_fraction_fit=[(float(f), float(q), int(n)) for f, q, n in fit_rows] or None,
+                   off_by_fraction=[(float(f), float(q), int(n)) for f, q, n in off_rows] or None)
 
 
 def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
@@ -440,6 +466,13 @@ def calibrate_forecast(replays: Sequence[Replay], level: float = 0.9,
     if blend and any(v is not None for _, v, _ in blend):  # for the forecasts that are not blended
         cal.by_fraction_fit = [(f, max(conformal_quantile([r.score for r in pool(i)], level), 1e-6), len(pool(i)))
                                for i, f in enumerate(grid)]
+    if any(math.isfinite(r.off) for r in near):
+        rows = []
+        for i, f in enumerate(grid):
+            offs = [r.off for r in pool(i) if math.isfinite(r.off)]
+            if offs:
+                rows.append((f, max(conformal_quantile(offs, OFF_BAND_LEVEL), 1.0), len(offs)))
+        cal.off_by_fraction = rows or None
     far = [r for r in replays if r.n_out > 0 and math.isfinite(r.score)]
     cal.prior_widening = prior_widening and bool(far)
     if far and prior_widening:
@@ -624,6 +657,6 @@ def calibrate_size_reach(rel_errors: np.ndarray, widths: np.ndarray, n_out: np.n
     return SizeReach(k, int(m.sum()), float(n_out[m].max()))
 
 
-__all__ = ["ForecastCalibration", "Replay", "blend_weight", "choose_blend", "BLEND_SCALES", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
+__all__ = ["OFF_BAND_LEVEL", "ForecastCalibration", "Replay", "blend_weight", "choose_blend", "BLEND_SCALES", "ScheduleReach", "SizeReach", "calibrate_forecast", "calibrate_reach",
            "calibrate_size_reach", "widening",
            "conformal_quantile", "sharing_groups", "REPLAY_FRACTIONS", "EFFECTIVE_POINTS_PER_RUN"]

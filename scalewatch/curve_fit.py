@@ -38,7 +38,7 @@ from scalewatch.curves import (
     law_form,
     momentum_params,
 )
-from scalewatch.forecast import prefix_fit
+from scalewatch.forecast import off_band, prefix_fit
 
 
 # Forward-in-time replays: laws fitted on every curve's first part, cut at these fractions.
@@ -493,7 +493,8 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
                 continue
             fc = prefix_fit(sub, sched, c.steps[m], c.loss[m], n_params=c.n_params, final_step=end)
             out.append(Replay(c.name, f, (fc.loss - truth) / truth, fc.sd_rel, sub.n_outside(c.n_params), kind,
-                              (fc.prior_loss - truth) / truth, fc.drop, fc.prior_widen))
+                              (fc.prior_loss - truth) / truth, fc.drop, fc.prior_widen,
+                              off_band(sub, sched, c.steps[m], c.loss[m], c.n_params, end)))
         return out
 
     replays: list[Replay] = []

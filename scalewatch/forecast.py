@@ -108,13 +108,26 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # fit times the quantile of |error| / width that the replays needed at this prefix fraction.
         # Past the summed LR the pilots reached (a longer run than theirs) no replay measured the error:
         # widen as the predicted curve's band does there.
-        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen, law.n_outside(n_params))
+        n_out = law.n_outside(n_params)
+        w = cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen, n_out)
+        # The blend was chosen on the pilots' replays: it leans on the prior because a pilot-like run ends near
+        # it. A run whose recent losses sit farther from the law's band than any pilot replay did (the calibrated
+        # distance q at this prefix fraction) is not pilot-like, and the prior says nothing of where it ends: from
+        # q to 2q half-widths off, the weight goes over to the prefix fit alone, and the band to the one
+        # calibrated on the prefix fit alone.
+        q = cal.off_at(fc.last_fraction) or OFF_BAND_DEFAULT
+        z = off_band(law, schedule, prefix_steps, prefix_loss, n_params, end)
+        off = min(max((z - q) / q, 0.0), 1.0)
+        w = w + (1.0 - w) * off
         final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
         sched = check_schedule(schedule)
         S1, _ = schedule_features(sched[: end + 1], law.lam)
         reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end], sched[end] / sched.max()))
-        n_out = law.n_outside(n_params)
-        half = cal.half_width(fc.sd_rel, fc.last_fraction, n_out, cal.blended_at(n_out)) * reach * final
+        blended = cal.blended_at(n_out)
+        rel = cal.half_width(fc.sd_rel, fc.last_fraction, n_out, blended)
+        if off > 0 and blended:
+            rel = (1.0 - off) * rel + off * cal.half_width(fc.sd_rel, fc.last_fraction, n_out, blended=False)
+        half = rel * reach * final
         return Forecast(end, final, final - half, final + half, fc.prior_loss, fc.prefix_points, fc.sd_rel,
                         fc.drop, w, fc.loss, fc.prior_widen, fc.last_fraction)
     # A law file from before the calibration: the law's band at the final step, never shrunk by how
@@ -124,6 +137,45 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     return Forecast(end, fc.loss, min(fc.loss, fc.prior_loss) - half, max(fc.loss, fc.prior_loss) + half,
                     fc.prior_loss, fc.prefix_points, fc.sd_rel, fc.drop, 1.0, fc.loss, fc.prior_widen,
                     fc.last_fraction)
+
+
+# The stretch of a prefix whose distance from the law's band decides whether a run is still pilot-like:
+# its last quarter (a run that was off early and came back is pilot-like again), at least 3 points.
+OFF_BAND_TAIL = 0.25
+# Law files from before the calibrated distance (ForecastCalibration.off_by_fraction): pilot-like prefixes of
+# the OLMo ladder and multipowerlaw runs sat up to 2.2 half-widths off from 40% of a run on (3.6 at 20%).
+OFF_BAND_DEFAULT = 2.0
+
+
+def off_band(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
+             n_params: float | None = None, final_step: int | None = None) -> float:
+    """How far the prefix's recent losses sit from the law's prediction, in half-widths of its 90% band:
+    the median over the last :data:`OFF_BAND_TAIL` of the prefix's steps (at least 3 points) of
+    ``|loss - pred| / half-width``; 0 with fewer than 3 usable points. Above 1 the run is off its curve
+    (``off_curve`` watches the same residual point by point).
+
+    Example:
+        >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
+        ...                 "lnC": (math.log(100.0), 0.0)}, n_ref=1e8, band_rel=0.01)
+        >>> sched = np.full(1001, 1e-3); st = list(range(200, 801, 50))
+        >>> pred = law.predict(sched, steps=st).loss
+        >>> off_band(law, sched, st, pred), round(off_band(law, sched, st, pred * 1.05), 1)
+        (0.0, 5.0)
+    """
+    sched = check_schedule(schedule)
+    end = len(sched) - 1 if final_step is None else int(final_step)
+    st = np.asarray(prefix_steps, dtype=int)
+    y = np.asarray(prefix_loss, dtype=float)
+    ok = np.isfinite(y) & (st >= max(1, SKIP_FRACTION * end)) & (st <= min(end, len(sched) - 1))
+    st, y = st[ok], y[ok]
+    if len(st) < 3:
+        return 0.0
+    tail = st >= st.max() - OFF_BAND_TAIL * (st.max() - st.min())
+    if tail.sum() < 3:
+        tail = np.argsort(st)[-3:]
+    p = law.predict(sched, n_params=n_params, steps=st[tail])
+    half = np.maximum(p.high - p.loss, 1e-12)
+    return float(np.median(np.abs(y[tail] - p.loss) / half))
 
 
 def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],

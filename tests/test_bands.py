@@ -405,3 +405,34 @@ def test_widening_past_the_pilots_summed_lr_depends_on_how_far_the_schedule_has_
         law.band_at(None, 1.0) * law.reach.factor(s1_cos, long_cos[-1] / long_cos.max()), rel=0.02)
     assert (p_const.high[0] - p_const.loss[0]) / p_const.loss[0] == pytest.approx(
         law.band_at(None, 1.0) * law.reach.factor(s1_const, 1.0), rel=0.02)
+
+
+def test_a_run_off_the_pilots_band_is_forecast_from_its_own_prefix_not_the_prior() -> None:
+    """The blend leans on the prior because pilot-like runs end near it. A run that left the law's band (here
+    5% worse from 20% of the run on) is not pilot-like: the forecast follows its prefix and its band holds
+    where it ends, while a pilot-like run keeps the calibrated blend."""
+    from scalewatch.forecast import off_band
+
+    rng = np.random.default_rng(7)
+    pilots = [bumped(f"{k}{i}", make(), rng, *MISLEADING) for i in range(2) for k, make in SCHEDULES.items()]
+    law = fit_curves(pilots).law
+    cal = law.forecast_band
+    assert cal.off_by_fraction and all(q >= 1.0 and n > 0 for _, q, n in cal.off_by_fraction)
+    sched = cosine(12000)
+    run = bumped("worse", sched, rng, 0.0, 0.0)
+    run.loss = run.loss * (1 + 0.05 * np.clip((run.steps - 1200) / 1200, 0, 1))
+    truth = float(run.loss[-1])
+    m = run.steps <= 0.6 * 12000
+    assert off_band(law, sched, run.steps[m], run.loss[m]) > 2 * cal.off_at(0.6)
+    fc = forecast_final(law, sched, run.steps[m], run.loss[m])
+    assert fc.weight == 1.0 and fc.loss == pytest.approx(fc.fit_loss)
+    assert fc.low <= truth <= fc.high and abs(fc.prior_loss - truth) > 3 * (fc.high - fc.loss)
+    ok = bumped("ok", sched, rng, *MISLEADING)
+    m = ok.steps <= 0.2 * 12000
+    assert off_band(law, sched, ok.steps[m], ok.loss[m]) < cal.off_at(0.2)
+    fc = forecast_final(law, sched, ok.steps[m], ok.loss[m])
+    assert fc.weight == pytest.approx(cal.blend_weight(fc.drop, fc.last_fraction, fc.prior_widen))
+    assert fc.weight < 1.0
+    # and the calibration's distances survive the law file
+    assert CurveLaw.from_json(json.loads(json.dumps(law.to_json()))).forecast_band.off_by_fraction == \
+        cal.off_by_fraction
