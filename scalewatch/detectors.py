@@ -365,13 +365,18 @@ class SaturationDetector(_Detector):
             change, lr_ratio, rising, stalled = self._trend()
         elif drift is None:
             return StageOutput()
-        why = drift or (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did "
-                        "not rise" if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} "
-                        f"log points but the loss changed only {change:+.2%}")
+        if drift is not None:  # still improving, but more slowly than the law says it should
+            message = (f"the run is improving more slowly than its law at step {obs.step:,}: {drift}; it is heading "
+                       "for a worse end than its pilots: check the LR schedule and data against theirs, and stop "
+                       "early or change the plan if it keeps drifting")
+        else:
+            why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not "
+                   "rise" if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points "
+                   f"but the loss changed only {change:+.2%}")
+            message = (f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or "
+                       "the LR schedule, is at its limit: stop early or change the plan")
         return StageOutput(findings=[Finding(
-            "saturation", rising or stalled or drift is not None, "warning",
-            f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or the LR "
-            "schedule, is at its limit: stop early or change the plan",
+            "saturation", rising or stalled or drift is not None, "warning", message,
             values={"change": change, "lr_ratio": lr_ratio, "forecast_drift": float(self.drifting)})])
 
     def _trend(self) -> tuple[float, float, bool, bool]:

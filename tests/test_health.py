@@ -179,6 +179,10 @@ def test_saturation_with_a_curve_law_when_the_forecast_drifts_above_the_predicti
     drifting = Forecast(lambda step: 3.0 + (0.1 if step >= 40 else 0.0))
     fired = _fired(Monitor(plugins=[SaturationDetector(), drifting]), points, lr=1e-3)
     assert [(k, s, st) for k, s, st in fired] == [("saturation", "warning", 70)]  # 4 forecasts in a row: 40..70
+    m = Monitor(plugins=[SaturationDetector(), Forecast(lambda step: 3.0 + (0.1 if step >= 40 else 0.0))])
+    (alert,) = [a for step, loss in points for a in m.observe(_obs(step, loss, lr=1e-3)).alerts]
+    # the loss is still falling: the message says it improves too slowly, not that it stopped
+    assert "improving more slowly than its law" in alert.message and "stopped improving" not in alert.message
     inside = Forecast(lambda step: 3.01)  # the band holds the prediction: no drift
     assert _fired(Monitor(plugins=[SaturationDetector(), inside]), points, lr=1e-3) == []
 
