@@ -115,13 +115,13 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # distance q at this prefix fraction) is not pilot-like, and the prior says nothing of where it ends: from
         # q to 2q half-widths off, the weight goes over to the prefix fit alone, and the band to the one
         # calibrated on the prefix fit alone.
+        sched = check_schedule(schedule)
+        S1, S2 = schedule_features(sched[: end + 1], law.lam)
         q = cal.off_at(fc.last_fraction) or OFF_BAND_DEFAULT
-        z = off_band(law, schedule, prefix_steps, prefix_loss, n_params, end)
+        z = off_band(law, sched, prefix_steps, prefix_loss, n_params, end, (S1, S2))
         off = min(max((z - q) / q, 0.0), 1.0)
         w = w + (1.0 - w) * off
         final = fc.prior_loss + w * (fc.loss - fc.prior_loss)
-        sched = check_schedule(schedule)
-        S1, _ = schedule_features(sched[: end + 1], law.lam)
         reach = 1.0 if law.reach is None else float(law.reach.factor(S1[end], sched[end] / sched.max()))
         blended = cal.blended_at(n_out)
         rel = cal.half_width(fc.sd_rel, fc.last_fraction, n_out, blended)
@@ -148,11 +148,13 @@ OFF_BAND_DEFAULT = 2.0
 
 
 def off_band(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
-             n_params: float | None = None, final_step: int | None = None) -> float:
+             n_params: float | None = None, final_step: int | None = None,
+             features: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """How far the prefix's recent losses sit from the law's prediction, in half-widths of its 90% band:
     the median over the last :data:`OFF_BAND_TAIL` of the prefix's steps (at least 3 points) of
     ``|loss - pred| / half-width``; 0 with fewer than 3 usable points. Above 1 the run is off its curve
-    (``off_curve`` watches the same residual point by point).
+    (``off_curve`` watches the same residual point by point). ``features``: the schedule's ``(S1, S2)`` up
+    to the final step, when the caller has them.
 
     Example:
         >>> law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0),
@@ -173,9 +175,11 @@ def off_band(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], p
     tail = st >= st.max() - OFF_BAND_TAIL * (st.max() - st.min())
     if tail.sum() < 3:
         tail = np.argsort(st)[-3:]
-    p = law.predict(sched, n_params=n_params, steps=st[tail])
-    half = np.maximum(p.high - p.loss, 1e-12)
-    return float(np.median(np.abs(y[tail] - p.loss) / half))
+    S1, S2 = features if features is not None else schedule_features(sched[: end + 1], law.lam)
+    s = st[tail]
+    pred = law.at(n_params).loss(S1[s], S2[s])
+    half = np.maximum(law.band_at(n_params, s / end, S1[s], sched[s] / sched.max()) * pred, 1e-12)
+    return float(np.median(np.abs(y[tail] - pred) / half))
 
 
 def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
