@@ -528,9 +528,37 @@ def _profiles(runs: RunSet, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return sizes, out
 
 
+# IsoFLOP budgets: runs whose compute lies closer than this (decades) to the next are one budget, so that
+# budgets read off a plot or rounded in a table (a few % apart within one budget) still group; a stretch
+# of such runs wider than ISOFLOP_MAX_SPAN is a continuum of budgets, not one, and is cut at 5% instead.
+ISOFLOP_GAP = 0.1
+ISOFLOP_MAX_SPAN = 0.3
+
+
+def budget_groups(C: np.ndarray) -> list[np.ndarray]:
+    """Indices of the runs at each IsoFLOP budget: split where consecutive computes (sorted) are more than
+    :data:`ISOFLOP_GAP` decades apart; a group wider than :data:`ISOFLOP_MAX_SPAN` is split at 5% instead.
+
+    Example:
+        >>> C = np.array([1.0e19, 1.06e19, 0.95e19, 3.0e19, 2.8e19, 3.1e19])   # two budgets, jittered
+        >>> [sorted(g.tolist()) for g in budget_groups(C)]
+        [[0, 1, 2], [3, 4, 5]]
+    """
+    logc = np.log10(np.asarray(C, dtype=float))
+    order = np.argsort(logc)
+    cuts = np.flatnonzero(np.diff(logc[order]) > ISOFLOP_GAP) + 1
+    out: list[np.ndarray] = []
+    for chunk in np.split(order, cuts):
+        if logc[chunk].max() - logc[chunk].min() > ISOFLOP_MAX_SPAN:
+            out += [chunk[g] for g in _group_by(np.asarray(C, dtype=float)[chunk], 0.05)]
+        else:
+            out.append(chunk)
+    return out
+
+
 def _isoflop_groups(runs: RunSet) -> list[np.ndarray]:
     C = 6 * runs.N * runs.D
-    return [g for g in _group_by(C, 0.05) if np.unique(np.round(np.log(runs.N[g]), 6)).size >= 3]
+    return [g for g in budget_groups(C) if np.unique(np.round(np.log(runs.N[g]), 6)).size >= 3]
 
 
 def _budgets(runs: RunSet, per_decade: int = 4) -> np.ndarray:

@@ -78,6 +78,22 @@ def test_approach2_isoflop_recovers_the_allocation_exponent() -> None:
     assert "IsoFLOP groups" in fit.method
 
 
+def test_approach2_groups_budgets_read_off_a_plot_and_keeps_a_continuum_apart() -> None:
+    """Budgets digitised from a figure (N and D each a few % off) are still 5 budgets, not 20 fragments."""
+    from scalewatch.fitting import budget_groups
+
+    exact = _isoflop_sweep()
+    rng = np.random.default_rng(3)
+    N = exact.N * np.exp(rng.normal(0, 0.03, len(exact)))
+    D = exact.D * np.exp(rng.normal(0, 0.03, len(exact)))
+    jittered = make_runs(N, D, TRUE.predict(N, D))
+    assert len(budget_groups(6 * N * D)) == 5
+    fit = approach2(jittered, n_bootstrap=0)
+    assert len(fit.points) == 5 and fit.exponent == pytest.approx(TRUE.beta / (TRUE.alpha + TRUE.beta), abs=0.02)
+    # computes spread evenly over three decades are no single budget: cut at 5% as before
+    assert len(budget_groups(np.logspace(18, 21, 200))) > 30
+
+
 def test_approach1_envelope_on_per_size_curves() -> None:
     # Model sizes, each trained to many token counts (a Chinchilla-style grid).
     N = np.repeat(np.logspace(7, 10, 13), 25)
