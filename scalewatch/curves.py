@@ -364,8 +364,8 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
     e.g. ``--run-column``) first; None when the steps increase already or no column does it.
 
     ``columns`` maps a column name to its value in each row (e.g. ``model`` and ``seed`` of a table of several
-    runs). A column with more than 64 distinct values, or one that would leave runs of one row on average, is
-    not a run's name. A run resumed from a checkpoint (its steps go back once, to the checkpoint) has no such
+    runs). A column with more than 64 distinct values, or one that leaves more than a quarter of its runs with
+    a single row (a metric logged now and then), is not a run's name. A run resumed from a checkpoint (its steps go back once, to the checkpoint) has no such
     column, and gets None. Singles are tried before pairs; names like run, name, model, seed first.
 
     Example:
@@ -397,8 +397,9 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
         same = k[1:] == k[:-1]
         if np.any(same & (np.diff(st) <= 0)):
             return None
-        count = int(np.count_nonzero(~same)) + 1
-        return count if count > 1 and 2 * count <= n else None
+        sizes = np.diff(np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]))
+        # runs of one row are a metric's values (e.g. a validation loss logged now and then), not runs
+        return len(sizes) if len(sizes) > 1 and np.count_nonzero(sizes < 2) <= len(sizes) // 4 else None
 
     if np.all(np.diff(s) > 0) or (given and runs(base) is not None):
         return None

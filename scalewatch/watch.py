@@ -137,7 +137,7 @@ class TableSource:
             cells = dict(zip(self._header, values, strict=False))
         if self.filters:
             combo = tuple(str(cells.get(k)) for k, _ in self.filters)
-            if len(self._combos) < 1000:
+            if len(self._combos) < 1000 and any(k in cells for k, _ in self.filters):  # not a metadata line
                 self._combos.setdefault(combo, None)
             if any(c != v for c, (_, v) in zip(combo, self.filters, strict=True)):
                 return None  # another run's row (--where)

@@ -99,6 +99,10 @@ def test_find_run_split_prefers_single_columns_and_skips_metrics() -> None:
     assert find_run_split(steps, {"loss": [3, 2, 1, 3.1, 2.1, 1.1], "variant": list("aaabbb")}) == (["variant"], 2)
     assert find_run_split([1, 2, 3], {"variant": list("aab")}) is None  # steps increase: nothing to split
     assert find_run_split(steps, {"model": list("aaaaaa")}) is None  # no column splits
+    # a W&B export with a row per metric at some steps: a validation loss logged now and then is no run's name
+    steps = [100, 200, 200, 300, 400, 400, 500, 600, 600]
+    val = ["", "", "2.9", "", "", "2.7", "", "", "2.5"]
+    assert find_run_split(steps, {"val/loss": val}) is None
 
 
 # ------------------------------------------------------------------ 2. fit --curves hint
