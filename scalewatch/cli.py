@@ -76,10 +76,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError("--two-stage is for --data-constrained fits; add --data-constrained or drop --two-stage")
     if args.run_column and not args.curves:
         raise CLIError("--run-column splits a loss-curve CSV into runs; it goes with --curves")
-    named = [f"--{k}-column" for k in ("n", "tokens", "flops") if getattr(args, f"{k}_column")]
+    named = [f"--{k}-column" for k in ("tokens", "flops") if getattr(args, f"{k}_column")]
     if named and args.curves:
         raise CLIError(f"{', '.join(named)} name columns of a table of final losses (RUNS); loss curves take "
-                       "--loss-column and --run-column")
+                       "--loss-column, --n-column and --run-column")
     if args.lr_schedule and not args.curves:
         raise CLIError("--lr-schedule describes the LR of loss curves; it goes with --curves")
     if args.plot and not args.curves:  # before the fit, not after minutes of bootstrap
@@ -270,7 +270,7 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         try:
             curves = read_curves(args.curves, loss_column=args.loss_column, where=args.where,
-                                 run_column=args.run_column, schedule=args.lr_schedule)
+                                 run_column=args.run_column, schedule=args.lr_schedule, n_column=args.n_column)
             result = fit_curves(curves, loss_name=args.loss_name or args.loss_column or "loss",
                                 n_convention=args.n_convention or "total", form=args.curve_form)
         except CurveError as exc:
@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                      help="skip the leave-the-largest-out calibration that widens intervals away from the pilots")
     fit.add_argument("--loss-column", help="name of the loss column if not a standard alias")
-    fit.add_argument("--n-column", help="name of the model-size (N) column if not a standard alias (params, ...)")
+    fit.add_argument("--n-column", help="name of the model-size (N) column if not a standard alias (params, ...); "
+                     "also with --curves")
     fit.add_argument("--tokens-column", help="name of the training-tokens (D) column if not a standard alias")
     fit.add_argument("--flops-column", help="name of the compute column (FLOPs; D = C / 6N) if there is no tokens column")
     fit.add_argument("--where", action="append", default=[], metavar="COL=VALUE",

@@ -40,6 +40,7 @@ from scalewatch.bands import ForecastCalibration, ScheduleReach, SizeReach
 from scalewatch.data import no_rows_left, parse_where, pick_column
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
+from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS
 
 if TYPE_CHECKING:  # for type checkers only: at run time these load on first use (see __getattr__ below)
     from scalewatch.curve_fit import CurveFitResult, fit_curves
@@ -201,17 +202,37 @@ def validate_curve(c: Curve) -> Curve:
 
 
 # Column aliases of curve CSVs, matched case-insensitively (scalewatch.data.pick_column).
+# The loss and LR names are those `scalewatch watch` looks for (one list, in scalewatch.tensorboard).
 _STEP_KEYS = ("step", "_step", "global_step")
-_LR_KEYS = ("lr", "learning_rate", "optim/learning_rate_group0")
-_LOSS_KEYS = ("loss", "train_loss", "val_loss", "scalewatch/loss")
+_LR_KEYS = LR_TAGS
+_LOSS_KEYS = LOSS_TAGS
 _N_KEYS = ("n_params", "params", "N", "n_params_final_json")
 
 
+def table_delimiter(first_line: str) -> str:
+    """The delimiter of a table whose header is ``first_line``: a comma, unless the header has no comma
+    but tabs or semicolons (a TSV, or a spreadsheet's export in a locale with decimal commas).
+
+    Example:
+        >>> table_delimiter("step\\tloss"), table_delimiter("step;loss"), table_delimiter("step,loss")
+        ('\\t', ';', ',')
+    """
+    if "," in first_line:
+        return ","
+    for d in ("\t", ";"):
+        if d in first_line:
+            return d
+    return ","
+
+
 def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """A CSV's header and rows; an unreadable file is a :class:`CurveError` naming it."""
+    """A CSV's header and rows (a tab- or semicolon-separated file is read too, see :func:`table_delimiter`);
+    an unreadable file is a :class:`CurveError` naming it."""
     try:
         with p.open(newline="") as f:
-            reader = csv.DictReader(f)
+            delimiter = table_delimiter(f.readline())
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=delimiter)
             return list(reader.fieldnames or []), list(reader)
     except OSError as exc:
         raise CurveError(f"{p}: cannot read ({exc.strerror})") from None
@@ -251,12 +272,18 @@ _RUN_KEYS = ("run", "name", "run_name", "run_id", "id")
 
 def read_curve_table(path: str | Path, loss_column: str | None = None, n_params: float | None = None,
                      where: Sequence[str] = (), run_column: str | None = None,
-                     schedule: str | None = None) -> list[Curve]:
+                     schedule: str | None = None, n_column: str | None = None) -> list[Curve]:
     """The curves of a CSV: one, or with ``run_column`` (a column, or several joined by commas) one per
     value of it, named by the value (values joined by ``/``), each with its own ``n_params`` column value.
     ``schedule`` (e.g. ``"cosine:peak=6e-4,warmup=0.01,final=0.1"``, :func:`schedule_from_spec`): every
     curve's LR, each ending at its own last step unless it says ``total``; needed where the file has no
-    LR column, and used instead of the column where it has one.
+    LR column, and used instead of the column where it has one (the column is then not read).
+    ``n_column``: the column of N when it is not one of the usual names (``n_params``, ``params``...).
+
+    Blank cells (an export, e.g. from W&B, whose metrics were logged at different steps): a row with a blank
+    loss is not a point of the curve and is dropped; a blank LR cell (in the LR column in use) is interpolated
+    linearly between the neighbouring rows that have one. Any other cell that is not a number is an error
+    naming the file, the row and the column. A tab- or semicolon-separated file is read too.
 
     Example:
         >>> import tempfile, os
@@ -273,28 +300,34 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
     for k in [k for k, _ in filters] + run_cols:
         if k not in header:
             raise CurveError(f"{p}: column {k!r} not found; columns are {', '.join(header)}")
-    kept = [r for r in rows if all(str(r.get(k)) == v for k, v in filters)]
+    kept = [(i, r) for i, r in enumerate(rows, start=2) if all(str(r.get(k)) == v for k, v in filters)]
     if rows and not kept:
         raise CurveError(f"{p}: {no_rows_left(rows, filters)}")
     sk = pick_column(header, _STEP_KEYS, "step", str(p), error=CurveError)
-    lk = pick_column(header, _LR_KEYS)
+    lk = pick_column(header, _LR_KEYS) if schedule is None else None  # a described schedule replaces the column
     if lk is None and schedule is None:
         raise CurveError(f"{p}: no learning-rate column (looked for {', '.join(_LR_KEYS)}); columns are "
                          f"{', '.join(header)}. A curve law needs the LR schedule: add an lr column, or describe "
                          "it with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
-    yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
-    nk = pick_column(header, _N_KEYS)  # optional
+    try:
+        yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
+    except CurveError as exc:
+        raise CurveError(f"{exc}; name it with --loss-column" if loss_column is None else str(exc)) from None
+    nk = pick_column(header, _N_KEYS, where=str(p), given=n_column, error=CurveError)  # optional unless named
     groups: dict[str, list[dict[str, str]]] = {}
-    for r in kept:
-        groups.setdefault("/".join(str(r.get(c)) for c in run_cols) or str(p), []).append(r)
+    lines: dict[str, list[int]] = {}
+    for i, r in kept:
+        if _blank(r.get(yk)):  # a row of other metrics (logged at other steps): not a point of the curve
+            continue
+        key = "/".join(str(r.get(c)) for c in run_cols) or str(p)
+        groups.setdefault(key, []).append(r)
+        lines.setdefault(key, []).append(i)
     curves = []
     for name, group in groups.items():
-        try:
-            steps = np.array([float(r[sk]) for r in group])
-            lr = np.array([float(r[lk]) for r in group]) if lk else np.ones(len(group))
-            loss = np.array([float(r[yk]) if r[yk] not in ("", None) else math.nan for r in group])
-        except (TypeError, ValueError) as exc:
-            raise CurveError(f"{p}: a value is not a number ({exc})") from None
+        where_ = [f"{p}: row {i}" for i in lines[name]]
+        steps = _numbers(group, sk, where_)
+        lr = _numbers(group, lk, where_, blank=math.nan) if lk else np.ones(len(group))
+        loss = _numbers(group, yk, where_)
         if len(steps) >= 3 and np.any(np.diff(steps) <= 0):
             hint = _several_runs_hint(header, group, sk, run_cols)
             if hint:
@@ -305,51 +338,139 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
                 n = float(group[0][nk])
             except ValueError:
                 raise CurveError(f"{p}: {nk}={group[0][nk]!r} is not a number") from None
+        if lk and np.isnan(lr).any():
+            lr = _fill_blank_lr(steps, lr, f"{p}" + (f" ({name})" if run_cols else ""), lk)
         c = Curve(name if run_cols else str(p), steps, lr, loss, n)
         curves.append(validate_curve(c) if schedule is None else _with_spec(c, schedule))
     if not curves:
-        raise CurveError(f"{p}: no rows in the file")
+        raise CurveError(f"{p}: no rows with a loss in the file" if kept else f"{p}: no rows in the file")
     return curves
+
+
+# A column with more distinct values than this is a metric, not the name of a run.
+_MAX_RUN_VALUES = 64
+
+
+def _run_key_rank(name: str) -> int:
+    """Columns named like a run's name are tried first (run, name, model, seed...), then the header's order."""
+    low = name.strip().lower()
+    return 0 if low in _RUN_KEYS else 1 if any(w in low for w in ("run", "model", "seed", "name", "size")) else 2
+
+
+def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]], given: Sequence[str] = ()
+                   ) -> tuple[list[str], int] | None:
+    """The column, or pair of columns, that splits rows whose steps go backwards into several runs, each with
+    strictly increasing steps: ``(columns, number of runs)``, with ``given`` (columns already splitting the rows,
+    e.g. ``--run-column``) first; None when the steps increase already or no column does it.
+
+    ``columns`` maps a column name to its value in each row (e.g. ``model`` and ``seed`` of a table of several
+    runs). A column with more than 64 distinct values, or one that leaves more than a quarter of its runs with
+    a single row (a metric logged now and then), is not a run's name. A run resumed from a checkpoint (its steps go back once, to the checkpoint) has no such
+    column, and gets None. Singles are tried before pairs; names like run, name, model, seed first.
+
+    Example:
+        >>> find_run_split([0, 1, 0, 1, 0, 1, 0, 1], {"model": list("aabbaabb"), "seed": list("00001111"),
+        ...                                          "loss": [3, 2, 3.1, 2.1, 3, 2, 3.2, 2.2]})
+        (['model', 'seed'], 4)
+        >>> find_run_split([1, 2, 3, 2, 3, 4], {"loss": [3, 2, 1, 2, 1, 0.5]}) is None  # a resumed run
+        True
+    """
+    s = np.asarray(steps, dtype=float)
+    n = len(s)
+    if n < 2:
+        return None
+    codes: dict[str, np.ndarray] = {}
+    for name, values in columns.items():
+        if len(values) != n:
+            continue
+        uniq, inv = np.unique(np.asarray([str(v) for v in values]), return_inverse=True)
+        if name in given or 1 < len(uniq) <= _MAX_RUN_VALUES:
+            codes[name] = inv.astype(np.int64)
+    base = np.zeros(n, dtype=np.int64)
+    for g in given:
+        if g in codes:
+            base = base * (int(codes[g].max()) + 1) + codes[g]
+
+    def runs(key: np.ndarray) -> int | None:
+        order = np.argsort(key, kind="stable")  # each run's rows in file order
+        k, st = key[order], s[order]
+        same = k[1:] == k[:-1]
+        if np.any(same & (np.diff(st) <= 0)):
+            return None
+        sizes = np.diff(np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]))
+        # runs of one row are a metric's values (e.g. a validation loss logged now and then), not runs
+        return len(sizes) if len(sizes) > 1 and np.count_nonzero(sizes < 2) <= len(sizes) // 4 else None
+
+    if np.all(np.diff(s) > 0) or (given and runs(base) is not None):
+        return None
+    cands = sorted((c for c in codes if c not in given), key=_run_key_rank)[:16]
+    for c in cands:
+        if (k := runs(base * (int(codes[c].max()) + 1) + codes[c])) is not None:
+            return [*given, c], k
+    for a_i, a in enumerate(cands):
+        for b in cands[a_i + 1:]:
+            key = (base * (int(codes[a].max()) + 1) + codes[a]) * (int(codes[b].max()) + 1) + codes[b]
+            if (k := runs(key)) is not None:
+                return [*given, *sorted((a, b), key=list(columns).index)], k  # named in the file's order
+    return None
+
+
+def describe_split(cols: Sequence[str], k: int) -> str:
+    """``column 'model' has 4 values`` or ``columns 'model', 'seed' have 8 combinations``."""
+    return (f"column {cols[0]!r} has {k} values" if len(cols) == 1 else
+            f"columns {', '.join(repr(c) for c in cols)} have {k} combinations")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _numbers(rows: Sequence[Mapping[str, str]], col: str, where: Sequence[str], blank: float | None = None
+             ) -> np.ndarray:
+    """Column ``col`` of ``rows`` as floats; a blank cell is ``blank`` where given, any other non-number a
+    :class:`CurveError` naming the file, the row (``where``) and the column."""
+    out = np.empty(len(rows))
+    for j, r in enumerate(rows):
+        v = r.get(col)
+        if blank is not None and _blank(v):
+            out[j] = blank
+            continue
+        try:
+            out[j] = float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise CurveError(f"{where[j]}: column {col!r} holds {v!r}, not a number; fix or drop the row") from None
+    return out
+
+
+def _fill_blank_lr(steps: np.ndarray, lr: np.ndarray, name: str, col: str) -> np.ndarray:
+    """The LR at rows whose LR cell is blank (an export whose metrics were logged at different steps), linearly
+    interpolated between the rows that have one (held flat before the first and after the last)."""
+    have = ~np.isnan(lr)
+    if not have.any():
+        raise CurveError(f"{name}: the LR column {col!r} is blank in every row with a loss; fill it, or describe "
+                         "the schedule with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
+    order = np.argsort(steps, kind="stable")
+    s_have, v_have = steps[order][have[order]], lr[order][have[order]]
+    out = lr.copy()
+    out[~have] = np.interp(steps[~have], s_have, v_have)
+    return out
 
 
 def _several_runs_hint(header: Sequence[str], rows: Sequence[Mapping[str, str]], step_col: str,
                        run_cols: Sequence[str]) -> str | None:
-    """When steps repeat because the rows hold several runs: which column (or pair of columns) splits them
-    into curves of increasing steps, as advice; None when no column does."""
-
-    def splits(cols: Sequence[str]) -> int | None:
-        last: dict[tuple[str, ...], float] = {}
-        for r in rows:
-            key = tuple(str(r.get(c)) for c in cols)
-            try:
-                s = float(r[step_col])
-            except (TypeError, ValueError):
-                return None
-            if key in last and s <= last[key]:
-                return None
-            last[key] = s
-        return len(last) if len(last) > 1 else None
-
-    lower = {h.lower().strip(): h for h in reversed(header)}
-    named = [lower[k] for k in _RUN_KEYS if k in lower and lower[k] not in run_cols]
-    others = [h for h in header if h not in named and h not in run_cols and h != step_col
-              and 1 < len({r.get(h) for r in rows}) <= 50]
-    for col in named:
-        cols = [*run_cols, col]
-        if (k := splits(cols)) is not None:
-            break
-        for extra in others:  # e.g. runs of the same name in several subsets
-            cols = [extra, *run_cols, col]
-            if (k := splits(cols)) is not None:
-                break
-        else:
-            continue
-        break
-    else:
+    """When steps repeat because the rows hold several runs: which column (or pair of columns), with the
+    given ``--run-column`` ones, splits them into curves of increasing steps (:func:`find_run_split`), as
+    advice; None when no column does."""
+    try:
+        steps = [float(r[step_col]) for r in rows]
+    except (TypeError, ValueError):
         return None
-    what = (f"column {cols[0]!r} has {k} values" if len(cols) == 1 else
-            f"columns {', '.join(repr(c) for c in cols)} have {k} combinations")
-    return (f"this file holds several runs ({what}): add --run-column {','.join(cols)}, "
+    cols = {h: [r.get(h) for r in rows] for h in header if h != step_col}
+    found = find_run_split(steps, cols, given=list(run_cols))
+    if found is None:
+        return None
+    cols_, k = found
+    return (f"this file holds several runs ({describe_split(cols_, k)}): add --run-column {','.join(cols_)}, "
             "or filter with --where COL=VALUE")
 
 
@@ -361,16 +482,19 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, find_tag, read_scalars, tag
 
     if not any(Path(path).glob("events.out.tfevents.*")):
-        found = sorted({str(f.parent.relative_to(path)) for f in Path(path).rglob("events.out.tfevents.*")})
+        found = event_dirs(path)
         hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
         raise CurveError(f"{path}: no TensorBoard event files in this directory{hint}")
     series = read_scalars(path)
     tags = list(series)
     lr_tag, y_tag = find_tag(tags, LR_TAGS), find_tag(tags, LOSS_TAGS, loss_tag)
-    if y_tag is None or (lr_tag is None and schedule is None):
-        raise CurveError(f"{path}: TensorBoard logs need a loss tag and an LR tag (e.g. scalewatch/loss and "
-                         f"scalewatch/lr, written by ScaleWatch; or describe the LR with --lr-schedule); found "
-                         f"{', '.join(tags) or 'no scalars'}")
+    found_ = ", ".join(tags) or "no scalars"
+    if y_tag is None:
+        wanted = f"loss tag {loss_tag!r}" if loss_tag else f"loss tag (looked for {', '.join(LOSS_TAGS)})"
+        raise CurveError(f"{path}: no {wanted}; found {found_}; name it with --loss-column")
+    if lr_tag is None and schedule is None:
+        raise CurveError(f"{path}: no LR tag (looked for {', '.join(LR_TAGS)}); found {found_}; describe the LR "
+                         "with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
     if schedule is not None:
         if n_params is None and tag("n_params") in series:
             n_params = float(series[tag("n_params")][-1][1])
@@ -387,23 +511,37 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
 
 
 def read_curves(paths: Sequence[str | Path], loss_column: str | None = None, where: Sequence[str] = (),
-                run_column: str | None = None, schedule: str | None = None) -> list[Curve]:
-    """CSV files and TensorBoard event directories, in order; ``where`` (``COL=VALUE`` filters) and
-    ``run_column`` (one curve per value) apply to the CSVs (see :func:`read_curve_table`); ``schedule``
-    describes the LR of every run (:func:`schedule_from_spec`) where the logs have none."""
+                run_column: str | None = None, schedule: str | None = None,
+                n_column: str | None = None) -> list[Curve]:
+    """CSV files and TensorBoard event directories, in order; ``where`` (``COL=VALUE`` filters),
+    ``run_column`` (one curve per value) and ``n_column`` (the column of N) apply to the CSVs (see
+    :func:`read_curve_table`); ``schedule`` describes the LR of every run (:func:`schedule_from_spec`) where
+    the logs have none."""
     out = []
     for path in paths:
         p = Path(path)
         if p.is_dir():
-            if where or run_column:
-                raise CurveError(f"{p}: --where and --run-column select rows of a CSV; a TensorBoard directory "
-                                 "holds one run (give the run's own directory)")
+            if where or run_column or n_column:
+                raise CurveError(f"{p}: --where, --run-column and --n-column select rows or columns of a CSV; a "
+                                 "TensorBoard directory holds one run (give the run's own directory)")
             out.append(read_curve_tensorboard(p, loss_column, schedule=schedule))
         elif p.exists():
-            out.extend(read_curve_table(p, loss_column, where=where, run_column=run_column, schedule=schedule))
+            out.extend(read_curve_table(p, loss_column, where=where, run_column=run_column, schedule=schedule,
+                                        n_column=n_column))
         else:
             raise CurveError(f"{p}: no such file or directory")
     return out
+
+
+def event_dirs(path: str | Path) -> list[str]:
+    """The directories under ``path`` that hold TensorBoard event files (relative to it), for hints; never
+    ``scalewatch watch``'s own runs (``*-scalewatch-watch``), which hold its alerts, not a training run."""
+    out = set()
+    for f in Path(path).rglob("events.out.tfevents.*"):
+        rel = f.parent.relative_to(path)
+        if not any(part.endswith("-scalewatch-watch") for part in rel.parts):
+            out.add(str(rel))
+    return sorted(out)
 
 
 # ------------------------------------------------------------------ the law

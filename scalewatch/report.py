@@ -26,8 +26,8 @@ from typing import Any
 from scalewatch.alerts import Alert
 from scalewatch.monitor import ForecastBand, History, Report
 from scalewatch.tensorboard import Tags, no_loss_message
-from scalewatch.watch import (Replayer, TableSource, WatchError, add_run_arguments, open_source, replayer_kwargs,
-                              stderr_once, with_log_schedule, worst_state)
+from scalewatch.watch import (Replayer, TableSource, WatchError, add_run_arguments, check_one_run, open_source,
+                              replayer_kwargs, stderr_once, with_log_schedule, worst_state)
 
 #: Colours (colour-blind-safe where it matters: the loss, the prediction and the severities differ in hue and dash).
 COLORS = {"loss": "#1f5fa8", "pred": "#e07b00", "forecast": "#c0392b", "optimal": "#2a8a3e", "ratio": "#1f5fa8",
@@ -229,7 +229,8 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     from scalewatch.detectors import CHINCHILLA_TOKENS_PER_PARAM
 
     collector = ReportCollector()
-    source = open_source(path)
+    check_one_run(path, kwargs.get("where", ()))  # a table of several runs: one run per page (--where)
+    source = open_source(path, kwargs.get("where", ()))
     kwargs = with_log_schedule(path, kwargs)  # a curve law without --schedule: the log's own LR, if it has one
     rp = Replayer(**{**kwargs, "sinks": [*kwargs.get("sinks", []), collector]})
     try:
@@ -267,7 +268,8 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     if curve is not None and getattr(curve, "schedule", None) is not None:
         data.final_step = len(curve.schedule) - 1
     elif config.curve_law is not None and not rp.notes:
-        data.notes.append("A curve law was given but no usable --schedule (step,lr of the whole run): "
+        data.notes.append("A curve law was given but no usable --schedule (a step,lr CSV of the whole run, or a "
+                          "description such as cosine:peak=...,warmup=...,final=...,total=LAST_STEP): "
                           "no predicted band and no forecast.")
     last = points[-1]
     if config.law is not None and data.n_params and last.tokens > 0 and last.step > 0:
@@ -645,9 +647,9 @@ def _loss_section(d: RunData) -> str:
                      f"step {fmt(fc.at_step)}" + (f"; the pilots alone predict {fmt(d.pred_final, 4)}."
                                                   if d.pred_final is not None else "."))
     elif not has_pred:
-        notes.append(esc("No predicted band or forecast: give --curve-law (and --schedule, the run's step,lr, "
-                         "when the log has no LR), "
-                         "with --n-params if the law was fitted on several sizes."))
+        notes.append(esc("No predicted band or forecast: give --curve-law (and --schedule, the run's step,lr CSV or "
+                         "a description such as cosine:peak=...,warmup=...,final=...,total=LAST_STEP, when the log "
+                         "has no LR), with --n-params if the law was fitted on several sizes."))
     xmin = min(x for x in xs if x > 0) if any(x > 0 for x in xs) else 0.0
     chart.log_x = xmin > 0 and max(xs) / xmin > 50  # a long run: its early points would be squashed otherwise
     svg = svg_chart(chart, "loss")

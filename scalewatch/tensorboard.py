@@ -23,11 +23,12 @@ LOSS_VS_GFLOP = PREFIX + "loss_vs_gflop"
 CONVENTIONS_TEXT = PREFIX + "conventions"
 GNS_METHOD_TEXT = PREFIX + "gns/method"
 
-# Tag names other trainers use, most specific first (what `read_observations` looks for).
+# Tag names other trainers use, most specific first (what `read_observations` and `watch` look for; the
+# loss-curve readers of `fit --curves` take the same names for TensorBoard tags and CSV columns).
 LOSS_TAGS = ("scalewatch/loss", "train/loss", "train_loss", "loss", "lm loss", "train/CE loss",
-             "loss_metrics/global_avg_loss", "training_loss")
-LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "lr-AdamW", "lr-Adam", "lr-SGD",
-           "optim/LR (group 0)", "learning-rate")
+             "loss_metrics/global_avg_loss", "training_loss", "val_loss", "Loss/train")
+LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "train/learning_rate", "lr-AdamW", "lr-Adam",
+           "lr-SGD", "optim/LR (group 0)", "learning-rate", "optim/learning_rate_group0")
 TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "throughput/total_tokens")
 
 # The custom-scalars layout, in the order an on-call researcher reads it: health first (alert levels
@@ -173,12 +174,16 @@ class TensorBoardSink:
 
 # ------------------------------------------------------------------ reading event files
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in a TensorBoard event directory: tag -> [(step, value)], steps ascending."""
+    """Every scalar series in a TensorBoard event directory: tag -> [(step, value)], steps ascending.
+
+    One value per step: where a step was written twice (a resumed run's later event file repeats the steps
+    since its checkpoint), the one written last, as :class:`EventSource` (``scalewatch watch``) reads it.
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags().get("scalars", [])}
+    ea.Reload()  # events in the order written: the files by name (their creation time), then within each
+    return {t: sorted({int(e.step): e.value for e in ea.Scalars(t)}.items()) for t in ea.Tags().get("scalars", [])}
 
 
 def find_tag(tags: Sequence[str], aliases: Sequence[str], given: str | None = None) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, size_warning
-from scalewatch.data import pick_column
+from scalewatch.data import no_rows_left, parse_where, pick_column
 from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
 
@@ -41,10 +41,14 @@ class WatchError(ValueError):
 class TableSource:
     """A CSV (header row) or JSON-lines file, read incrementally; a half-written last line waits for more."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, where: Sequence[str] = ()) -> None:
         self.path = path
+        self.filters = parse_where(where, error=WatchError)  # --where COL=VALUE: the rows of one run
+        self._combos: dict[tuple[str, ...], None] = {}  # the filter columns' values seen (for no_rows_left)
+        self.last_cells: dict[str, Any] = {}  # the cells of the row poll() yielded last (before conversion)
         self._offset = 0
         self._header: list[str] | None = None
+        self._delimiter = ","
         self._seen: set[str] = set()
         self.jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
         self.rows = 0  # lines that were log points
@@ -118,11 +122,25 @@ class TableSource:
                 return None
             cells = {str(k): v for k, v in doc.items()} if isinstance(doc, Mapping) else {}
         else:
-            values = next(csv.reader([text]))
+            if self._header is None:
+                from scalewatch.curves import table_delimiter
+
+                self._delimiter = table_delimiter(text)  # a TSV, or a semicolon-separated export, is read too
+            values = next(csv.reader([text], delimiter=self._delimiter))
             if self._header is None:
                 self._header = [values[0].lstrip("\ufeff"), *values[1:]] if values else values  # a byte-order mark
+                missing = [k for k, _ in self.filters if k not in self._header]
+                if missing:
+                    raise WatchError(f"{self.path}: --where column {missing[0]!r} not found; columns are "
+                                     f"{', '.join(self._header)}")
                 return None
             cells = dict(zip(self._header, values, strict=False))
+        if self.filters:
+            combo = tuple(str(cells.get(k)) for k, _ in self.filters)
+            if len(self._combos) < 1000 and any(k in cells for k, _ in self.filters):  # not a metadata line
+                self._combos.setdefault(combo, None)
+            if any(c != v for c, (_, v) in zip(combo, self.filters, strict=True)):
+                return None  # another run's row (--where)
         self._seen.update(cells)
         key = pick_column(list(cells), ("step", "_step", "global_step", "iteration"))
         if key is None:
@@ -138,23 +156,99 @@ class TableSource:
         if key not in numbers or not math.isfinite(numbers[key]):
             return None
         self.rows += 1
+        self.last_cells = cells
         return int(numbers.pop(key)), numbers
+
+    def no_rows_left(self) -> str | None:
+        """Why ``--where`` kept no row (:func:`scalewatch.data.no_rows_left`), or None when it kept some or
+        there is none."""
+        if not self.filters or self.rows or not self._combos:
+            return None
+        seen = [dict(zip([k for k, _ in self.filters], combo, strict=True)) for combo in self._combos]
+        return f"{self.path}: {no_rows_left(seen, self.filters)}"
 
     def tags(self) -> list[str]:
         return list(self._header or sorted(self._seen))
 
 
-def open_source(path: str | Path) -> EventSource | TableSource:
+def open_source(path: str | Path, where: Sequence[str] = ()) -> EventSource | TableSource:
+    """The log at ``path``: a TensorBoard event directory, or a CSV / JSON-lines table (``where``: its rows
+    of one run, ``COL=VALUE`` each; a TensorBoard directory holds one run)."""
     p = Path(path)
     if p.is_dir():
+        if where:
+            raise WatchError(f"{p}: --where selects the rows of one run in a CSV/JSONL table; a TensorBoard "
+                             "directory holds one run (give the run's own directory)")
         if not any(p.glob("events.out.tfevents.*")):
-            found = sorted({str(f.parent.relative_to(p)) for f in p.rglob("events.out.tfevents.*")})
+            from scalewatch.curves import event_dirs
+
+            found = event_dirs(p)
             hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
             raise WatchError(f"{p}: no TensorBoard event files in this directory{hint}")
         return EventSource(p)
     if p.is_file():
-        return TableSource(p)
+        return TableSource(p, where)
     raise WatchError(f"{p}: no such file or directory")
+
+
+def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = True) -> None:
+    """Raise :class:`WatchError` when a CSV/JSONL table holds several runs, or ``where`` keeps none of its rows.
+
+    A first pass over the table (the lines complete now; memory stays small: each column's values are kept
+    as small codes only while it has at most 64 distinct values, as a run's name does). Steps that go
+    backwards are several runs where a column (or a pair, e.g. ``model`` and ``seed``) splits the rows into
+    runs whose steps each increase (:func:`scalewatch.curves.find_run_split`); the error names the column(s)
+    and ``--where``. Steps that go back with no such column are one run resumed from a checkpoint (a step
+    logged again after the restart): replayed as they come, as before. A TensorBoard directory is one run.
+    """
+    from array import array
+
+    from scalewatch.curves import _MAX_RUN_VALUES, describe_split, find_run_split
+
+    source = open_source(path, where)
+    if not isinstance(source, TableSource):
+        return
+    source.quiet = True
+    steps = array("d")
+    codes: dict[str, array] = {}
+    values: dict[str, dict[str, int]] = {}
+    dropped: set[str] = set()
+    back, prev = None, None
+    for step, _ in source.poll(final=final):
+        n = len(steps)
+        for k, v in source.last_cells.items():
+            if k in dropped:
+                continue
+            seen = values.setdefault(k, {})
+            code = seen.setdefault(str(v), len(seen))
+            if len(seen) > _MAX_RUN_VALUES:
+                dropped.add(k)
+                codes.pop(k, None)
+                values.pop(k, None)
+                continue
+            col = codes.setdefault(k, array("H", [0xFFFF]) * n)  # a key first seen here: missing before
+            col.append(code)
+        for col in codes.values():
+            if len(col) == n:  # a key this row does not have (JSON lines)
+                col.append(0xFFFF)
+        if back is None and prev is not None and step <= prev:
+            back = (prev, step)
+        prev = step
+        steps.append(step)
+    if source.rows == 0 and source.no_rows_left():
+        raise WatchError(source.no_rows_left())
+    if back is None:
+        return
+    found = find_run_split(steps, codes)
+    if found is None:
+        return  # one run resumed (or a log out of order): replayed as it comes
+    cols, k = found
+    names = {c: {code: v for v, code in values[c].items()} for c in cols}
+    first = " ".join(f"--where {c}={names[c].get(codes[c][0], '')}" for c in cols)
+    raise WatchError(f"{path}: the steps go backwards (step {back[1]:,} after {back[0]:,}): "
+                     + ("after --where, " if where else "")
+                     + f"the table holds several runs ({describe_split(cols, k)}); "
+                     + (f"add {first}" if where else f"pick one with {first}"))
 
 
 # ------------------------------------------------------------------ rows -> observations
@@ -176,6 +270,8 @@ class Replayer:
     monitor: Monitor | None = None
     observed: int = 0
     rows: RowConverter | None = None
+    #: ``--where COL=VALUE`` filters: the rows of one run in a table of several (applied by the source)
+    where: Sequence[str] = ()
 
     def feed(self, step: int, row: Mapping[str, float], known: Callable[[], Sequence[str]] | None = None
              ) -> Report | None:
@@ -243,19 +339,30 @@ def with_log_schedule(path: str | Path, kwargs: Mapping[str, Any], follow: bool 
     cfg: ScaleWatchConfig = kwargs["config"]
     if cfg.curve_law is None or cfg.schedule is not None:
         return dict(kwargs)
-    source = open_source(path)
+    source = open_source(path, kwargs.get("where", ()))
     if isinstance(source, TableSource):
         source.quiet = True  # the replay says what it skipped
     schedule, name, (first, last) = log_schedule(source, kwargs.get("lr_tag"))
     if schedule is None:
-        note = ("--curve-law without --schedule, and the log has no LR per step"
-                + (f" (only a few {name!r} points)" if name else "")
-                + ": no predicted curve; give --schedule step,lr.csv (the run's LR at every step)")
+        lr_tag = kwargs.get("lr_tag")
+        tags = [t for t in source.tags() if t != lr_tag]
+        shown = ", ".join(tags[:12]) + (f" (+{len(tags) - 12} more)" if len(tags) > 12 else "")
+        why = (f"only a few {name!r} points" if name else
+               f"no LR tag {lr_tag!r}" if lr_tag else f"no LR tag or column among {shown or 'none'}")
+        note = (f"--curve-law without --schedule, and the log has no LR per step ({why}): no predicted curve; "
+                + ("" if name else "name the LR with --lr-tag, or ")
+                + "give --schedule step,lr.csv or a description such as "
+                "cosine:peak=...,warmup=...,final=...,total=LAST_STEP")
         return {**kwargs, "notes": [*kwargs.get("notes", []), note]}
+    total = kwargs.get("total_steps")
     note = (f"--curve-law without --schedule: the schedule is the log's own {name!r} (steps {first:,}–{last:,}, "
             "interpolated between log points)"
             + ("; with --follow, only the steps logged so far: give --schedule step,lr.csv for the whole run"
-               if follow else ""))
+               if follow else "")
+            + (f"; the forecast is of step {last:,} (the last logged step), not of the run's end at --total-steps "
+               f"{total:,}: give --schedule step,lr.csv or a description such as "
+               f"cosine:peak=...,warmup=...,final=...,total={total} for the whole run"
+               if total and total > last and not follow else ""))
     return {**kwargs, "config": dataclasses.replace(cfg, schedule=schedule),
             "notes": [*kwargs.get("notes", []), note]}
 
@@ -341,9 +448,11 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
         raise WatchError(f"--poll and --idle must be positive seconds, got {poll} and {idle}")
     targets = tb_targets(paths, tb_out) if tb_out is not None else [None] * len(paths)
     monitors: list[Monitor | None] = []
+    where = replayer_kwargs.get("where", ())
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
-        source = open_source(path)
         following = follow and i == len(paths) - 1
+        check_one_run(path, where, final=not following)  # a table of several runs: say so before any alert
+        source = open_source(path, where)
         kwargs = with_log_schedule(path, replayer_kwargs, follow=following)
         sinks = list(kwargs.get("sinks", []))
         writer = _LazyTensorBoard(target) if target is not None else None
@@ -405,6 +514,9 @@ def add_run_arguments(parser: Any) -> None:
                         "log has)")
     parser.add_argument("--unique-tokens", type=float, help="unique tokens in the training data")
     parser.add_argument("--run-name", help="the run's name in alerts (default: the path's name)")
+    parser.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
+                        help="a CSV/JSONL table of several runs: keep the rows where COL equals VALUE (repeatable, "
+                             "e.g. --where model=pythia-70m --where seed=0)")
 
 
 def stderr_once(command: str) -> Callable[[str], None]:
@@ -437,7 +549,7 @@ def replayer_kwargs(args: Any, path: str | Path, sinks: list[Any], **config: Any
             raise WatchError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
     return dict(config=cfg, loss_tag=args.loss_tag, lr_tag=args.lr_tag, tokens_tag=args.tokens_tag,
                 tokens_per_step=args.tokens_per_step, n_params=int(args.n_params) if args.n_params else None,
-                total_steps=args.total_steps, sinks=sinks)
+                total_steps=args.total_steps, sinks=sinks, where=tuple(getattr(args, "where", None) or ()))
 
 
 def add_parser(sub: Any) -> None:

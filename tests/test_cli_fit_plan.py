@@ -410,5 +410,7 @@ def test_fit_reads_columns_by_other_names_or_the_names_given(tmp_path, capsys) -
     assert json.loads(capsys.readouterr().out)["params"]["beta"] == pytest.approx(TRUE.beta, rel=1e-3)
     assert main(["fit", str(odd), "--loss-column", "val", "--n-column", "width", "--flops-column", "budget"]) == 2
     assert "column 'width' not found" in capsys.readouterr().err
-    assert main(["fit", "--curves", str(odd), "--n-column", "width_params"]) == 2
-    assert "--n-column name columns of a table of final losses" in capsys.readouterr().err
+    assert main(["fit", "--curves", str(odd), "--flops-column", "budget"]) == 2
+    assert "--flops-column name columns of a table of final losses" in capsys.readouterr().err
+    assert main(["fit", "--curves", str(odd), "--n-column", "width_params"]) == 2  # taken: this file is no curve
+    assert "no step column" in capsys.readouterr().err

@@ -250,7 +250,8 @@ def test_curve_law_without_schedule_uses_the_logs_lr_or_names_the_flag(tmp_path,
     no_lr.write_text("\n".join(",".join(r.split(",")[i] for i in (0, 2)) for r in run.read_text().splitlines()))
     assert main(["watch", str(no_lr), "--no-tb", "--curve-law", str(law), "--total-steps", "24000"]) == 0
     err = capsys.readouterr().err
-    assert err.count("no predicted curve; give --schedule step,lr.csv") == 1, err
+    assert err.count("no predicted curve; name the LR with --lr-tag, or give --schedule step,lr.csv") == 1, err
+    assert "among step, loss" in err and "cosine:peak=...,warmup=...,final=...,total=LAST_STEP" in err
 
 
 def test_a_healthy_run_on_its_own_recipes_curve_law_raises_no_warning(capsys, mpl25_curve_law) -> None:

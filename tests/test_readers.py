@@ -1,0 +1,253 @@
+"""Reading other people's logs: tables of several runs (watch/report --where, fit --curves hints), resumed
+TensorBoard runs, loss/LR names, W&B exports with blank cells, --n-column for curves, TSV files."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from scalewatch.cli import main
+from scalewatch.curves import CurveError, read_curve_table, read_curve_tensorboard, read_curves
+from scalewatch.tensorboard import LR_TAGS, find_tag, read_scalars
+
+STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512] + list(range(1000, 20001, 1000))
+
+
+def loss_at(step: int, size: float) -> float:
+    return 10.8 if step == 0 else min(10.8, 2.0 + 1.0 / size + 5.0 * (step + 10) ** -0.3)
+
+
+def several_runs_csv(path: Path, interleaved: bool = False) -> Path:
+    """model,seed,step,loss,n_params: 2 models x 2 seeds, one run after another (or row by row)."""
+    runs = [(m, seed, size) for m, size in (("m-70m", 0.07), ("m-160m", 0.16)) for seed in (0, 1)]
+    rows = [(m, seed, s, loss_at(s, size) * (1 + 0.001 * seed), size * 1e9) for m, seed, size in runs for s in STEPS]
+    if interleaved:
+        rows.sort(key=lambda r: (r[2], r[0], r[1]))
+    path.write_text("model,seed,step,loss,n_params\n" + "".join(
+        f"{m},{seed},{s},{loss:.4f},{n:.0f}\n" for m, seed, s, loss, n in rows))
+    return path
+
+
+# ------------------------------------------------------------------ 1. watch / report on a table of several runs
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_watch_on_a_table_of_several_runs_names_the_columns_and_where(tmp_path, capsys, interleaved) -> None:
+    table = several_runs_csv(tmp_path / "runs.csv", interleaved)
+    assert main(["watch", str(table), "--no-tb"]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""  # no alert before the error (it used to page a divergence at step 1)
+    assert len(err.strip().splitlines()) == 1
+    assert "several runs (columns 'model', 'seed' have 4 combinations)" in err
+    first = "m-160m" if interleaved else "m-70m"  # the first row's
+    assert f"pick one with --where model={first} --where seed=0" in err
+    # one column given: the other is named
+    assert main(["watch", str(table), "--no-tb", "--where", "model=m-70m"]) == 3
+    assert "column 'seed' has 2 values); add --where seed=0" in capsys.readouterr().err
+    # both: one run, read whole, healthy
+    assert main(["watch", str(table), "--no-tb", "--where", "model=m-70m", "--where", "seed=0"]) == 0
+    assert f"{len(STEPS)} log points kept" in capsys.readouterr().err
+
+
+def test_watch_where_with_values_or_columns_the_table_lacks(tmp_path, capsys) -> None:
+    table = several_runs_csv(tmp_path / "runs.csv")
+    assert main(["watch", str(table), "--no-tb", "--where", "model=m-7m"]) == 3
+    assert "no row has model='m-7m'; model holds 'm-70m', 'm-160m'" in capsys.readouterr().err
+    assert main(["watch", str(table), "--no-tb", "--where", "modl=m-70m"]) == 3
+    assert "--where column 'modl' not found; columns are model, seed, step, loss, n_params" in capsys.readouterr().err
+    tb = tmp_path / "tb"
+    with SummaryWriter(str(tb)) as w:
+        for s in range(1, 5):
+            w.add_scalar("loss", 3.0 - 0.1 * s, s)
+    assert main(["watch", str(tb), "--no-tb", "--where", "model=m-70m"]) == 3
+    assert "a TensorBoard directory holds one run" in capsys.readouterr().err
+
+
+def test_report_on_a_table_of_several_runs(tmp_path, capsys) -> None:
+    table = several_runs_csv(tmp_path / "runs.csv")
+    out = tmp_path / "r.html"
+    assert main(["report", str(table), "--out", str(out)]) == 3
+    assert "columns 'model', 'seed' have 4 combinations" in capsys.readouterr().err and not out.exists()
+    assert main(["report", str(table), "--out", str(out), "--where", "model=m-160m", "--where", "seed=1"]) == 0
+    assert f"({len(STEPS)} log points" in capsys.readouterr().err
+
+
+def test_a_resumed_log_is_still_replayed_whole(tmp_path, capsys) -> None:
+    """A run resumed from a checkpoint logs steps 150..200 again: one run, not several (no column splits it)."""
+    rows = [(s, 3 + 5 / math.sqrt(s)) for s in range(1, 201)] + [(s, 3 + 5 / math.sqrt(s)) for s in range(150, 401)]
+    log = tmp_path / "resumed.csv"
+    log.write_text("step,loss,lr\n" + "".join(f"{s},{v:.4f},0.001\n" for s, v in rows))
+    main(["watch", str(log), "--no-tb"])
+    err = capsys.readouterr().err
+    assert "several runs" not in err and f"{len(rows)} log points kept" in err
+
+
+def test_follow_on_a_growing_csv_still_works(tmp_path, capsys) -> None:
+    log = tmp_path / "live.csv"
+    log.write_text("step,loss\n" + "".join(f"{s},{3 + 1 / s:.4f}\n" for s in range(1, 30)) + "30,3.0")  # half a line
+    assert main(["watch", str(log), "--no-tb", "--follow", "--poll", "0.05", "--idle", "0.2"]) == 0
+    assert "30 log points kept" in capsys.readouterr().err
+
+
+def test_find_run_split_prefers_single_columns_and_skips_metrics() -> None:
+    from scalewatch.curves import find_run_split
+
+    steps = [1, 2, 3, 1, 2, 3]
+    assert find_run_split(steps, {"loss": [3, 2, 1, 3.1, 2.1, 1.1], "variant": list("aaabbb")}) == (["variant"], 2)
+    assert find_run_split([1, 2, 3], {"variant": list("aab")}) is None  # steps increase: nothing to split
+    assert find_run_split(steps, {"model": list("aaaaaa")}) is None  # no column splits
+    # a W&B export with a row per metric at some steps: a validation loss logged now and then is no run's name
+    steps = [100, 200, 200, 300, 400, 400, 500, 600, 600]
+    val = ["", "", "2.9", "", "", "2.7", "", "", "2.5"]
+    assert find_run_split(steps, {"val/loss": val}) is None
+
+
+# ------------------------------------------------------------------ 2. fit --curves hint
+def test_fit_curves_hint_finds_the_second_run_column(tmp_path, capsys) -> None:
+    table = several_runs_csv(tmp_path / "runs.csv")
+    spec = ["--lr-schedule", "cosine:peak=6e-4,warmup=0.01,final=0.1"]
+    assert main(["fit", "--curves", str(table), "--run-column", "model", *spec]) == 2
+    err = capsys.readouterr().err
+    assert "add --run-column model,seed" in err and "sort the file" not in err
+    # any column, not only run/name/id: here 'variant'
+    odd = tmp_path / "odd.csv"
+    odd.write_text("variant,step,lr,loss\n" + "".join(f"{v},{s},1e-3,{3 - s / 100}\n" for v in "ab" for s in
+                                                         (10, 20, 30, 40)))
+    with pytest.raises(CurveError, match="column 'variant' has 2 values\\): add --run-column variant"):
+        read_curve_table(odd)
+
+
+# ------------------------------------------------------------------ 3. a resumed TensorBoard directory
+def resumed_tb(path: Path, loss_tag: str = "train_loss", lr_tag: str = "lr-AdamW") -> Path:
+    with SummaryWriter(str(path), filename_suffix=".0") as w:
+        for s in range(100, 5001, 100):
+            w.add_scalar(loss_tag, 3 + 1000 / s, s)
+            w.add_scalar(lr_tag, 1e-3, s)
+    with SummaryWriter(str(path), filename_suffix=".1") as w:  # resumed from step 3000
+        for s in range(3100, 8001, 100):
+            w.add_scalar(loss_tag, 2 + 1000 / s, s)  # the resumed values differ: they supersede
+            w.add_scalar(lr_tag, 1e-3, s)
+    assert len(list(path.glob("events.out.tfevents.*"))) == 2
+    return path
+
+
+def test_resumed_tensorboard_run_keeps_the_latest_value_per_step(tmp_path) -> None:
+    tb = resumed_tb(tmp_path / "tb")
+    series = read_scalars(tb)["train_loss"]
+    assert [s for s, _ in series] == list(range(100, 8001, 100))
+    c = read_curve_tensorboard(tb)
+    assert c.steps.tolist() == list(range(100, 8001, 100))
+    assert c.loss[c.steps.tolist().index(4000)] == pytest.approx(2 + 1000 / 4000)  # the later file's
+    assert c.loss[c.steps.tolist().index(2000)] == pytest.approx(3 + 1000 / 2000)
+
+
+# ------------------------------------------------------------------ 4. loss / LR names
+def test_curves_take_the_loss_names_watch_takes(tmp_path) -> None:
+    p = tmp_path / "wandb.csv"
+    p.write_text("Step,train/loss,lr\n" + "".join(f"{s},{3 - s / 1000},1e-3\n" for s in range(100, 600, 100)))
+    assert read_curve_table(p)[0].loss.tolist() == pytest.approx([2.9, 2.8, 2.7, 2.6, 2.5])
+    q = tmp_path / "noloss.csv"
+    q.write_text("step,lr,metric\n1,1e-3,3\n2,1e-3,2\n3,1e-3,1\n")
+    with pytest.raises(CurveError, match="no loss column .*train/loss.*; name it with --loss-column"):
+        read_curve_table(q)
+
+
+def test_hugging_face_lr_tag_and_a_missing_loss_tag(tmp_path) -> None:
+    assert find_tag(["train/loss", "train/learning_rate"], LR_TAGS) == "train/learning_rate"
+    hf = resumed_tb(tmp_path / "hf", loss_tag="train/loss", lr_tag="train/learning_rate")
+    assert len(read_curve_tensorboard(hf).steps) == 80
+    nolos = resumed_tb(tmp_path / "nolos", loss_tag="eval/accuracy", lr_tag="train/learning_rate")
+    with pytest.raises(CurveError, match=r"no loss tag \(looked for .*found .*eval/accuracy.*--loss-column") as e:
+        read_curve_tensorboard(nolos)
+    assert "LR tag" not in str(e.value)
+
+
+# ------------------------------------------------------------------ 5. blank cells
+def test_wandb_export_with_blank_cells(tmp_path) -> None:
+    p = tmp_path / "sparse.csv"
+    lines = ["Step,train/loss,val/loss,lr"]
+    for s in range(100, 1100, 100):
+        loss = "" if s == 500 else f"{3 - s / 1000}"  # a row of val/loss only
+        lr = "" if s in (300, 700) else f"{1e-3 * (1 - s / 2000)}"
+        lines.append(f"{s},{loss},{'2.5' if s == 500 else ''},{lr}")
+    p.write_text("\n".join(lines) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a blank loss is no point: dropped without a non-finite warning
+        c = read_curve_table(p)[0]
+    assert 500 not in c.steps.tolist() and len(c.steps) == 9
+    at = dict(zip(c.steps.tolist(), c.lr.tolist(), strict=True))
+    assert at[300] == pytest.approx(1e-3 * (1 - 300 / 2000)) and at[700] == pytest.approx(1e-3 * (1 - 700 / 2000))
+    # with a described schedule the LR column is not read at all
+    bad_lr = tmp_path / "bad_lr.csv"
+    bad_lr.write_text(p.read_text().replace(f"{1e-3 * (1 - 100 / 2000)}", "n/a"))
+    assert len(read_curve_table(bad_lr, schedule="cosine:peak=1e-3")[0].steps) == 9
+    with pytest.raises(CurveError, match=r"bad_lr.csv: row 2: column 'lr' holds 'n/a', not a number"):
+        read_curve_table(bad_lr)
+
+
+def test_cli_fit_curves_blank_cells_name_no_empty_string(tmp_path, capsys) -> None:
+    p = tmp_path / "run.csv"
+    p.write_text("step,loss,lr\n1,3.0,1e-3\n2,,1e-3\n3,2.8,\n4,oops,1e-3\n")
+    assert main(["fit", "--curves", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "row 5: column 'loss' holds 'oops'" in err and "''" not in err
+
+
+# ------------------------------------------------------------------ 6. --n-column with --curves
+def test_fit_curves_n_column(tmp_path) -> None:
+    table = tmp_path / "runs.csv"
+    table.write_text(several_runs_csv(tmp_path / "x.csv").read_text().replace("n_params", "params_b"))
+    curves = read_curves([table], run_column="model,seed", n_column="params_b", schedule="cosine:peak=6e-4")
+    assert sorted({c.n_params for c in curves}) == [7e7, 1.6e8]
+    assert {c.n_params for c in read_curves([table], run_column="model,seed", schedule="cosine")} == {None}
+    with pytest.raises(CurveError, match="column 'size' not found"):
+        read_curves([table], run_column="model,seed", n_column="size", schedule="cosine")
+
+
+# ------------------------------------------------------------------ 7. a forecast of the last logged step
+def test_log_lr_with_total_steps_says_the_forecast_is_of_the_last_logged_step(tmp_path, capsys,
+                                                                               mpl25_curve_law) -> None:
+    from conftest import MULTIPOWERLAW
+
+    rows = (MULTIPOWERLAW / "csv_25__wsd_20000_24000.csv").read_text().splitlines()
+    part = tmp_path / "part.csv"
+    part.write_text("\n".join(rows[: len(rows) // 2]) + "\n")
+    last = int(float(rows[len(rows) // 2 - 1].split(",")[0]))
+    main(["watch", str(part), "--no-tb", "--curve-law", str(mpl25_curve_law), "--total-steps", "24000"])
+    err = capsys.readouterr().err
+    assert (f"the forecast is of step {last:,} (the last logged step), not of the run's end at --total-steps 24,000"
+            in err) and "total=24000" in err
+
+
+# ------------------------------------------------------------------ 8. minor
+def test_watch_output_is_no_candidate_run_directory(tmp_path, capsys) -> None:
+    from scalewatch.curves import event_dirs
+
+    for d in ("version_0", "version_0-scalewatch-watch"):
+        with SummaryWriter(str(tmp_path / "runs" / d)) as w:
+            w.add_scalar("loss", 3.0, 1)
+    assert event_dirs(tmp_path / "runs") == ["version_0"]
+    assert main(["watch", str(tmp_path / "runs"), "--no-tb"]) == 3
+    err = capsys.readouterr().err
+    assert "event files are in: version_0" in err and "scalewatch-watch" not in err
+
+
+@pytest.mark.parametrize("sep", ["\t", ";"])
+def test_tab_and_semicolon_separated_files_are_read(tmp_path, capsys, sep) -> None:
+    p = tmp_path / "run.tsv"
+    p.write_text(sep.join(["step", "loss", "lr"]) + "\n" + "".join(
+        sep.join([str(s), f"{3 - s / 100}", "1e-3"]) + "\n" for s in range(1, 21)))
+    assert main(["watch", str(p), "--no-tb"]) == 0
+    assert "20 log points kept" in capsys.readouterr().err
+    assert len(read_curve_table(p)[0].steps) == 20
+
+
+def test_blank_lr_everywhere_is_an_error_naming_the_fix(tmp_path) -> None:
+    p = tmp_path / "run.csv"
+    p.write_text("step,loss,lr\n1,3.0,\n2,2.9,\n3,2.8,\n")
+    with pytest.raises(CurveError, match="blank in every row with a loss.*--lr-schedule"):
+        read_curve_table(p)
+    assert np.all(read_curve_table(p, schedule="constant")[0].lr == 1.0)
