@@ -306,6 +306,8 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from scalewatch.curves import CurveError, load_curve_law, schedule_from_arg
     from scalewatch.laws import LawFileError
 
@@ -348,13 +350,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                    f"to {r.n_out_max:.2f} in ln N (at least 1 per unit further out)")
             print(f"scalewatch predict: warning: N={_fmt(args.n_params)} is outside the pilot sizes "
                   f"{_fmt(lo)}..{_fmt(hi)}; the band is widened for the extrapolation {how}", file=sys.stderr)
-    rows_out = [{"step": int(s), "loss": float(v), "low": float(lo_), "high": float(hi_)}
-                for s, v, lo_, hi_ in zip(pred.steps, pred.loss, pred.low, pred.high, strict=True)]
+    from scalewatch.data import unit_warnings
+
+    for said in unit_warnings(law.n_range):  # a law fitted with N in billions predicts nonsense at a real N
+        print(f"scalewatch predict: warning: the law's pilot sizes: {said} when fitting it", file=sys.stderr)
+    # A predicted loss at or below 0 is impossible: refuse those steps (clamping would print a made-up 0), keep
+    # the steps before them, exit 1. A band reaching below 0 is cut at 0: a loss is never below it, so the cut
+    # band still holds every loss the uncut one allowed.
+    bad = np.flatnonzero(~(pred.loss > 0))
+    keep = slice(None) if not len(bad) else slice(0, int(bad[0]))
+    rows_out = [{"step": int(s), "loss": float(v), "low": max(float(lo_), 0.0), "high": float(hi_)}
+                for s, v, lo_, hi_ in zip(pred.steps[keep], pred.loss[keep], pred.low[keep], pred.high[keep],
+                                          strict=True)]
+    said = _reach_note(law, schedule, pred, keep, args.n_params)
+    if said:
+        print(f"scalewatch predict: warning: {said}", file=sys.stderr)
+    if len(bad):
+        m = law.at(args.n_params)
+        print(f"scalewatch predict: error: the law predicts a loss of {float(pred.loss[bad[0]]):.4g} (at or below 0) "
+              f"from step {int(pred.steps[bad[0]])} on (its level L0={m.L0:.4g}, alpha={m.alpha:.3g}): those steps are "
+              "left out; this schedule is beyond what the law can predict: refit it on longer or more pilot curves",
+              file=sys.stderr)
     text = [f"predicted loss ({law.conventions.get('loss', 'loss')}), {int(pred.level * 100)}% band:",
             f"{'step':>10} {'loss':>9} {'low':>9} {'high':>9}"]
     text += [f"{r['step']:>10} {r['loss']:9.4f} {r['low']:9.4f} {r['high']:9.4f}" for r in rows_out]
-    _emit(args, {"law": args.law, "n_params": args.n_params, "level": pred.level, "points": rows_out},
-          "\n".join(text))
+    _emit(args, {"law": args.law, "n_params": args.n_params, "level": pred.level, "points": rows_out,
+                 **({"left_out_from_step": int(pred.steps[bad[0]])} if len(bad) else {})}, "\n".join(text))
     if args.plot:
         try:
             import matplotlib
@@ -364,13 +385,63 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         except ImportError:
             raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]'") from None
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.fill_between(pred.steps, pred.low, pred.high, alpha=0.3, label=f"{int(pred.level * 100)}% band")
-        ax.plot(pred.steps, pred.loss, label="predicted")
+        shown = [[r[k] for r in rows_out] for k in ("step", "loss", "low", "high")]  # the steps printed
+        ax.fill_between(shown[0], shown[2], shown[3], alpha=0.3, label=f"{int(pred.level * 100)}% band")
+        ax.plot(shown[0], shown[1], label="predicted")
         ax.set_xlabel("step")
         ax.set_ylabel(law.conventions.get("loss", "loss"))
         ax.legend()
         fig.savefig(args.plot, dpi=120, bbox_inches="tight")
-    return 0
+    return 1 if len(bad) else 0
+
+
+# Past this widening of the band (x its width at the pilots' summed LR), or where the band reaches +-100% of the
+# loss, a prediction says little: `predict` adds that a law fitted on the pilots' lengths should not be used this
+# far beyond them. 5x: multipowerlaw's constant-LR run 3x longer than its pilots widens 3.1x and its band still
+# holds the truth at 2x its error (README), so it is not flagged; the trial's 600-step law asked for 6,000 steps
+# widens 20x, to +-270%.
+REACH_TOO_FAR = 5.0
+
+
+def _reach_note(law: Any, schedule: Any, pred: Any, keep: slice, n_params: float | None) -> str | None:
+    """One line when the schedule's summed LR goes past the pilots' (the law's ScheduleReach): from which step,
+    how far, and how much the band widened for it up to the last printed step (``keep``), or that it was not."""
+    import numpy as np
+
+    from scalewatch.curves import schedule_features
+
+    reach = law.reach
+    if reach is None:  # files from before ScheduleReach: the pilots' summed LR is not recorded
+        return None
+    s1_max = reach.s1_max
+    S1, _ = schedule_features(schedule, law.lam)
+    past = np.flatnonzero(S1 > s1_max)
+    if not len(past):
+        return None
+    ratio = float(S1[-1] / s1_max)
+    head = (f"the schedule's summed LR goes past the pilots' ({s1_max:.4g}) from step {int(past[0])}, to "
+            f"{ratio:.3g}x theirs at step {len(schedule) - 1}")
+    if reach.per_ln_s1 == 0 and not reach.per_ln_s1_annealed:
+        return head + ("; the band is NOT widened for it (this law file measured no widening: its pilots' held-out "
+                       "points never went past the fits' summed LR)")
+    # every step up to the last one printed (a step refused for a loss <= 0 is not judged)
+    printed = np.asarray(pred.steps, dtype=int)[keep]
+    if not len(printed):
+        return head
+    steps = np.arange(1, int(printed[-1]) + 1)
+    lr_rel = schedule[steps] / schedule.max()
+    factor = np.asarray(reach.factor(S1[steps], lr_rel), dtype=float)
+    k = int(np.argmax(factor))
+    rates = (f"{reach.per_ln_s1:.3g} per unit ln S1 at the peak LR"
+             + (f", {reach.per_ln_s1_annealed:.3g} annealed" if reach.per_ln_s1_annealed is not None else "")
+             + f", from {reach.points} held-out pilot points")
+    rel = float(law.band_at(n_params, steps[k] / (len(schedule) - 1), float(S1[steps[k]]), float(lr_rel[k])))
+    note = (f"{head}; the band is widened for it (ScheduleReach: {rates}), up to {factor[k]:.3g}x at step "
+            f"{int(steps[k])}, to +-{rel:.1%} of the loss")
+    if factor[k] > REACH_TOO_FAR or rel >= 1:
+        note += ("; a law fitted on the pilots' lengths should not be used this far beyond them: fit it on pilot "
+                 "curves as long as this run")
+    return note
 
 
 def _maybe_plot(args: argparse.Namespace, runs: Any, law: Any, power: Any) -> None:
@@ -422,6 +493,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     law = record.law
     samples = record.sample_laws()
     band = record.extrapolation_band() if law.family == "chinchilla" else None
+    if args.law:
+        from scalewatch.data import unit_warnings
+
+        fitted = record.fitted_on or {}
+        n_range, d_range = fitted.get("N_range"), fitted.get("D_range")
+        ok = lambda r: isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r)  # noqa: E731
+        for said in unit_warnings(n_range if ok(n_range) else None, d_range if ok(d_range) else None):
+            print(f"scalewatch plan: warning: the law's pilot runs: {said}, and refit the law; this plan is in the "
+                  "pilots' units, not parameters, tokens and FLOPs", file=sys.stderr)
     payload: dict[str, Any] = {"law": label, "params": law.params(), "n_bootstrap_laws": len(samples),
                                "extrapolation_calibrated": band is not None}
     lines = [f"Law: {label}", "  " + ", ".join(f"{k}={_fmt(v)}" for k, v in law.params().items())]
@@ -508,12 +588,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.target_loss is not None and args.n_params is not None:
             d = float(tokens_for_loss(law, args.target_loss, args.n_params))
             ci_t, fail_t = over_samples(lambda s: tokens_for_loss(s, args.target_loss, args.n_params))
+            # How far (N, D) lies beyond the pilots, as for --flops (needs the calibration's N_max, C_max)
+            far = float(band.distance(args.n_params, d)) if band is not None else None
             payload["tokens_for_loss"] = {"target_loss": args.target_loss, "n_params": args.n_params, "tokens": d,
                                           "flops": 6 * args.n_params * d, "tokens_ci95": ci_t,
-                                          "bootstrap_laws_that_cannot_reach": fail_t}
+                                          "bootstrap_laws_that_cannot_reach": fail_t, "decades_beyond_pilots": far}
             lines.append(f"Tokens for loss {args.target_loss} at N = {_fmt(args.n_params)}: D = {_fmt(d)}{ci_txt(ci_t)} "
                          f"({d / args.n_params:.1f} tokens/param, {_fmt(6 * args.n_params * d)} FLOPs)"
-                         + (f"; {fail_t} of {len(samples)} bootstrap laws cannot reach it at this N" if fail_t else ""))
+                         + (f"; {fail_t} of {len(samples)} bootstrap laws cannot reach it at this N" if fail_t else "")
+                         + (f"; {far:.2f} decades beyond the pilots" if far else ""))
         elif args.target_loss is not None and args.flops is None:
             raise CLIError("--target-loss needs --n-params N (tokens needed) or --flops with --inference-tokens")
     except PlanningError as exc:

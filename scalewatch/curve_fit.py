@@ -7,6 +7,7 @@ errors on curves (or stretches of curves) left out of the fit. Plain numpy/scipy
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from scalewatch.curves import (
     law_form,
     momentum_params,
 )
+from scalewatch.data import unit_warnings
 from scalewatch.forecast import off_band, prefix_fit
 
 
@@ -463,7 +465,59 @@ def fit_curves(curves: Sequence[Curve], lam: float = LAMBDA, loss_name: str = "l
     message = (f"all {len(fits)} least-squares fits converged" if not failed else
                f"{len(failed)} of {len(fits)} least-squares fits did not converge: " + "; ".join(failed))
     law.fitted_on.update(converged=not failed, message=message)  # provenance in the law file, as fit --out does
+    for said in unit_warnings((sizes[0], sizes[-1]) if sizes else None):  # n_params in millions or billions?
+        warnings.warn(f"n_params: {said}", stacklevel=2)
+    said = implausible_law(law, curves)
+    if said:
+        warnings.warn(said, stacklevel=2)
     return CurveFitResult(law=law, in_sample=in_sample, held_out=held_out, converged=not failed, message=message)
+
+
+# What makes a fitted curve law implausible (fit_curves warns, never fails: the law is still written).
+# alpha below DEGENERATE_ALPHA with A above DEGENERATE_A_PER_LOSS x the pilots' largest loss: A*S1^-alpha is then
+# about A - A*alpha*ln S1, a logarithm the pilots cannot tell from a level, and the law's level L0 is set by
+# cancelling a huge A (the 2-curve fit of a tiny Lightning run: alpha 0.015, A 27.6, L0 -25.7). A band wider
+# than WIDE_BAND_REL: the held-out pilots missed by more than that, 6x the multipowerlaw laws' 1.7%.
+DEGENERATE_ALPHA = 0.05
+DEGENERATE_A_PER_LOSS = 3.0
+WIDE_BAND_REL = 0.10
+
+
+def implausible_law(law: CurveLaw, curves: Sequence[Curve]) -> str | None:
+    """One line saying why a fitted curve law should not be trusted, and what to do; None when nothing is wrong.
+
+    Checked at every pilot size: a long-training level L0 below 0 (the predicted loss goes negative on a
+    long enough run), alpha near 0 with a huge A (the power law degenerating into a logarithm), and a 90%
+    band wider than :data:`WIDE_BAND_REL`.
+
+    Example:
+        >>> c = Curve("a", np.array([100, 200]), np.full(2, 1e-3), np.array([3.0, 2.9]), None, np.full(201, 1e-3))
+        >>> law = CurveLaw({"L0": (-25.7, 0.0), "lnA": (math.log(27.6), 0.0), "alpha": (0.015, 0.0),
+        ...                 "lnC": (0.0, 0.0)}, n_ref=1.0, band_rel=0.134)
+        >>> print(implausible_law(law, [c]))  # doctest: +NORMALIZE_WHITESPACE
+        the curve law is poorly determined: L0=-25.7 is below 0 (the predicted loss goes negative on a long enough
+        run); alpha=0.015 with A=27.6: the power law has degenerated into a logarithm; the 90% band is +-13.4% (over
+        10%): fit it on longer or more pilot curves, and do not use a law fitted on runs of up to 200 steps far beyond
+        that length
+    """
+    sizes = law.fitted_on.get("sizes") or [None]
+    top = max((float(np.max(c.loss)) for c in curves if len(c.loss)), default=0.0)
+    reasons: list[str] = []
+    for n in sizes:
+        m = law.at(n)
+        at = f" at N={n:.3g}" if n is not None and len(sizes) > 1 else ""
+        if m.L0 < 0 and not any(r.startswith("L0=") for r in reasons):
+            reasons.append(f"L0={m.L0:.4g}{at} is below 0 (the predicted loss goes negative on a long enough run)")
+        if m.alpha < DEGENERATE_ALPHA and m.A > DEGENERATE_A_PER_LOSS * top \
+                and not any(r.startswith("alpha=") for r in reasons):
+            reasons.append(f"alpha={m.alpha:.3g} with A={m.A:.4g}{at}: the power law has degenerated into a logarithm")
+    if law.band_rel > WIDE_BAND_REL:
+        reasons.append(f"the 90% band is +-{law.band_rel:.1%} (over {WIDE_BAND_REL:.0%})")
+    if not reasons:
+        return None
+    longest = max((int(np.max(c.steps)) for c in curves if len(c.steps)), default=0)
+    return (f"the curve law is poorly determined: {'; '.join(reasons)}: fit it on longer or more pilot curves, and "
+            f"do not use a law fitted on runs of up to {longest} steps far beyond that length")
 
 
 def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: CurveLaw,

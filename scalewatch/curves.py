@@ -701,7 +701,9 @@ class CurveLaw:
                              "give a schedule that covers the whole run")
         S1, S2 = schedule_features(schedule, self.lam)
         loss = self.at(n_params).loss(S1[idx], S2[idx])
-        half = self.band_at(n_params, idx / (len(schedule) - 1), S1[idx], schedule[idx] / schedule.max()) * loss
+        # |loss|: where a poorly determined law predicts a loss below 0 the band still runs low <= loss <= high
+        # (scalewatch predict refuses those steps; the caller decides what a negative loss means)
+        half = self.band_at(n_params, idx / (len(schedule) - 1), S1[idx], schedule[idx] / schedule.max()) * np.abs(loss)
         return CurvePrediction(idx, loss, loss - half, loss + half)
 
     # ------------------------------------------------------------ files

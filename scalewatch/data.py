@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scalewatch.fitting import FitError, RunSet, make_runs
 
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -140,6 +142,70 @@ def no_rows_left(rows: Sequence[Mapping[str, Any]], filters: Sequence[tuple[str,
             "but no row matches them all")
 
 
+# The units check (warnings, never errors: toy models exist, e.g. the 1,056-parameter TinyLM of tests/helpers.py).
+# A sweep whose LARGEST model has fewer than 1e5 parameters, or whose longest run saw fewer than 1e5 tokens, is
+# what a table in millions or billions looks like (Chinchilla's sizes in millions are 125..8.9e4, Pythia's in
+# billions 0.07..12). The repo's own pilots (examples/laws/pilots.csv) are 124,672..1,298,880 parameters and
+# 307,200..2,457,600 tokens, so their largest is 13x and 25x clear; the public sets in ../shared/data are
+# 7e6+ parameters and 5e7+ tokens. Every run with fewer tokens than parameters is the other sign of D in
+# billions (or of N in a smaller unit than D): real sweeps have some such runs (the example pilots 36%, the
+# Chinchilla IsoFLOP profiles 40%), never all of them.
+UNITS_MIN_LARGEST_N = 1e5
+UNITS_MIN_LONGEST_D = 1e5
+
+
+def _span(lo: float, hi: float) -> str:
+    f = (lambda x: f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}")
+    return f(lo) if lo == hi else f"{f(lo)}–{f(hi)}"
+
+
+def unit_warnings(n_range: Sequence[float] | None, d_range: Sequence[float] | None = None,
+                  every_d_below_n: bool | None = None) -> list[str]:
+    """What in N (parameters) and D (tokens) looks like millions or billions rather than counts: one line each.
+
+    ``n_range``, ``d_range``: (smallest, largest); ``every_d_below_n``: whether every run had fewer tokens
+    than parameters (None: judged from the ranges, D's largest below N's smallest). Thresholds: see
+    :data:`UNITS_MIN_LARGEST_N`.
+
+    Example:
+        >>> unit_warnings((0.07, 1.0))
+        ['N values 0.07–1 look like billions or millions of parameters (the largest model has fewer than 1e5): give N as a parameter count (e.g. 7e+07, not 0.07)']
+        >>> unit_warnings((1.2e5, 1.3e6), (3e5, 2.5e6), every_d_below_n=False)
+        []
+        >>> unit_warnings((1e8, 7e9), (0.25, 179.0))[0][:60]
+        'D values 0.25–179 look like billions or millions of tokens ('
+    """
+    out = []
+    if n_range is not None and 0 < n_range[1] < UNITS_MIN_LARGEST_N:
+        lo, hi = n_range
+        unit = 1e9 if hi < 1e3 else 1e6
+        out.append(f"N values {_span(lo, hi)} look like {'billions or millions' if unit == 1e9 else 'millions'} "
+                   f"of parameters (the largest model has fewer than 1e5): give N as a parameter count "
+                   f"(e.g. {lo * unit:.3g}, not {lo:.3g})")
+    if d_range is not None and d_range[1] > 0:
+        lo, hi = d_range
+        below = every_d_below_n if every_d_below_n is not None else (n_range is not None and hi < n_range[0])
+        if hi < UNITS_MIN_LONGEST_D or below:
+            why = ("the longest run saw fewer than 1e5" if hi < UNITS_MIN_LONGEST_D else
+                   "every run has fewer tokens than parameters")
+            out.append(f"D values {_span(lo, hi)} look like billions or millions of tokens ({why}): give D as a "
+                       "token count (e.g. 8e9, not 8)")
+    return out
+
+
+def param_label(n: float) -> str:
+    """A parameter count as people write it, with the exact count: ``1.3B (1,298,880,000)`` (B, not SI's G).
+
+    Example:
+        >>> param_label(1e9), param_label(124672), param_label(1056), param_label(500)
+        ('1B (1,000,000,000)', '125k (124,672)', '1.06k (1,056)', '500')
+    """
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix} ({n:,.0f})"
+    return f"{n:.3g}"
+
+
 def _number(row: Mapping[str, Any], col: str, where: str) -> float:
     value = row.get(col)
     try:
@@ -212,4 +278,8 @@ def read_runs(paths: Sequence[str | Path], loss_column: str | None = None,
         warnings.warn(f"{len(L)} rows but only {distinct} distinct (N, D): several runs share a size and token "
                       "count (different data, validation sets or LR schedules?); filter with --where COL=VALUE",
                       stacklevel=2)
-    return make_runs(N, D, L, U if has_u and U else None, names, min_runs=min_runs)
+    runs = make_runs(N, D, L, U if has_u and U else None, names, min_runs=min_runs)
+    for message in unit_warnings((float(runs.N.min()), float(runs.N.max())), (float(runs.D.min()), float(runs.D.max())),
+                                 every_d_below_n=bool(np.all(runs.D < runs.N))):
+        warnings.warn(message, stacklevel=2)
+    return runs

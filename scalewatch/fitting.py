@@ -620,6 +620,18 @@ def approach1(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFi
     Each size's runs are interpolated in log D to the budget; the size with the lowest
     loss is N_opt(C); ``log N_opt`` is regressed on ``log C``.
     """
+    # Approach 1 traces each size's loss along its own runs at several token counts (Hoffmann et al.: each
+    # size's training curves). A table of about one run per (N, budget), such as IsoFLOP profiles, gives a size
+    # a point or two: the envelope then rests on coarse interpolations (the digitised Chinchilla IsoFLOP runs,
+    # a median of 2 token counts per size: a = 0.13, CI 0.04-0.90) and its exponent means little. A median below
+    # 4 token counts per size says so (the fit still runs); per-size sweeps have more (datablations: 7).
+    groups = _group_by(runs.N, 0.02)
+    per_size = float(np.median([np.unique(np.round(np.log(runs.D[g]), 6)).size for g in groups]))
+    if per_size < 4:
+        warnings.warn(f"approach 1 needs several runs per model size spanning the compute budgets (each size's loss "
+                      f"against D); these {len(groups)} sizes have a median of {per_size:g} token counts each, so its "
+                      "exponent means little here: for one run per (N, budget) use --method 2 (IsoFLOP parabolas) "
+                      "or 3", stacklevel=2)
     pts = _envelope_points(runs)
     if len(pts) < 2:
         raise FitError("approach 1 needs compute budgets reached by at least 3 model sizes with an interior "

@@ -730,6 +730,8 @@ def _alert_section(d: RunData) -> str:
 
 
 def _summary(d: RunData) -> str:
+    from scalewatch.data import param_label  # N as 1.3B (1,298,880,000), not 1.3G
+
     last = d.points[-1]
     fired = [a for a in d.alerts if a.state == "firing"]
     worst = max(fired, key=lambda a: SEVERITY_ORDER.index(a.severity), default=None)
@@ -737,7 +739,7 @@ def _summary(d: RunData) -> str:
              ("worst alert", worst.severity.upper() if worst else "NONE", f"state-{worst.severity if worst else 'ok'}"),
              ("log points", fmt(d.log_points), ""), ("last step", fmt(last.step), ""),
              ("tokens", short(last.tokens) if last.tokens else "–", ""),
-             ("N (parameters)", short(d.n_params) if d.n_params else "–", ""),
+             ("N (parameters)", param_label(d.n_params) if d.n_params else "–", ""),
              ("tokens / parameter", fmt(last.tokens_per_param, 3) if last.tokens else "–", ""),
              ("last loss", fmt(last.loss, 4), "")]
     html_cards = '<div class="cards">' + "".join(

@@ -3,6 +3,7 @@ against its laws, in a few lines (``print(watch.summary())`` after ``trainer.fit
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from scalewatch.detectors import CHINCHILLA_TOKENS_PER_PARAM
@@ -32,17 +33,33 @@ def run_summary(watch: Any, elapsed: float | None = None) -> str:
         lines.append(f"  allocation: {tokens / n:.2f} tokens/param; compute-optimal is {optimum}")
     last = watch.monitor.last
     loss = last.loss if last is not None else float("nan")
-    if "loss_pred" in s:
+    plugin = watch.curve_plugin
+    end = _schedule_end(plugin)
+    run_end = last.step if last is not None else None
+    stopped = end is not None and run_end is not None and run_end > end  # the schedule ended before the run
+    if stopped:
+        lines.append(f"  loss:       last training loss {loss:.4g} at step {run_end}; the predicted curve stopped at "
+                     f"step {end}, where the LR schedule ends (the run went on to step {run_end}): no prediction "
+                     f"past it{_at_schedule_end(watch, plugin, end)}")
+    elif "loss_pred" in s:
         inside = s["loss_pred_low"] <= loss <= s["loss_pred_high"]
         lines.append(f"  loss:       last training loss {loss:.4g}; the curve law predicted {s['loss_pred']:.4g} "
                      f"(90% band {s['loss_pred_low']:.4g}-{s['loss_pred_high']:.4g}): "
                      f"{'inside' if inside else 'OUTSIDE'} the band")
+    elif plugin is not None and plugin.schedule is None:
+        lines.append(f"  loss:       last training loss {loss:.4g} (a curve law, but no usable LR schedule: no "
+                     "prediction; the log says why at the start of the fit)")
     else:
         lines.append(f"  loss:       last training loss {loss:.4g} (no curve law: no prediction)")
-    if "loss_forecast_final" in s:
-        lines.append(f"  forecast:   final loss {s['loss_forecast_final']:.4g} (90% band "
-                     f"{s['loss_forecast_final_low']:.4g}-{s['loss_forecast_final_high']:.4g}), from the run up to "
-                     f"step {s['loss_forecast_at_step']:.0f} with the curve law as prior")
+    # The last forecast: at the last log point, or (when the log points past the schedule's end carried none)
+    # the one the curve plugin still holds
+    fc = s if "loss_forecast_final" in s else (getattr(plugin, "_latest", None) or {})
+    if "loss_forecast_final" in fc:
+        target = (f"loss at step {end} (where the LR schedule ends, not at the run's end, step {run_end})"
+                  if stopped else "final loss")
+        lines.append(f"  forecast:   {target} {fc['loss_forecast_final']:.4g} (90% band "
+                     f"{fc['loss_forecast_final_low']:.4g}-{fc['loss_forecast_final_high']:.4g}), from the run up to "
+                     f"step {fc['loss_forecast_at_step']:.0f} with the curve law as prior")
     if "gns/b_crit" in s:
         lines.append(f"  noise:      B_simple = {s['gns/b_simple']:.1f} sequences = {s['gns/b_crit']:,.0f} tokens "
                      f"(critical batch estimate, {watch.gns_method}) vs a batch of {s['gns/batch_tokens']:,.0f} "
@@ -55,3 +72,26 @@ def run_summary(watch: Any, elapsed: float | None = None) -> str:
     for slot, severity in firing.items():
         lines.append(f"    {slot[0]} ({severity}): {said.get(slot, '')}".rstrip(": "))
     return "\n".join(lines)
+
+
+def _schedule_end(plugin: Any) -> int | None:
+    """The last step the curve law's schedule covers (None: no curve law or no schedule)."""
+    schedule = getattr(plugin, "schedule", None)
+    return None if schedule is None else len(schedule) - 1
+
+
+def _at_schedule_end(watch: Any, plugin: Any, end: int) -> str:
+    """'; at step S (...) the loss was X, the curve law predicted Y (band): inside' for the last log point the
+    schedule covers, or '' when the history no longer holds one or the prediction fails (a summary never raises)."""
+    try:
+        obs = [o for o in watch.monitor.history if 1 <= o.step <= end and math.isfinite(o.loss)]
+        if not obs:
+            return ""
+        o = obs[-1]
+        p = plugin.law.predict(plugin.schedule, n_params=plugin.n_params, steps=[o.step])
+        pred, low, high = float(p.loss[0]), float(p.low[0]), float(p.high[0])
+    except Exception:  # noqa: BLE001 - the summary reports, it must not fail a finished run
+        return ""
+    where = "" if o.step == end else ", the last log point it covers"
+    return (f"; at step {o.step}{where} the training loss was {o.loss:.4g}, the curve law predicted {pred:.4g} "
+            f"(90% band {low:.4g}-{high:.4g}): {'inside' if low <= o.loss <= high else 'OUTSIDE'} the band")

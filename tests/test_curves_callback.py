@@ -185,3 +185,31 @@ def test_a_schedule_described_in_words_is_the_one_the_callback_predicts_with(tmp
     assert len(scalars(tmp_path / "tb" / "version_0")["scalewatch/loss_pred"]) == 6
     with pytest.raises(ScaleWatchConfigError, match="'warm=3' is not one of"):
         ScaleWatch(curve_law=LAW, schedule="cosine:warm=3")
+
+
+@pytest.mark.parametrize("given", ["list", "spec"])
+def test_summary_says_the_predicted_curve_stopped_where_a_short_schedule_ends(tmp_path, given) -> None:
+    """A schedule ending before the run (a 13-entry LR list, or a description with total=12, in a 24-step run):
+    the summary says the predicted curve stopped at step 12 because the schedule ended there, compares the loss
+    with the prediction at that step, and says the forecast is for step 12, not the run's end."""
+    schedule = [0.05] * 13 if given == "list" else "cosine:peak=0.05,warmup=0,final=0.1,total=12"
+    watch = ScaleWatch(curve_law=LAW, schedule=schedule, forecast_in_background=given == "spec")
+    _fit(tmp_path, watch)
+    text = watch.summary()
+    assert "no curve law" not in text
+    (loss_line,) = [line for line in text.splitlines() if line.strip().startswith("loss:")]
+    assert "stopped at step 12" in loss_line and "schedule ends" in loss_line and "step 24" in loss_line
+    assert "the curve law predicted" in loss_line and "the band" in loss_line  # the comparison at step 12
+    (forecast,) = [line for line in text.splitlines() if line.strip().startswith("forecast:")]
+    assert "loss at step 12" in forecast and "not at the run's end, step 24" in forecast
+    full = ScaleWatch(curve_law=LAW, forecast_in_background=False)  # the schedule covers the run: as before
+    _fit(tmp_path / "full", full)
+    text = full.summary()
+    assert "stopped" not in text and "final loss" in text and "the curve law predicted" in text
+
+
+def test_summary_with_a_curve_law_but_no_usable_schedule_says_so(tmp_path) -> None:
+    watch = ScaleWatch(curve_law=LAW, schedule=[0.0] * (STEPS + 1))
+    _fit(tmp_path, watch)
+    text = watch.summary()
+    assert "no curve law" not in text and "no usable LR schedule" in text
