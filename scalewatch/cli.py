@@ -165,7 +165,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         lines.append("  extrapolation: not calibrated (needs 3 model sizes left after holding out the largest); "
                      "intervals far from the pilots are bootstrap-only and too narrow")
     # Which exponent form was fitted and why, in one line (the evidence is also in fitted_on.exponents).
-    lines.append("  " + (choice.reason() if choice.has_evidence or choice.chosen_by == "auto" else
+    # Without --no-calibrate the choice says itself why (too few sizes, or the folds' errors).
+    lines.append("  " + (choice.reason() if args.calibrate or choice.chosen_by == "auto" else
                          f"exponents: {'tied (alpha = beta)' if choice.form == 'tied' else 'free (alpha, beta)'}, "
                          f"{'as asked (' + args.exponents_flag + '; ' if args.exponents else 'the default ('}"
                          "--no-calibrate: the forms were not compared)"))

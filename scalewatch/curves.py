@@ -37,7 +37,7 @@ import numpy as np
 from scipy.signal import lfilter
 
 from scalewatch.bands import ForecastCalibration, ScheduleReach, SizeReach
-from scalewatch.data import no_rows_left, parse_where, pick_column
+from scalewatch.data import no_rows_left, parse_where, pick_column, table_delimiter
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS
@@ -202,27 +202,13 @@ def validate_curve(c: Curve) -> Curve:
 
 
 # Column aliases of curve CSVs, matched case-insensitively (scalewatch.data.pick_column).
-# The loss and LR names are those `scalewatch watch` looks for (one list, in scalewatch.tensorboard).
+# The loss and LR names are those `scalewatch watch` looks for (one list, in scalewatch.tensorboard), after the
+# names this reader took first before that list was shared (so a file with both `loss` and `train_loss` gives
+# the same curve as before), and with `val_loss`: a curve law may be fitted on a held-out loss.
 _STEP_KEYS = ("step", "_step", "global_step")
 _LR_KEYS = LR_TAGS
-_LOSS_KEYS = LOSS_TAGS
+_LOSS_KEYS = tuple(dict.fromkeys(("loss", "train_loss", "val_loss", "scalewatch/loss") + LOSS_TAGS))
 _N_KEYS = ("n_params", "params", "N", "n_params_final_json")
-
-
-def table_delimiter(first_line: str) -> str:
-    """The delimiter of a table whose header is ``first_line``: a comma, unless the header has no comma
-    but tabs or semicolons (a TSV, or a spreadsheet's export in a locale with decimal commas).
-
-    Example:
-        >>> table_delimiter("step\\tloss"), table_delimiter("step;loss"), table_delimiter("step,loss")
-        ('\\t', ';', ',')
-    """
-    if "," in first_line:
-        return ","
-    for d in ("\t", ";"):
-        if d in first_line:
-            return d
-    return ","
 
 
 def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -308,7 +294,7 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
     if lk is None and schedule is None:
         raise CurveError(f"{p}: no learning-rate column (looked for {', '.join(_LR_KEYS)}); columns are "
                          f"{', '.join(header)}. A curve law needs the LR schedule: add an lr column, or describe "
-                         "it with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
+                         f"it with --lr-schedule (e.g. {SPEC_EXAMPLE})")
     try:
         yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
     except CurveError as exc:
@@ -357,6 +343,10 @@ def _run_key_rank(name: str) -> int:
     return 0 if low in _RUN_KEYS else 1 if any(w in low for w in ("run", "model", "seed", "name", "size")) else 2
 
 
+# Runs of one table start within this fraction of its step range of the earliest (find_run_split).
+RUN_START_SPREAD = 0.1
+
+
 def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]], given: Sequence[str] = ()
                    ) -> tuple[list[str], int] | None:
     """The column, or pair of columns, that splits rows whose steps go backwards into several runs, each with
@@ -365,14 +355,17 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
 
     ``columns`` maps a column name to its value in each row (e.g. ``model`` and ``seed`` of a table of several
     runs). A column with more than 64 distinct values, or one that leaves more than a quarter of its runs with
-    a single row (a metric logged now and then), is not a run's name. A run resumed from a checkpoint (its steps go back once, to the checkpoint) has no such
-    column, and gets None. Singles are tried before pairs; names like run, name, model, seed first.
+    a single row (a metric logged now and then), is not a run's name. A run resumed from a checkpoint (its steps
+    go back to the checkpoint) gets None, even where a column changes with each session (a job id): several
+    runs start together near the table's first step (:data:`RUN_START_SPREAD`), a resumed session does not. Singles are tried before pairs; names like run, name, model, seed first.
 
     Example:
         >>> find_run_split([0, 1, 0, 1, 0, 1, 0, 1], {"model": list("aabbaabb"), "seed": list("00001111"),
         ...                                          "loss": [3, 2, 3.1, 2.1, 3, 2, 3.2, 2.2]})
         (['model', 'seed'], 4)
         >>> find_run_split([1, 2, 3, 2, 3, 4], {"loss": [3, 2, 1, 2, 1, 0.5]}) is None  # a resumed run
+        True
+        >>> find_run_split([1, 2, 3, 2, 3, 4], {"job": list("aaabbb")}) is None  # resumed, a job id per session
         True
     """
     s = np.asarray(steps, dtype=float)
@@ -397,9 +390,15 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
         same = k[1:] == k[:-1]
         if np.any(same & (np.diff(st) <= 0)):
             return None
-        sizes = np.diff(np.concatenate([[0], np.flatnonzero(~same) + 1, [n]]))
+        starts = np.concatenate([[0], np.flatnonzero(~same) + 1])
+        sizes = np.diff(np.concatenate([starts, [n]]))
+        # Several runs start together, near the table's first step; the sessions of one resumed run (split by
+        # a job id or a host that changes at each restart) start where a checkpoint left off, well after it.
+        first = st[starts]
+        together = np.count_nonzero(first <= first.min() + RUN_START_SPREAD * (s.max() - s.min()))
         # runs of one row are a metric's values (e.g. a validation loss logged now and then), not runs
-        return len(sizes) if len(sizes) > 1 and np.count_nonzero(sizes < 2) <= len(sizes) // 4 else None
+        return len(sizes) if len(sizes) > 1 and together >= 2 and \
+            np.count_nonzero(sizes < 2) <= len(sizes) // 4 else None
 
     if np.all(np.diff(s) > 0) or (given and runs(base) is not None):
         return None
@@ -448,7 +447,7 @@ def _fill_blank_lr(steps: np.ndarray, lr: np.ndarray, name: str, col: str) -> np
     have = ~np.isnan(lr)
     if not have.any():
         raise CurveError(f"{name}: the LR column {col!r} is blank in every row with a loss; fill it, or describe "
-                         "the schedule with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
+                         f"the schedule with --lr-schedule (e.g. {SPEC_EXAMPLE})")
     order = np.argsort(steps, kind="stable")
     s_have, v_have = steps[order][have[order]], lr[order][have[order]]
     out = lr.copy()
@@ -494,7 +493,7 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
         raise CurveError(f"{path}: no {wanted}; found {found_}; name it with --loss-column")
     if lr_tag is None and schedule is None:
         raise CurveError(f"{path}: no LR tag (looked for {', '.join(LR_TAGS)}); found {found_}; describe the LR "
-                         "with --lr-schedule (e.g. cosine:peak=6e-4,warmup=0.01,final=0.1)")
+                         f"with --lr-schedule (e.g. {SPEC_EXAMPLE})")
     if schedule is not None:
         if n_params is None and tag("n_params") in series:
             n_params = float(series[tag("n_params")][-1][1])
@@ -807,6 +806,9 @@ def schedule_from_arg(arg: Any, total_steps: int | None) -> np.ndarray | None:
 
 
 SCHEDULE_KINDS = ("constant", "cosine", "linear", "wsd")
+# How messages show a schedule description: an example, and the form to fill in for a whole run.
+SPEC_EXAMPLE = "cosine:peak=6e-4,warmup=0.01,final=0.1"
+SPEC_TEMPLATE = "cosine:peak=...,warmup=...,final=...,total=LAST_STEP"
 _SPEC_KEYS = {"peak", "warmup", "final", "total", "decay"}
 SPEC_HELP = ("KIND:key=value,... with KIND one of constant, cosine, linear, wsd; keys peak (the peak LR, default 1: "
              "only ratios matter for one recipe), warmup (steps, or a fraction of the run if < 1; default 0), final "
@@ -858,9 +860,12 @@ def schedule_from_spec(spec: str, total_steps: int | None = None) -> np.ndarray:
     peak, final = vals.get("peak", 1.0), vals.get("final", 0.0)
     if peak <= 0 or final > 1:
         raise CurveError(f"schedule {spec!r}: peak must be > 0 and final (a fraction of the peak) at most 1")
+    if "total" in vals and vals["total"] < 1:
+        raise CurveError(f"schedule {spec!r}: total (the run's last step) must be at least 1")
     total = vals.get("total", total_steps)
     if total is None or int(total) < 1:
-        raise CurveError(f"schedule {spec!r}: give total=LAST_STEP (the run's length is not known here)")
+        raise CurveError(f"schedule {spec!r}: the run's last step is not known here: add total=LAST_STEP to the "
+                         "description (or, for watch/report, give --total-steps)")
     total = int(total)
 
     def steps_of(v: float) -> float:  # a fraction of the run below 1, steps from 1 up

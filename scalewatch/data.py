@@ -7,7 +7,7 @@ underscores (``Model Size`` is ``model_size``); ``--n-column`` / ``--tokens-colu
 ========  =====================================================================
 N         params, n_params, N, parameters, num_params, model_params, n_params_final_json, model_size,
           num_parameters, n_parameters
-D         tokens, D, n_tokens, train_tokens, training_tokens, num_tokens, tokens_seen, data_size, dataset_size
+D         tokens, D, n_tokens, train_tokens, training_tokens, num_tokens, tokens_seen
 C         compute, C, flops, train_flops, training_flops, training_flop, flop (D = C / (6 N) when D is absent)
 loss      loss, L, final_loss, val_loss, eval_loss, validation_loss
 U         unique_tokens, U, unique (optional: data-constrained fits and plans)
@@ -33,8 +33,8 @@ from scalewatch.fitting import FitError, RunSet, make_runs
 ALIASES: dict[str, tuple[str, ...]] = {
     "N": ("params", "n_params", "n", "parameters", "num_params", "model_params", "n_params_final_json", "model_size",
           "num_parameters", "n_parameters"),
-    "D": ("tokens", "d", "n_tokens", "train_tokens", "training_tokens", "num_tokens", "tokens_seen", "data_size",
-          "dataset_size"),
+    # Not "dataset_size" / "data_size": in data-constrained tables those name the unique data (U), not D.
+    "D": ("tokens", "d", "n_tokens", "train_tokens", "training_tokens", "num_tokens", "tokens_seen"),
     "C": ("compute", "c", "flops", "train_flops", "training_flops", "training_flop", "flop"),
     "loss": ("loss", "l", "final_loss", "val_loss", "eval_loss", "validation_loss"),
     "U": ("unique_tokens", "u", "unique"),
@@ -60,7 +60,25 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         if not isinstance(doc, Sequence) or not all(isinstance(r, Mapping) for r in doc):
             raise FitError(f"{path}: expected a list of run objects or {{\"runs\": [...]}}")
         return [dict(r) for r in doc]
-    return list(csv.DictReader(text.splitlines()))
+    lines = text.splitlines()
+    return list(csv.DictReader(lines, delimiter=table_delimiter(lines[0]) if lines else ","))
+
+
+def table_delimiter(first_line: str) -> str:
+    """The delimiter of a table whose header is ``first_line``: a comma, unless the header has no comma
+    but tabs or semicolons (a TSV, or a spreadsheet's export; decimal commas in its cells are not read: a
+    cell such as ``3,5`` is reported as not a number).
+
+    Example:
+        >>> table_delimiter("step\\tloss"), table_delimiter("step;loss"), table_delimiter("step,loss")
+        ('\\t', ';', ',')
+    """
+    if "," in first_line:
+        return ","
+    for d in ("\t", ";"):
+        if d in first_line:
+            return d
+    return ","
 
 
 def _norm(name: str) -> str:

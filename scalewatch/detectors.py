@@ -365,14 +365,14 @@ class SaturationDetector(_Detector):
             change, lr_ratio, rising, stalled = self._trend()
         elif drift is None:
             return StageOutput()
-        if drift is not None:  # still improving, but more slowly than the law says it should
+        if drift is not None and not (rising or stalled):  # still improving, more slowly than the law says
             message = (f"the run is improving more slowly than its law at step {obs.step:,}: {drift}; it is heading "
                        "for a worse end than its pilots: check the LR schedule and data against theirs, and stop "
                        "early or change the plan if it keeps drifting")
         else:
             why = (f"the loss rose {change:+.2%} over the last {len(self.points)} log points while the LR did not "
                    "rise" if rising else f"the LR fell to {lr_ratio:.0%} over the last {len(self.points)} log points "
-                   f"but the loss changed only {change:+.2%}")
+                   f"but the loss changed only {change:+.2%}") + (f"; {drift}" if drift is not None else "")
             message = (f"the run stopped improving at step {obs.step:,}: {why}; a smaller model trained this long, or "
                        "the LR schedule, is at its limit: stop early or change the plan")
         return StageOutput(findings=[Finding(

@@ -528,37 +528,51 @@ def _profiles(runs: RunSet, budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return sizes, out
 
 
-# IsoFLOP budgets: runs whose compute lies closer than this (decades) to the next are one budget, so that
-# budgets read off a plot or rounded in a table (a few % apart within one budget) still group; a stretch
-# of such runs wider than ISOFLOP_MAX_SPAN is a continuum of budgets, not one, and is cut at 5% instead.
+# IsoFLOP budgets: runs within 5% of each other's compute are one budget. Budgets read off a figure or rounded
+# in a table (a few % apart within one budget) leave that in pieces: neighbouring groups closer than
+# ISOFLOP_GAP decades are merged where no model size is in both (one budget trains each size once; distinct
+# budgets of one design reuse the sizes) and the result spans at most ISOFLOP_MAX_SPAN decades.
 ISOFLOP_GAP = 0.1
 ISOFLOP_MAX_SPAN = 0.3
 
 
-def budget_groups(C: np.ndarray) -> list[np.ndarray]:
-    """Indices of the runs at each IsoFLOP budget: split where consecutive computes (sorted) are more than
-    :data:`ISOFLOP_GAP` decades apart; a group wider than :data:`ISOFLOP_MAX_SPAN` is split at 5% instead.
+def budget_groups(C: np.ndarray, N: np.ndarray | None = None) -> list[np.ndarray]:
+    """Indices of the runs at each IsoFLOP budget, in increasing compute (see :data:`ISOFLOP_GAP`); without ``N``
+    every 5% group is a budget.
 
     Example:
         >>> C = np.array([1.0e19, 1.06e19, 0.95e19, 3.0e19, 2.8e19, 3.1e19])   # two budgets, jittered
-        >>> [sorted(g.tolist()) for g in budget_groups(C)]
+        >>> N = np.array([1e8, 2e8, 4e8, 1e8, 2e8, 4e8])
+        >>> [sorted(g.tolist()) for g in budget_groups(C, N)]
         [[0, 1, 2], [3, 4, 5]]
+        >>> C = np.repeat([1e19, 1.2e19, 1.44e19], 3); N = np.tile([1e8, 2e8, 4e8], 3)   # exact, 1.2x apart
+        >>> len(budget_groups(C, N))
+        3
     """
-    logc = np.log10(np.asarray(C, dtype=float))
-    order = np.argsort(logc)
-    cuts = np.flatnonzero(np.diff(logc[order]) > ISOFLOP_GAP) + 1
-    out: list[np.ndarray] = []
-    for chunk in np.split(order, cuts):
-        if logc[chunk].max() - logc[chunk].min() > ISOFLOP_MAX_SPAN:
-            out += [chunk[g] for g in _group_by(np.asarray(C, dtype=float)[chunk], 0.05)]
+    C = np.asarray(C, dtype=float)
+    groups = _group_by(C, 0.05)
+    if N is None or not groups:
+        return groups
+    logc, logn = np.log10(C), np.log(np.asarray(N, dtype=float))
+
+    def shares_size(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.any(np.abs(logn[a][:, None] - logn[b][None, :]) < math.log(1.05)))
+
+    out = [groups[0]]
+    for g in groups[1:]:
+        prev = out[-1]
+        merged = np.concatenate([prev, g])
+        if logc[g].min() - logc[prev].max() <= ISOFLOP_GAP and not shares_size(prev, g) \
+                and logc[merged].max() - logc[merged].min() <= ISOFLOP_MAX_SPAN:
+            out[-1] = merged
         else:
-            out.append(chunk)
+            out.append(g)
     return out
 
 
 def _isoflop_groups(runs: RunSet) -> list[np.ndarray]:
     C = 6 * runs.N * runs.D
-    return [g for g in budget_groups(C) if np.unique(np.round(np.log(runs.N[g]), 6)).size >= 3]
+    return [g for g in budget_groups(C, runs.N) if np.unique(np.round(np.log(runs.N[g]), 6)).size >= 3]
 
 
 def _budgets(runs: RunSet, per_decade: int = 4) -> np.ndarray:
@@ -679,7 +693,7 @@ def _isoflop_points(runs: RunSet) -> tuple[list[tuple[float, float]], str]:
 def approach2(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFit:
     """Approach 2: a parabola of loss against log N at each compute budget; its minimum is N_opt(C).
 
-    Uses the runs' own IsoFLOP groups (runs within 5% of one budget, at least 3 sizes) when
+    Uses the runs' own IsoFLOP groups (:func:`budget_groups`, at least 3 sizes) when
     there are two or more; otherwise IsoFLOP profiles interpolated from each size's runs.
     """
     pts, how = _isoflop_points(runs)

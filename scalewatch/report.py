@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scalewatch.alerts import Alert
+from scalewatch.curves import SPEC_TEMPLATE
 from scalewatch.monitor import ForecastBand, History, Report
 from scalewatch.tensorboard import Tags, no_loss_message
 from scalewatch.watch import (Replayer, TableSource, WatchError, add_run_arguments, check_one_run, open_source,
@@ -269,8 +270,7 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
         data.final_step = len(curve.schedule) - 1
     elif config.curve_law is not None and not rp.notes:
         data.notes.append("A curve law was given but no usable --schedule (a step,lr CSV of the whole run, or a "
-                          "description such as cosine:peak=...,warmup=...,final=...,total=LAST_STEP): "
-                          "no predicted band and no forecast.")
+                          f"description such as {SPEC_TEMPLATE}): no predicted band and no forecast.")
     last = points[-1]
     if config.law is not None and data.n_params and last.tokens > 0 and last.step > 0:
         # The optimum depends on the compute: take the run's (projected to its planned end when known).
@@ -648,8 +648,8 @@ def _loss_section(d: RunData) -> str:
                                                   if d.pred_final is not None else "."))
     elif not has_pred:
         notes.append(esc("No predicted band or forecast: give --curve-law (and --schedule, the run's step,lr CSV or "
-                         "a description such as cosine:peak=...,warmup=...,final=...,total=LAST_STEP, when the log "
-                         "has no LR), with --n-params if the law was fitted on several sizes."))
+                         f"a description such as {SPEC_TEMPLATE}, when the log has no LR), with --n-params if the "
+                         "law was fitted on several sizes."))
     xmin = min(x for x in xs if x > 0) if any(x > 0 for x in xs) else 0.0
     chart.log_x = xmin > 0 and max(xs) / xmin > 50  # a long run: its early points would be squashed otherwise
     svg = svg_chart(chart, "loss")

@@ -25,8 +25,9 @@ GNS_METHOD_TEXT = PREFIX + "gns/method"
 
 # Tag names other trainers use, most specific first (what `read_observations` and `watch` look for; the
 # loss-curve readers of `fit --curves` take the same names for TensorBoard tags and CSV columns).
+# No validation loss here: watch judges the training loss, and a held-out loss logged once an epoch is not it.
 LOSS_TAGS = ("scalewatch/loss", "train/loss", "train_loss", "loss", "lm loss", "train/CE loss",
-             "loss_metrics/global_avg_loss", "training_loss", "val_loss", "Loss/train")
+             "loss_metrics/global_avg_loss", "training_loss", "Loss/train")
 LR_TAGS = ("scalewatch/lr", "lr", "train/lr", "learning_rate", "train/learning_rate", "lr-AdamW", "lr-Adam",
            "lr-SGD", "optim/LR (group 0)", "learning-rate", "optim/learning_rate_group0")
 TOKEN_TAGS = ("scalewatch/tokens", "train/tokens", "tokens", "num_tokens", "throughput/total_tokens")

@@ -23,6 +23,7 @@ from typing import Any
 
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, size_warning
+from scalewatch.curves import SPEC_TEMPLATE
 from scalewatch.data import no_rows_left, parse_where, pick_column
 from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
@@ -123,7 +124,7 @@ class TableSource:
             cells = {str(k): v for k, v in doc.items()} if isinstance(doc, Mapping) else {}
         else:
             if self._header is None:
-                from scalewatch.curves import table_delimiter
+                from scalewatch.data import table_delimiter
 
                 self._delimiter = table_delimiter(text)  # a TSV, or a semicolon-separated export, is read too
             values = next(csv.reader([text], delimiter=self._delimiter))
@@ -351,8 +352,7 @@ def with_log_schedule(path: str | Path, kwargs: Mapping[str, Any], follow: bool 
                f"no LR tag {lr_tag!r}" if lr_tag else f"no LR tag or column among {shown or 'none'}")
         note = (f"--curve-law without --schedule, and the log has no LR per step ({why}): no predicted curve; "
                 + ("" if name else "name the LR with --lr-tag, or ")
-                + "give --schedule step,lr.csv or a description such as "
-                "cosine:peak=...,warmup=...,final=...,total=LAST_STEP")
+                + f"give --schedule step,lr.csv or a description such as {SPEC_TEMPLATE}")
         return {**kwargs, "notes": [*kwargs.get("notes", []), note]}
     total = kwargs.get("total_steps")
     note = (f"--curve-law without --schedule: the schedule is the log's own {name!r} (steps {first:,}–{last:,}, "

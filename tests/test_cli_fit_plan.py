@@ -412,5 +412,9 @@ def test_fit_reads_columns_by_other_names_or_the_names_given(tmp_path, capsys) -
     assert "column 'width' not found" in capsys.readouterr().err
     assert main(["fit", "--curves", str(odd), "--flops-column", "budget"]) == 2
     assert "--flops-column name columns of a table of final losses" in capsys.readouterr().err
+    tsv = tmp_path / "runs.tsv"  # a tab-separated table reads the same
+    tsv.write_text(spaced.read_text().replace(",", "\t"))
+    assert main(["fit", str(tsv), "--json", "--bootstrap", "0", "--no-calibrate"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["alpha"] == pytest.approx(TRUE.alpha, rel=1e-3)
     assert main(["fit", "--curves", str(odd), "--n-column", "width_params"]) == 2  # taken: this file is no curve
     assert "no step column" in capsys.readouterr().err

@@ -351,7 +351,7 @@ def test_schedule_described_in_words_matches_the_written_out_schedule() -> None:
     assert np.all(schedule_from_spec("constant:peak=2e-4", 50) == 2e-4)
     for bad, says in (("cosin:peak=1", "unknown kind 'cosin'"), ("cosine:peak=x", "peak='x' is not a number"),
                       ("cosine:warm=3", "'warm=3' is not one of"), ("cosine:final=2", "at most 1"),
-                      ("cosine:peak=1", "give total=")):
+                      ("cosine:peak=1", "add total=LAST_STEP"), ("cosine:total=0", "must be at least 1")):
         with pytest.raises(CurveError, match=re.escape(says)):
             schedule_from_spec(bad, None)
 
@@ -379,6 +379,6 @@ def test_curves_without_an_lr_column_fit_with_a_described_schedule(tmp_path, cap
     assert last["step"] == 30000
     assert last["loss"] == pytest.approx(float(synthetic("t", cosine(30000), every=30000).loss[-1]), rel=2e-3)
     assert cli(["predict", "--law", str(law), "--schedule", spec]) == 2
-    assert "give total=" in capsys.readouterr().err
+    assert "add total=LAST_STEP" in capsys.readouterr().err
     assert cli(["fit", "--lr-schedule", spec, str(tmp_path / "runs.csv")]) == 2
     assert "goes with --curves" in capsys.readouterr().err

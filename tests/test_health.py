@@ -183,6 +183,20 @@ def test_saturation_with_a_curve_law_when_the_forecast_drifts_above_the_predicti
     (alert,) = [a for step, loss in points for a in m.observe(_obs(step, loss, lr=1e-3)).alerts]
     # the loss is still falling: the message says it improves too slowly, not that it stopped
     assert "improving more slowly than its law" in alert.message and "stopped improving" not in alert.message
+    # The loss rising while the forecast drifts: it did stop improving, and the drift is said too.
+    from types import SimpleNamespace
+
+    det = SaturationDetector()
+    findings = []
+    for i in range(1, 31):  # up 5% over 30 log points, a little noise; forecasts above the law from step 40
+        step, end = 10 * i, 3.0 + (0.1 if i >= 4 else 0.0)
+        monitor = SimpleNamespace(report=SimpleNamespace(scalars={
+            "loss_pred_final": 3.0, "loss_forecast_final": end, "loss_forecast_final_low": end - 0.02,
+            "loss_forecast_at_step": float(step)}))
+        findings += det.on_observation(_obs(step, 3.0 + 0.005 * i + 0.0005 * (i % 2), lr=1e-3), monitor).findings
+    last = findings[-1]
+    assert last.active and "stopped improving" in last.message and "law's prediction" in last.message
+    assert "improving more slowly" not in last.message
     inside = Forecast(lambda step: 3.01)  # the band holds the prediction: no drift
     assert _fired(Monitor(plugins=[SaturationDetector(), inside]), points, lr=1e-3) == []
 

@@ -80,9 +80,28 @@ def test_a_resumed_log_is_still_replayed_whole(tmp_path, capsys) -> None:
     rows = [(s, 3 + 5 / math.sqrt(s)) for s in range(1, 201)] + [(s, 3 + 5 / math.sqrt(s)) for s in range(150, 401)]
     log = tmp_path / "resumed.csv"
     log.write_text("step,loss,lr\n" + "".join(f"{s},{v:.4f},0.001\n" for s, v in rows))
-    main(["watch", str(log), "--no-tb"])
+    assert main(["watch", str(log), "--no-tb"]) != 3  # 3: refused as a table of several runs
     err = capsys.readouterr().err
     assert "several runs" not in err and f"{len(rows)} log points kept" in err
+    # a column that changes with each session (a job id) does not make the sessions separate runs
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("step,loss,lr,slurm_job_id\n" + "".join(
+        f"{s},{v:.4f},0.001,{'job1' if i < 200 else 'job2'}\n" for i, (s, v) in enumerate(rows)))
+    assert main(["watch", str(jobs), "--no-tb"]) != 3
+    err = capsys.readouterr().err
+    assert "several runs" not in err and f"{len(rows)} log points kept" in err
+
+
+def test_watch_judges_the_training_loss_not_a_validation_loss_beside_it(tmp_path, capsys) -> None:
+    """A Lightning CSVLogger file: the training loss under its own name, a val_loss once an epoch. watch must
+    not quietly judge the validation loss; it asks for the tag."""
+    log = tmp_path / "metrics.csv"
+    log.write_text("epoch,step,train_loss_step,val_loss\n" + "".join(
+        f"0,{s},{3 + 1 / s:.4f},{'' if s % 10 else f'{3.1 + 1 / s:.4f}'}\n" for s in range(1, 41)))
+    assert main(["watch", str(log), "--no-tb"]) != 0
+    assert "--loss-tag" in capsys.readouterr().err
+    assert main(["watch", str(log), "--no-tb", "--loss-tag", "train_loss_step"]) == 0
+    assert "40 log points kept" in capsys.readouterr().err
 
 
 def test_follow_on_a_growing_csv_still_works(tmp_path, capsys) -> None:
