@@ -739,11 +739,14 @@ def _summary(d: RunData) -> str:
              ("worst alert", worst.severity.upper() if worst else "NONE", f"state-{worst.severity if worst else 'ok'}"),
              ("log points", fmt(d.log_points), ""), ("last step", fmt(last.step), ""),
              ("tokens", short(last.tokens) if last.tokens else "–", ""),
-             ("N (parameters)", param_label(d.n_params) if d.n_params else "–", ""),
+             # the card holds "1.3B"; the exact count is the card's tooltip (it does not fit beside it)
+             ("N (parameters)", param_label(d.n_params).split(" (")[0] if d.n_params else "–", ""),
              ("tokens / parameter", fmt(last.tokens_per_param, 3) if last.tokens else "–", ""),
              ("last loss", fmt(last.loss, 4), "")]
+    exact = {"N (parameters)": f"{d.n_params:,.0f} parameters" if d.n_params else ""}
     html_cards = '<div class="cards">' + "".join(
-        f'<div class="card {cls}"><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div></div>'
+        f'<div class="card {cls}"' + (f' title="{esc(exact[k])}"' if exact.get(k) else "")
+        + f'><div class="k">{esc(k)}</div><div class="v">{esc(v)}</div></div>'
         for k, v, cls in cards) + "</div>"
     if not fired:
         return html_cards + '<p class="note">No alert fired.</p>'
