@@ -574,6 +574,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 ci_nd = list(interval([q.n_params for q in plans])) if plans else None
                 ci_dd = list(interval([q.train_tokens for q in plans])) if plans else None
                 ci_ld = list(interval([q.loss for q in plans])) if plans else None
+                if plans and band is not None:  # as far from the pilots as the compute-optimal answer: widened alike
+                    from scalewatch.extrapolation import widened_interval
+
+                    w = widened_interval(p.loss, [q.loss for q in plans], band, p.n_params, p.train_tokens)
+                    ci_ld = [w.low, w.high]
                 payload["data_constrained"] = {**p.__dict__, "n_params_ci95": ci_nd, "train_tokens_ci95": ci_dd,
                                                "loss_ci95": ci_ld}
                 lines.append(f"Data-constrained (Muennighoff et al.) with U = {_fmt(args.unique_tokens)} unique tokens: "

@@ -146,6 +146,8 @@ or a positive number of FLOPs per token, got '7N'
                      "context_length", "log_every_n_steps", "history_size"):
             setattr(self, name, _number_from_text(getattr(self, name), integral=name not in _FLOAT_FIELDS))
         n = self.n_params
+        if isinstance(n, float) and n.is_integer():  # 1e9 written as a float is the count it says
+            n = self.n_params = int(n)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ScaleWatchConfigError(f"scalewatch: n_params must be a positive int, got {n!r}; "
                                         "leave it out to count the module's trainable parameters")

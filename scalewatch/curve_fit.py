@@ -516,8 +516,11 @@ def implausible_law(law: CurveLaw, curves: Sequence[Curve]) -> str | None:
     if not reasons:
         return None
     longest = max((int(np.max(c.steps)) for c in curves if len(c.steps)), default=0)
+    # Curves of several model sizes fitted as one (no N known) misfit each other in just these ways.
+    sizes_hint = ("; if these curves are of several model sizes, give each its N (an n_params column, or "
+                  "--n-column)" if len(curves) > 2 and all(c.n_params is None for c in curves) else "")
     return (f"the curve law is poorly determined: {'; '.join(reasons)}: fit it on longer or more pilot curves, and "
-            f"do not use a law fitted on runs of up to {longest} steps far beyond that length")
+            f"do not use a law fitted on runs of up to {longest} steps far beyond that length{sizes_hint}")
 
 
 def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: CurveLaw,

@@ -408,14 +408,26 @@ def predict_with_interval(law: ChinchillaLaw, samples: Sequence[ChinchillaLaw], 
         >>> near.high == near.loss, far.high > far.loss * 1.05
         (True, True)
     """
-    pred = float(law.predict(N, D))
+    with np.errstate(all="ignore"):
+        vals = [float(s.predict(N, D)) for s in samples]
+    return widened_interval(float(law.predict(N, D)), vals, band, N, D, level)
+
+
+def widened_interval(pred: float, sample_values: Sequence[float], band: ExtrapolationBand | None, N: float, D: float,
+                     level: float = 0.95) -> Prediction:
+    """A predicted loss ``pred`` with the percentile interval of ``sample_values`` (the same quantity under each
+    bootstrap law) widened by the extrapolation term at (N, D), as :func:`predict_with_interval` does; for a
+    quantity other than the law's own L(N, D), e.g. a data-constrained plan's loss.
+
+    Example:
+        >>> band = ExtrapolationBand(k_per_decade=0.02, N_max=1e8, C_max=1e19)
+        >>> p = widened_interval(2.0, [1.99, 2.0, 2.01], band, 1e10, 2e11)
+        >>> p.bootstrap_high < 2.02 < p.high
+        True
+    """
     q = (1.0 - level) / 2.0
-    if samples:
-        with np.errstate(all="ignore"):
-            vals = np.array([float(s.predict(N, D)) for s in samples])
-        vals = vals[np.isfinite(vals) & (vals > 0)]
-    else:
-        vals = np.array([])
+    vals = np.asarray(sample_values, dtype=float)
+    vals = vals[np.isfinite(vals) & (vals > 0)]
     b_lo, b_hi = (float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))) if vals.size else (pred, pred)
     h_lo, h_hi = max(math.log(pred / b_lo), 0.0), max(math.log(b_hi / pred), 0.0)
     dist = float(band.distance(N, D)) if band is not None else float("nan")
@@ -427,4 +439,4 @@ def predict_with_interval(law: ChinchillaLaw, samples: Sequence[ChinchillaLaw], 
 
 __all__ = ["ExponentChoice", "ExtrapolationBand", "HeldOut", "Prediction", "calibrate_extrapolation",
            "choose_exponents", "compare_exponents", "distance_decades", "fit_chinchilla_exponents",
-           "predict_with_interval"]
+           "predict_with_interval", "widened_interval"]

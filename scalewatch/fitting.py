@@ -700,6 +700,10 @@ def approach2(runs: RunSet, n_bootstrap: int = 200, seed: int = 0) -> PowerLawFi
     if len(pts) < 2:
         raise FitError("approach 2 needs at least 2 compute budgets with 3 or more model sizes whose losses "
                        "curve upward around a minimum; add runs that bracket the optimum")
+    if len(pts) < 3:  # a line through two points: its slope has no check, and the bootstrap interval is lopsided
+        warnings.warn(f"approach 2 found only {len(pts)} compute budgets with 3+ model sizes around a minimum: the "
+                      "exponent is a line through them; add runs at more budgets (or use Approach 3, the default)",
+                      stacklevel=2)
     a, k = _regress(pts)
     ci = _bootstrap_exponent(runs, lambda r: _isoflop_points(r)[0], n_bootstrap, seed)
     return PowerLawFit(exponent=a, ci95=ci, coefficient=k, points=pts, method=f"approach 2: {how}")

@@ -253,6 +253,21 @@ def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = Tru
 
 
 # ------------------------------------------------------------------ rows -> observations
+def _row_n_params(row: Mapping[str, float]) -> int | None:
+    """N from a log row: the callback's ``scalewatch/n_params``, or a table's own ``n_params`` / ``params``
+    column (any case), the names ``fit --curves`` reads.
+
+    Example:
+        >>> _row_n_params({"step": 10, "loss": 3.0, "N_Params": 1e9}), _row_n_params({"loss": 3.0}) is None
+        (1000000000, True)
+    """
+    if tag("n_params") in row:
+        return int(row[tag("n_params")])
+    col = pick_column(list(row), ("n_params", "params"))
+    value = row.get(col) if col else None
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
 @dataclass
 class Replayer:
     """Turns rows into Observations and feeds them to a Monitor, built at the first row (when N is known)."""
@@ -282,7 +297,12 @@ class Replayer:
         if not self.rows.has_loss(row, known):
             return None  # a step without a loss (e.g. only the LR was logged)
         if self.monitor is None:
-            n = self.n_params or (int(row[tag("n_params")]) if tag("n_params") in row else None)
+            n = self.n_params or _row_n_params(row)
+            law = self.config.curve_law
+            if n is None and law is not None and law.n_range is not None:
+                lo, hi = law.n_range
+                raise WatchError(f"the curve law was fitted on several model sizes ({lo:.3g}..{hi:.3g}) and the log "
+                                 "carries no N (scalewatch/n_params or an n_params column): give --n-params N")
             if self.total_steps is None and tag("total_steps") in row:  # logged by the live callback
                 self.total_steps = int(row[tag("total_steps")])
             self.monitor = build_monitor(self.config, n_params=n, total_steps=self.total_steps, sinks=self.sinks)

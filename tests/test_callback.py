@@ -171,6 +171,7 @@ def test_loss_logged_by_the_module_is_used_when_training_step_returns_none(tmp_p
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_params=0), "n_params"),
     (dict(n_params=-5), "n_params"),
+    (dict(n_params=1.5e3 + 0.5), "n_params"),  # not a count
     (dict(flops="7N"), "flops"),
     (dict(flops=-1.0), "flops"),
     (dict(param_convention="kaplan"), "param_convention"),
@@ -178,6 +179,10 @@ def test_loss_logged_by_the_module_is_used_when_training_step_returns_none(tmp_p
 def test_bad_arguments_fail_at_construction(kwargs, match) -> None:
     with pytest.raises(ScaleWatchConfigError, match=match):
         ScaleWatch(**kwargs)
+
+
+def test_n_params_written_as_a_float_is_taken_as_the_count() -> None:
+    assert ScaleWatch(n_params=1e9).config.n_params == 1_000_000_000
 
 
 def test_unreadable_batch_fails_at_first_batch_naming_tokens_fn(tmp_path) -> None:

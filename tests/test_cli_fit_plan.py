@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,7 @@ def test_plot_draws_an_image_or_names_the_missing_extra(sweep_csv, tmp_path) -> 
         assert p.returncode == 0 and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DATA.exists(), reason="../shared/data not beside the checkout")
 def test_fit_on_real_gadre_data_with_filters() -> None:
     f = DATA / "gadre2024_overtraining" / "final_losses.csv"
@@ -220,6 +222,7 @@ def test_plan_reports_intervals_of_its_answer_from_the_bootstrap_laws(sweep_csv,
     assert "95% percentile over the file's 40 bootstrap laws" in text and "predicted loss" in text
 
 
+@pytest.mark.slow
 def test_plan_says_clearly_when_the_law_has_no_bootstrap_laws(sweep_csv, tmp_path) -> None:
     law = tmp_path / "law.json"
     assert _run("fit", str(sweep_csv), "--out", str(law), "--bootstrap", "0", "--no-calibrate").returncode == 0
@@ -418,3 +421,17 @@ def test_fit_reads_columns_by_other_names_or_the_names_given(tmp_path, capsys) -
     assert json.loads(capsys.readouterr().out)["params"]["alpha"] == pytest.approx(TRUE.alpha, rel=1e-3)
     assert main(["fit", "--curves", str(odd), "--n-column", "width_params"]) == 2  # taken: this file is no curve
     assert "no step column" in capsys.readouterr().err
+
+
+def test_data_constrained_plan_interval_widens_with_the_distance_like_the_compute_optimal_one(sweep_csv, tmp_path,
+                                                                                              capsys) -> None:
+    law = tmp_path / "law.json"
+    assert main(["fit", str(sweep_csv), "--out", str(law), "--bootstrap", "30"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--flops", "1e25", "--unique-tokens", "5e11", "--law", str(law), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    co, dc = doc["compute_optimal"], doc["data_constrained"]
+    assert co["decades_beyond_pilots"] > 1  # far out: the extrapolation term dominates both intervals
+    co_w = math.log(co["loss_ci95"][1] / co["loss_ci95"][0])
+    dc_w = math.log(dc["loss_ci95"][1] / dc["loss_ci95"][0])
+    assert dc_w > 0.7 * co_w and dc["loss_ci95"][0] < dc["loss"] < dc["loss_ci95"][1]

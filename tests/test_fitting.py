@@ -97,6 +97,18 @@ def test_approach2_groups_budgets_read_off_a_plot_and_keeps_a_continuum_apart() 
     assert sorted(len(g) for g in budget_groups(C, sizes)) == [5, 5, 5]
 
 
+def test_approach2_on_two_budgets_says_the_exponent_is_a_line_through_two_points() -> None:
+    runs = _isoflop_sweep()
+    C = 6 * runs.N * runs.D
+    two = runs.subset(np.flatnonzero(C < 2e19))  # the 1e18 and 5.6e18 budgets
+    with pytest.warns(UserWarning, match="only 2 compute budgets"):
+        fit = approach2(two, n_bootstrap=0)
+    assert len(fit.points) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        approach2(runs, n_bootstrap=0)  # five budgets: nothing to say
+
+
 def test_approach1_envelope_on_per_size_curves() -> None:
     # Model sizes, each trained to many token counts (a Chinchilla-style grid).
     N = np.repeat(np.logspace(7, 10, 13), 25)
@@ -420,6 +432,7 @@ def _two_stage_sweep(noise: float = 0.0, seed: int = 0):
     return make_runs(n, d, DC_TRUE.predict(n, d, unique=u) * np.exp(rng.normal(0, noise, n.size)), U=u)
 
 
+@pytest.mark.slow
 def test_two_stage_data_constrained_fit_recovers_base_and_r_stars() -> None:
     from scalewatch.fitting import fit_data_constrained
 

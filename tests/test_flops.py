@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 from tiny_gpt import GPT, GPTConfig
@@ -21,6 +22,7 @@ def _measured_per_token(cfg: GPTConfig, batch: int) -> float:
     return measure_flops(step) / (batch * cfg.block_size)
 
 
+@pytest.mark.slow
 def test_six_n_plus_attention_matches_measured_within_5_percent() -> None:
     cfg = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128)
     n = count_parameters(GPT(cfg)).total
@@ -32,6 +34,7 @@ def test_six_n_plus_attention_matches_measured_within_5_percent() -> None:
     assert rel > 0  # the convention over-counts, never under-counts, for this architecture
 
 
+@pytest.mark.slow
 def test_plain_six_n_misses_the_attention_term() -> None:
     # At T = d_model the attention matmuls are about a tenth of the work: 6N alone must
     # under-count by clearly more than the 5% tolerance above.

@@ -179,6 +179,7 @@ def test_per_example_leaves_out_tied_and_reused_layers() -> None:
 
 
 # ------------------------------------------------------------------ accuracy in real training
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["logistic", "mlp"])
 def test_accumulation_method_matches_exact_noise_scale(kind, exact) -> None:
     watch = _watch()

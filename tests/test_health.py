@@ -373,6 +373,7 @@ def test_batch_far_above_the_critical_batch_is_an_info(tmp_path) -> None:
     assert not [f for f in fired if f[1] != "info" and f[0] not in ("overtrained",)]
 
 
+@pytest.mark.slow
 def test_an_alert_firing_at_a_checkpoint_survives_the_resume_without_firing_again(tmp_path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -219,3 +219,13 @@ def test_report_summary_writes_n_as_a_parameter_count_not_si() -> None:
     text = re.sub(r"<[^>]+>", " ", html)
     # the card shows 1B (the exact count would overflow it) and carries the count as its tooltip
     assert re.search(r">\s*1B\s*<", html) and "1G" not in text and 'title="1,000,000,000 parameters"' in html
+
+
+def test_curves_of_two_sizes_fitted_as_one_say_to_give_n() -> None:
+    from test_curves import TRUE, cosine, synthetic
+
+    curves = [synthetic(f"{k}{i}", make(), dict(TRUE, L0=L0))
+              for i, L0 in enumerate((2.5, 4.0)) for k, make in (("cos", lambda: cosine(3000)),
+                                                                  ("const", lambda: np.full(3001, 3e-4)))]
+    with pytest.warns(UserWarning, match="several model sizes, give each its N"):
+        fit_curves(curves, calibrate=False)

@@ -270,3 +270,26 @@ def test_blank_lr_everywhere_is_an_error_naming_the_fix(tmp_path) -> None:
     with pytest.raises(CurveError, match="blank in every row with a loss.*--lr-schedule"):
         read_curve_table(p)
     assert np.all(read_curve_table(p, schedule="constant")[0].lr == 1.0)
+
+
+def test_watch_takes_n_from_the_tables_own_column_and_refuses_a_multi_size_law_without_n(tmp_path, capsys) -> None:
+    """A law of several sizes predicts a size: watch reads N from the table's n_params column (as fit --curves
+    does), and without one it says to give --n-params instead of predicting some other size's curve."""
+    from scalewatch.curves import CurveLaw, save_curve_law, schedule_from_spec
+
+    coef = {"L0": (3.0, -0.1), "lnA": (math.log(0.5), 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(2.0), 0.0)}
+    law = CurveLaw(coef, n_ref=2e8, band_rel=0.01, n_range=(1e8, 4e8))
+    save_curve_law(law, tmp_path / "law.json")
+    sched = schedule_from_spec("cosine:peak=1e-3,final=0.1", 4000)
+    steps = list(range(100, 4001, 100))
+    truth = law.predict(sched, n_params=4e8, steps=steps).loss  # the 4e8 model, 3.6% below the law at n_ref
+    rows = "".join(f"{s},{y:.5f},{sched[s]:.6g},4e8\n" for s, y in zip(steps, truth, strict=True))
+    (tmp_path / "run.csv").write_text("step,loss,lr,n_params\n" + rows)
+    args = ["--curve-law", str(tmp_path / "law.json"), "--no-tb", "--total-steps", "4000"]
+    assert main(["watch", str(tmp_path / "run.csv"), *args]) == 0
+    assert "off_curve" not in capsys.readouterr().out
+    (tmp_path / "bare.csv").write_text("step,loss,lr\n" + "".join(",".join(r.split(",")[:3]) + "\n"
+                                                                 for r in rows.splitlines()))
+    assert main(["watch", str(tmp_path / "bare.csv"), *args]) == 3
+    assert "give --n-params N" in capsys.readouterr().err
+    assert main(["watch", str(tmp_path / "bare.csv"), *args, "--n-params", "4e8"]) == 0
