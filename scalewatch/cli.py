@@ -324,7 +324,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         schedule = schedule_from_arg(args.schedule, None)  # a spec without total= says to give it
         last = len(schedule) - 1
         every = max(1, last // max(args.points - 1, 1))
-        pred = law.predict(schedule, n_params=args.n_params, steps=sorted({*range(every, last + 1, every), last}))
+        # every `every` steps and the last, without a row just before the last (142,996 beside 143,000)
+        rows = [st for st in range(every, last + 1, every) if last - st >= every / 2] + [last]
+        pred = law.predict(schedule, n_params=args.n_params, steps=rows)
     except CurveError as exc:
         raise CLIError(str(exc)) from None
     if law.n_range is None and args.n_params is not None:
