@@ -334,10 +334,12 @@ def log_schedule(source: EventSource | TableSource, lr_tag: str | None = None
 
     from scalewatch.curves import CurveError, per_step_lr
 
-    wanted = {a.lower() for a in (*LR_TAGS, *([lr_tag] if lr_tag else []))}
+    from scalewatch.data import _norm  # the names as find_tag matches them: "Learning Rate" is learning_rate
+
+    wanted = {_norm(a) for a in (*LR_TAGS, *([lr_tag] if lr_tag else []))}
     rows: dict[int, dict[str, float]] = {}
     for step, row in source.poll(final=True):
-        values = {k: v for k, v in row.items() if k.lower() in wanted and math.isfinite(v)}
+        values = {k: v for k, v in row.items() if _norm(k) in wanted and math.isfinite(v)}
         if values:
             rows.setdefault(step, {}).update(values)
     name = find_tag(sorted({k for r in rows.values() for k in r}), LR_TAGS, lr_tag)

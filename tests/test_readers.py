@@ -293,3 +293,20 @@ def test_watch_takes_n_from_the_tables_own_column_and_refuses_a_multi_size_law_w
     assert main(["watch", str(tmp_path / "bare.csv"), *args]) == 3
     assert "give --n-params N" in capsys.readouterr().err
     assert main(["watch", str(tmp_path / "bare.csv"), *args, "--n-params", "4e8"]) == 0
+
+
+def test_watch_reads_an_lr_tag_written_with_spaces_and_capitals(tmp_path, capsys) -> None:
+    """A tutorial-style TensorBoard log ('Loss/train', 'Learning Rate'): the log's own LR is the schedule."""
+    from scalewatch.curves import CurveLaw, save_curve_law
+
+    law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(100.0), 0.0)},
+                   n_ref=1e8, band_rel=0.02)
+    save_curve_law(law, tmp_path / "law.json")
+    run = tmp_path / "run"
+    w = SummaryWriter(str(run))
+    for s in range(10, 401, 10):
+        w.add_scalar("Loss/train", 3.0 + 1.0 / s, s)
+        w.add_scalar("Learning Rate", 1e-3, s)
+    w.close()
+    assert main(["watch", str(run), "--no-tb", "--curve-law", str(tmp_path / "law.json")]) in (0, 1)
+    assert "the schedule is the log's own 'Learning Rate'" in capsys.readouterr().err
