@@ -480,10 +480,9 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     description, :func:`schedule_from_spec`) instead of the LR tag."""
     from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, find_tag, read_scalars, tag
 
-    if not any(Path(path).glob("events.out.tfevents.*")):
-        found = event_dirs(path)
-        hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
-        raise CurveError(f"{path}: no TensorBoard event files in this directory{hint}")
+    missing = no_event_files(path)
+    if missing:
+        raise CurveError(missing)
     series = read_scalars(path)
     tags = list(series)
     lr_tag, y_tag = find_tag(tags, LR_TAGS), find_tag(tags, LOSS_TAGS, loss_tag)
@@ -494,17 +493,15 @@ def read_curve_tensorboard(path: str | Path, loss_tag: str | None = None, n_para
     if lr_tag is None and schedule is None:
         raise CurveError(f"{path}: no LR tag (looked for {', '.join(LR_TAGS)}); found {found_}; describe the LR "
                          f"with --lr-schedule (e.g. {SPEC_EXAMPLE})")
+    if n_params is None and tag("n_params") in series:
+        n_params = float(series[tag("n_params")][-1][1])
     if schedule is not None:
-        if n_params is None and tag("n_params") in series:
-            n_params = float(series[tag("n_params")][-1][1])
         pts = sorted(series[y_tag])
         c = Curve(str(path), np.array([p[0] for p in pts], dtype=float), np.ones(len(pts)),
                   np.array([p[1] for p in pts], dtype=float), n_params)
         return _with_spec(c, schedule)
     lr_by_step = dict(series[lr_tag])
     pts = [(step, lr_by_step[step], loss) for step, loss in series[y_tag] if step in lr_by_step]
-    if n_params is None and tag("n_params") in series:
-        n_params = float(series[tag("n_params")][-1][1])
     arr = np.array(sorted(pts), dtype=float).reshape(-1, 3)
     return validate_curve(Curve(str(path), arr[:, 0], arr[:, 1], arr[:, 2], n_params))
 
@@ -530,6 +527,21 @@ def read_curves(paths: Sequence[str | Path], loss_column: str | None = None, whe
         else:
             raise CurveError(f"{p}: no such file or directory")
     return out
+
+
+def no_event_files(path: str | Path) -> str | None:
+    """Why ``path`` is not a TensorBoard run directory (with where event files are, below it), or None if it is.
+
+    Example:
+        >>> import tempfile
+        >>> no_event_files(tempfile.mkdtemp()).split(': ', 1)[1]
+        'no TensorBoard event files in this directory'
+    """
+    if any(Path(path).glob("events.out.tfevents.*")):
+        return None
+    found = event_dirs(path)
+    return f"{path}: no TensorBoard event files in this directory" + (
+        f"; event files are in: {', '.join(found[:5])}" if found else "")
 
 
 def event_dirs(path: str | Path) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from scalewatch.alerts import HEALTH_LEVEL
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor, size_warning
-from scalewatch.curves import SPEC_TEMPLATE
+from scalewatch.curves import SPEC_TEMPLATE, no_event_files
 from scalewatch.data import no_rows_left, parse_where, pick_column
 from scalewatch.monitor import Monitor, Observation, Report
 from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, EventSource, RowConverter, find_tag, no_loss_message, tag
@@ -180,12 +180,9 @@ def open_source(path: str | Path, where: Sequence[str] = ()) -> EventSource | Ta
         if where:
             raise WatchError(f"{p}: --where selects the rows of one run in a CSV/JSONL table; a TensorBoard "
                              "directory holds one run (give the run's own directory)")
-        if not any(p.glob("events.out.tfevents.*")):
-            from scalewatch.curves import event_dirs
-
-            found = event_dirs(p)
-            hint = f"; event files are in: {', '.join(found[:5])}" if found else ""
-            raise WatchError(f"{p}: no TensorBoard event files in this directory{hint}")
+        missing = no_event_files(p)
+        if missing:
+            raise WatchError(missing)
         return EventSource(p)
     if p.is_file():
         return TableSource(p, where)
