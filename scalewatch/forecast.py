@@ -99,7 +99,9 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
     """
     cal = law.forecast_band
     new = cal is not None and cal.prior_widening
-    fc = prefix_fit(law, schedule, prefix_steps, prefix_loss, n_params, final_step, settings, widen_prior_only=new)
+    prepared = _features(law, schedule, final_step)  # once for the prefix fit, the off-band check and the reach
+    fc = prefix_fit(law, schedule, prefix_steps, prefix_loss, n_params, final_step, settings, widen_prior_only=new,
+                    prepared=prepared)
     if fc.prefix_points < 3:
         return fc
     end = fc.step
@@ -115,8 +117,7 @@ def forecast_final(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[i
         # distance q at this prefix fraction) is not pilot-like, and the prior says nothing of where it ends: from
         # q to 2q half-widths off, the weight goes over to the prefix fit alone, and the band to the one
         # calibrated on the prefix fit alone.
-        sched = check_schedule(schedule)
-        S1, S2 = schedule_features(sched[: end + 1], law.lam)
+        sched, _, (S1, S2) = prepared
         q = cal.off_at(fc.last_fraction) or OFF_BAND_DEFAULT
         z = off_band(law, sched, prefix_steps, prefix_loss, n_params, end, (S1, S2))
         off = min(max((z - q) / q, 0.0), 1.0)
@@ -182,9 +183,20 @@ def off_band(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], p
     return float(np.median(np.abs(y[tail] - pred) / half))
 
 
+def _features(law: CurveLaw, schedule: np.ndarray, final_step: int | None
+              ) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray]]:
+    """``(checked schedule, final step, (S1, S2) up to it)``; :class:`CurveError` if the schedule stops short."""
+    schedule = check_schedule(schedule)
+    end = len(schedule) - 1 if final_step is None else int(final_step)
+    if end >= len(schedule):
+        raise CurveError(f"the schedule covers steps 0..{len(schedule) - 1}, not the final step {end}")
+    return schedule, end, schedule_features(schedule[: end + 1], law.lam)
+
+
 def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int], prefix_loss: Sequence[float],
                n_params: float | None = None, final_step: int | None = None,
-               settings: ForecastSettings | None = None, widen_prior_only: bool = True) -> Forecast:
+               settings: ForecastSettings | None = None, widen_prior_only: bool = True,
+               prepared: tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray]] | None = None) -> Forecast:
     """The uncalibrated prefix fit behind :func:`forecast_final`: its ``loss`` is the MAP final loss (no
     blend), ``low``/``high`` the law's band around it; ``sd_rel``, ``drop`` and ``prior_widen`` say how
     much the prefix told and how far it had to extrapolate. The replays that calibrate the band use it.
@@ -194,15 +206,12 @@ def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int],
     that a prefix that pins the level shrinks the band out of range too (the calibration then needs no
     blanket widening for the distance in N). False: as law files from before it (the in-range width,
     widened as a whole by the calibration). The MAP fit itself is the same either way: the level's prior
-    and the points' error both at the law's width at N, as before.
+    and the points' error both at the law's width at N, as before. ``prepared``: :func:`_features` of this
+    schedule and final step, when the caller has them.
     """
     cfg = _DEFAULT if settings is None else settings
-    schedule = check_schedule(schedule)
-    end = len(schedule) - 1 if final_step is None else int(final_step)
-    if end >= len(schedule):
-        raise CurveError(f"the schedule covers steps 0..{len(schedule) - 1}, not the final step {end}")
+    schedule, end, (S1, S2) = prepared if prepared is not None else _features(law, schedule, final_step)
     base = law.at(n_params)
-    S1, S2 = schedule_features(schedule[: end + 1], law.lam)
     st = np.asarray(prefix_steps, dtype=int)
     y = np.asarray(prefix_loss, dtype=float)
     ok = np.isfinite(y) & (st >= 1) & (st <= end) & (st >= SKIP_FRACTION * end)
