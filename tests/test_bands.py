@@ -274,6 +274,30 @@ def test_blend_is_never_worse_than_the_prior_or_the_prefix_fit_alone_in_replay()
             assert blend_1se >= blend - 1e-12 and diff.mean() <= 2 * diff.std(ddof=1) / math.sqrt(len(rs)) + 1e-12
 
 
+def test_without_leave_out_replays_the_blend_keeps_the_prior_unless_the_prefix_helps_beyond_noise() -> None:
+    from scalewatch.bands import Replay, calibrate_forecast, choose_blend
+
+    rng = np.random.default_rng(3)
+    # The prefix fit and the prior are equally good on these replays (the same error distribution, paired noise).
+    prior = rng.normal(0, 0.004, 40)
+    fit = prior + rng.normal(0, 0.001, 40)
+    rs = [Replay("c%d" % i, 0.4, float(e), 0.004, 0.0, "forward", float(p), 0.05)
+          for i, (e, p) in enumerate(zip(fit, prior, strict=True))]
+    assert choose_blend(rs)[0] is None or choose_blend(rs)[0] > 0.0  # the usual rule: towards the prefix fit
+    assert choose_blend(rs, toward_prior=True)[0] == 0.0  # from the other end: the prior alone
+    cal = calibrate_forecast(rs, prior_widening=True)
+    assert [v for _, v, _ in cal.blend] == [0.0]
+    # With leave-out replays among them, the usual rule (they can show the prefix's harm themselves).
+    cal = calibrate_forecast([Replay(r.curve, r.fraction, r.rel_error, r.sd_rel, 0.0, "leave-out", r.prior_rel_error,
+                                     r.drop) for r in rs], prior_widening=True)
+    assert [v for _, v, _ in cal.blend] == [choose_blend(rs)[0]]
+    # Where the prefix clearly helps, the prior-ward rule takes it too.
+    helped = [Replay(r.curve, r.fraction, r.rel_error * 0.1, r.sd_rel, 0.0, "forward", r.prior_rel_error + 0.01,
+                     r.drop) for r in rs]
+    scale = calibrate_forecast(helped, prior_widening=True).blend[0][1]
+    assert scale is None or scale > 0.05
+
+
 # (offset, transient): the prior is good and an early transient misleads the prefix; or the runs' levels
 # differ (a poor prior) and the prefix is the only evidence of a run's own level.
 MISLEADING, INFORMATIVE = (0.002, 0.3), (0.02, 0.0)
