@@ -14,6 +14,8 @@
 4. Prefix forecasts across sizes (issue 14): a law fitted on two OLMo sizes forecasts every
    curve of the third (190M+370M -> 760M, and the leave-one-size-out variants) from 20/40/60%,
    with coverage and sharpness by the distance in ln N from the pilot sizes (issue 12, item 2).
+5. Late in a run (from 90% and from the last step), for 3. and for the multipowerlaw schedules: the forecast
+   should be where the run is, with a band that still holds it (reported, no target).
 
 Every band is reported with its coverage (target 85-95% for a 90% band: higher is a band too
 wide to act on) and its sharpness, mean half-width / mean |error| (target <= 3; a Gaussian
@@ -87,9 +89,9 @@ def multipowerlaw_prefix(root: Path) -> None:
     """Forecasts on a second data set the settings were not chosen on (no target in the issue)."""
     print("== multipowerlaw: forecast each held-out schedule's final loss from its prefix "
           "(prior: the cosine_24000 + constant_24000 law of the same size)")
-    errs: dict[float, list[float]] = {f: [] for f in FRACS}
-    inside: dict[float, list[bool]] = {f: [] for f in FRACS}
-    halfs: dict[float, list[float]] = {f: [] for f in FRACS}
+    errs: dict[float, list[float]] = {f: [] for f in FRACS + LATE_FRACS}
+    inside: dict[float, list[bool]] = {f: [] for f in FRACS + LATE_FRACS}
+    halfs: dict[float, list[float]] = {f: [] for f in FRACS + LATE_FRACS}
     prior = []
     for size in ("25", "100"):
         curves = {f.stem.split("__")[1]: read_curve_csv(f) for f in sorted(root.glob(f"csv_{size}__*.csv"))}
@@ -98,7 +100,7 @@ def multipowerlaw_prefix(root: Path) -> None:
             if name in ("cosine_24000", "constant_24000"):
                 continue
             end = int(c.steps[-1])
-            for f in FRACS:
+            for f in FRACS + LATE_FRACS:
                 m = c.steps <= f * end
                 fc = forecast_final(law, c.per_step_lr(), c.steps[m], c.loss[m])
                 errs[f].append(abs(fc.loss - c.loss[-1]) / c.loss[-1])
@@ -106,7 +108,7 @@ def multipowerlaw_prefix(root: Path) -> None:
                 halfs[f].append((fc.high - fc.low) / 2 / fc.loss)
             prior.append(abs(fc.prior_loss - c.loss[-1]) / c.loss[-1])
     print(f"  prior alone: mean final-loss error {np.mean(prior):.2%}")
-    for f in FRACS:
+    for f in FRACS + LATE_FRACS:
         print(f"  from {f:.0%}: mean {np.mean(errs[f]):.2%} worst {np.max(errs[f]):.2%}; "
               + band_line(errs[f], halfs[f], inside[f]))
 
@@ -167,18 +169,22 @@ def olmo_sizes(curves: dict[str, list[Curve]]) -> bool:
 
 
 FRACS = (0.2, 0.4, 0.6)
+# Late in a run (no target in the issue; the forecast there should be where the run is, with a band that still
+# holds it): reported for the same runs, not scored.
+LATE_FRACS = (0.9, 1.0)
 BASELINE = {0.2: 0.027, 0.4: 0.016, 0.6: 0.006}  # prefix-only fits (science.md, 25 OLMo runs)
 # The forecast settings tried when choosing them out of sample (ForecastSettings' fields).
 GRID = [ForecastSettings(sigma_lnA=a) for a in (0.1, 0.3, 1.0)]
 
 
-def _forecast_all(cases, settings: ForecastSettings | None = None) -> dict[float, list[tuple[float, bool, float]]]:
+def _forecast_all(cases, settings: ForecastSettings | None = None, fracs=FRACS
+                  ) -> dict[float, list[tuple[float, bool, float]]]:
     """(relative error, truth inside the band, relative half-width) per prefix fraction, for every (run, law) case."""
-    out: dict[float, list[tuple[float, bool, float]]] = {f: [] for f in FRACS}
+    out: dict[float, list[tuple[float, bool, float]]] = {f: [] for f in fracs}
     for target, law in cases:
         sched = target.per_step_lr()
         end = int(target.steps[-1])
-        for f in FRACS:
+        for f in fracs:
             m = target.steps <= f * end
             fc = forecast_final(law, sched, target.steps[m], target.loss[m], n_params=target.n_params,
                                 settings=settings)
@@ -221,6 +227,11 @@ def prefix_forecasts(curves: dict[str, list[Curve]]) -> bool:
         return ok
 
     ok = report("library defaults (chosen on these 15 runs: in-sample for the settings):", res)
+    late = _forecast_all(cases, fracs=LATE_FRACS)
+    for f in LATE_FRACS:
+        errs = [r[0] for r in late[f]]
+        print(f"    late, from {f:.0%}: mean {np.mean(errs):.2%} worst {np.max(errs):.2%}; "
+              + band_line(errs, [r[2] for r in late[f]], [r[1] for r in late[f]]))
     # Out of sample for the settings too: choose them on two sizes, forecast the third.
     pooled: dict[float, list[tuple[float, bool, float]]] = {f: [] for f in FRACS}
     chosen = {}

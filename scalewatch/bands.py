@@ -34,7 +34,7 @@ from scalewatch.laws import _finite_number as _finite
 
 # Prefix fractions (last prefix step / final step) that each pilot curve is replayed at. Finer early on,
 # where the error changes fastest with the fraction: pooling 0.2 with 0.3 mixed easier forecasts into it.
-REPLAY_FRACTIONS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+REPLAY_FRACTIONS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 # The quantile at one fraction pools the replays at its neighbours on the grid too: a 90%
 # quantile from ten replays is mostly noise.
 POOL_NEIGHBOURS = 1

@@ -533,8 +533,8 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
 
     Three kinds, as the pilots allow: ``leave-out`` (the law without the curve and its branches,
     3+ curves), ``forward`` (laws fitted on every curve's first 60 and 80%, each forecasting
-    from prefixes within its cut: the only kind with 2 curves; the prefix was in the fit, the
-    final loss was not), and ``size-out`` (the law without the smallest or the
+    from every prefix fraction: the only kind with 2 curves; the prefix up to the cut was in the fit,
+    the rest and the final loss were not; prefixes past the cut calibrate the band late in a run), and ``size-out`` (the law without the smallest or the
     largest model size, 3+ sizes: these measure how the error grows outside the pilot sizes). Each forecast
     uses the full law's band for its priors, as a live forecast does.
     """
@@ -573,7 +573,7 @@ def _forecast_replays(curves: Sequence[Curve], groups: Sequence[int], law: Curve
                 fits.append((f"the fit on the first {cut:.0%} of each curve", None))
                 continue
         for c in curves:
-            replays += replay(c, coef_t, law.n_range, "forward", [f for f in REPLAY_FRACTIONS if f <= cut])
+            replays += replay(c, coef_t, law.n_range, "forward", REPLAY_FRACTIONS)
     for n, (coef, n_range) in size_out.items():
         for c in curves:
             if c.n_params == n:

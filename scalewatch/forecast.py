@@ -21,6 +21,15 @@ from scalewatch.monitor import ForecastBand, StageOutput
 
 # z of the two-sided 90% band (curves.BAND_LEVEL): turns the law's band half-width into a sd.
 _Z90 = 1.645
+# The stretch at the end of a prefix (a fraction of the run's steps) whose mean departure from the prefix fit is
+# carried to the forecast, and the horizon (the same fraction of the run) over which that departure fades. The
+# law's shape (alpha, C) is the pilots', and a run's loss can part from it late, e.g. flatten where the
+# pilots still annealed: a fit through the whole prefix then forecasts, even at the last step, a loss the run
+# is not at. Measured over the last 10% of the run, a departure is carried in full at the last step and by
+# exp(-1) from 10% before the end; from 60% of the run, by exp(-4) (2%).
+TAIL_FRACTION = 0.1
+# The fewest points of that stretch a line is drawn through (fewer: the mean of the last 3).
+TAIL_MIN_LINE = 5
 
 
 @dataclass(frozen=True)
@@ -240,7 +249,9 @@ def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int],
     fit = least_squares(residuals, np.zeros(2))
     d = fit.x
     amp_end = base.A * math.exp(d[1]) * S1[end] ** (-base.alpha)
-    final = float(base.L0 + d[0] + amp_end - base.C * S2[end])
+    fitted = base.L0 + d[0] + base.A * math.exp(d[1]) * np.power(S1[st], -base.alpha) - base.C * S2[st]
+    tail_off, tail_sd, carried = tail_departure(st, y, fitted, end)
+    final = float(base.L0 + d[0] + amp_end - base.C * S2[end]) + tail_off
     # The posterior width on the law's error scale within the pilot sizes. Law files from before
     # widen_prior_only: the in-range priors (the calibration widens the band for the distance in N itself).
     sp0 = band0 / _Z90
@@ -249,8 +260,47 @@ def prefix_fit(law: CurveLaw, schedule: np.ndarray, prefix_steps: Sequence[int],
                               amp_end, final, (st.max() - st.min()) / end,
                               sigma_level if widen_prior_only else sp0 * prior_final,
                               sigma_lnA * widen if widen_prior_only else sigma_lnA)
+    # final = (1 - carried) * the fit's final + carried * (the run's own level at its last step, moved on by the
+    # fit's shape): the fit's width for the first part, the departure's for the second.
+    sd_rel = math.hypot((1.0 - carried) * sd_rel, tail_sd / final)
     return Forecast(end, final, final * (1 - band), final * (1 + band), prior_final, len(st), sd_rel, drop, 1.0,
                     final, widen, last / end)
+
+
+def tail_departure(steps: np.ndarray, loss: np.ndarray, fitted: np.ndarray, final_step: int
+                   ) -> tuple[float, float, float]:
+    """Where the prefix's last :data:`TAIL_FRACTION` of the run sits against the prefix fit at its last step:
+    ``(departure, its sd, carried)``, the departure and its sd already multiplied by ``carried`` =
+    ``exp(-(final_step - last step) / (TAIL_FRACTION * final_step))``, the part of it kept at the final step.
+
+    The departure is a straight line through ``loss - fit`` over that stretch, read at its last step (a run
+    that flattens drifts away from the fit: the stretch's mean would lag it); with fewer than
+    :data:`TAIL_MIN_LINE` points there, the mean of the last 3 points.
+
+    Example:
+        >>> st = np.arange(100, 1001, 10); fit = np.full(len(st), 2.0)
+        >>> loss = fit + np.where(st > 900, 0.0003 * (st - 900), 0.0)   # parts from the fit over the last 10%
+        >>> [round(v, 4) for v in tail_departure(st, loss, fit, 1000)]   # at the last step: carried in full
+        [0.03, 0.0, 1.0]
+        >>> round(tail_departure(st, loss, fit, 10000)[0], 4)           # 9,000 steps still to go: nothing carried
+        0.0
+    """
+    if len(steps) < 3:
+        return 0.0, 0.0, 0.0
+    last = int(steps.max())
+    carried = math.exp(-(final_step - last) / (TAIL_FRACTION * final_step))
+    tail = np.flatnonzero(steps >= last - TAIL_FRACTION * final_step)
+    if len(tail) >= TAIL_MIN_LINE:
+        x = (steps[tail] - last) / max(TAIL_FRACTION * final_step, 1.0)
+        r = loss[tail] - fitted[tail]
+        X = np.column_stack([np.ones(len(x)), x])
+        coef, *_ = np.linalg.lstsq(X, r, rcond=None)
+        resid = r - X @ coef
+        s2 = float(resid @ resid) / (len(r) - 2)
+        var0 = s2 * float(np.linalg.pinv(X.T @ X)[0, 0])  # the line's variance at x = 0, the last step
+        return float(coef[0]) * carried, math.sqrt(max(var0, 0.0)) * carried, carried
+    r = loss[np.argsort(steps)[-3:]] - fitted[np.argsort(steps)[-3:]]
+    return float(np.mean(r)) * carried, float(np.std(r, ddof=1) / math.sqrt(3)) * carried, carried
 
 
 def posterior_sd_rel(resid: np.ndarray, d_amp: np.ndarray, d_level: np.ndarray, amp_end: float, final: float,

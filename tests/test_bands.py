@@ -460,3 +460,25 @@ def test_a_run_off_the_pilots_band_is_forecast_from_its_own_prefix_not_the_prior
     # and the calibration's distances survive the law file
     assert CurveLaw.from_json(json.loads(json.dumps(law.to_json()))).forecast_band.off_by_fraction == \
         cal.off_by_fraction
+
+
+def test_a_run_that_parts_from_its_law_near_the_end_is_forecast_where_it_is(calibrated, monkeypatch) -> None:
+    """A run that follows the law and then flattens over its last 10% (+1.5% by its end, where the pilots
+    still annealed): at its last step the forecast is the loss the run is at, not the law's shape through the
+    whole prefix; from 60% of the run the late departure is unknown and the forecast is unchanged."""
+    import scalewatch.forecast as fcm
+
+    rng = np.random.default_rng(11)
+    run = noisy("late", cosine(12000), rng)
+    late = run.steps > 0.9 * 12000
+    run.loss = run.loss * (1 + np.where(late, 0.015 * (run.steps - 0.9 * 12000) / 1200, 0.0))
+    recent = float(np.mean(run.loss[-3:]))
+    end = forecast_final(calibrated, run.schedule, run.steps, run.loss)
+    assert abs(end.loss - recent) / recent < 0.005
+    assert end.low <= recent <= end.high
+    early = run.steps <= 0.6 * 12000
+    at60 = forecast_final(calibrated, run.schedule, run.steps[early], run.loss[early]).loss
+    monkeypatch.setattr(fcm, "tail_departure", lambda *a: (0.0, 0.0, 0.0))
+    without = forecast_final(calibrated, run.schedule, run.steps, run.loss)
+    assert abs(without.loss - recent) / recent > 0.008  # the fit through the whole prefix is not where the run is
+    assert abs(forecast_final(calibrated, run.schedule, run.steps[early], run.loss[early]).loss - at60) < 1e-3 * at60
