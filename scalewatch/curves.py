@@ -97,9 +97,24 @@ def per_step_lr(steps: Sequence[float], lr: Sequence[float], last_step: int | No
     end = int(s[-1]) if last_step is None else int(last_step)
     grid = np.arange(end + 1, dtype=float)
     full = np.interp(grid, s, v)
-    peak_at = int(s[int(np.argmax(v))])
-    full[: min(peak_at, end) + 1] = float(np.max(v))
+    rise = warmup_end(v)
+    full[: min(int(s[rise]), end) + 1] = float(v[rise])
     return np.clip(full, 0.0, None)
+
+
+def warmup_end(lr: Sequence[float] | np.ndarray) -> int:
+    """The index where a schedule's opening rise (its warmup) ends: the first LR not below the next one;
+    0 when the schedule does not open with a rise.
+
+    Only a rise from the start is a warmup: an LR that stays flat and is raised later (a restart, an LR raised by
+    hand or by a fault) keeps its earlier steps as they were, so a late jump does not rewrite the steps before it.
+
+    Example:
+        >>> warmup_end([0.1, 0.5, 1.0, 1.0, 0.5]), warmup_end([1.0, 1.0, 300.0, 300.0]), warmup_end([1.0, 0.5])
+        (2, 0, 0)
+    """
+    stops = np.flatnonzero(np.diff(np.asarray(lr, dtype=float)) <= 0)
+    return int(stops[0]) if len(stops) else len(lr) - 1
 
 
 def check_schedule(schedule: Any) -> np.ndarray:
@@ -143,11 +158,9 @@ def schedule_features(lr: np.ndarray, lam: float = LAMBDA) -> tuple[np.ndarray, 
         [1.0, 1.5, 3.5]
     """
     lr = np.asarray(lr, dtype=float)
-    # The warmup is the opening stretch where the LR does not fall: a later rise (a restart, an LR
-    # raised by hand mid-run) is part of the schedule and stays as it is.
-    falls = np.flatnonzero(np.diff(lr) < 0)
-    opening = lr[: (int(falls[0]) + 1 if len(falls) else len(lr))]
-    peak = int(np.argmax(opening))
+    # The warmup is the opening rise (warmup_end): a later rise (a restart, an LR raised by hand or by a fault
+    # mid-run, after a flat start) is part of the schedule and stays as it is.
+    peak = warmup_end(lr)
     if peak:
         lr = np.concatenate([np.full(peak, lr[peak]), lr[peak:]])
     drops = np.concatenate([[0.0], lr[:-1] - lr[1:]])

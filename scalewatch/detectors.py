@@ -206,7 +206,7 @@ class _SpikeDetector(_Detector):
         self.mode = "raw"  # what `recent` holds; a switch (e.g. the predicted curve ends) starts a new baseline
 
     def _judge(self, kind: str, value: float | None, sigma: float, min_rel: float, what: str,
-               obs: Observation, scale: float = 1.0) -> list[Finding]:
+               obs: Observation, scale: float = 1.0, relative: bool = False) -> list[Finding]:
         if value is None or not math.isfinite(value):
             return []
         excess = robust_excess(value, list(self.recent), sigma, min_rel) \
@@ -217,9 +217,13 @@ class _SpikeDetector(_Detector):
         if excess is None:
             return []
         level = statistics.median(list(self.recent)[-3:])
+        # Judged as a ratio to the predicted curve: said as one, since the prediction moves with the schedule
+        # (the recent ratio times this step's prediction is a loss the run may never have shown).
+        against = (f", {value:.3g}x the predicted {scale:.4g}, against a recent {level:.3g}x" if relative
+                   else f" against a recent level of {level * scale:.4g}")
         return [Finding(kind, spiking, "warning",
-                        f"{what} spike at step {obs.step:,}: {value * scale:.4g} against a recent level of "
-                        f"{level * scale:.4g} ({excess:.1f}x the alert threshold); if it does not come back within a "
+                        f"{what} spike at step {obs.step:,}: {value * scale:.4g}{against} ({excess:.1f}x the alert "
+                        "threshold); if it does not come back within a "
                         "few log points, lower the LR or skip the batches of that step",
                         values={"value": value * scale, "level": level * scale, "excess": excess})]
 
@@ -241,7 +245,7 @@ class LossSpikeDetector(_SpikeDetector):
         if pred is not None and math.isfinite(value):
             # Relative excess over the predicted curve: the baseline follows the schedule.
             findings = self._judge("spike", value / pred, self.cfg.spike_sigma, self.cfg.spike_min_rel, "loss", obs,
-                                   scale=pred)
+                                   scale=pred, relative=True)
         else:
             findings = self._judge("spike", value, self.cfg.spike_sigma, self.cfg.spike_min_rel, "loss", obs)
         return StageOutput(findings=findings)
@@ -326,8 +330,8 @@ class SaturationDetector(_Detector):
     Without a curve law, compares the median loss (and LR) of the first and last quarter of a window
     of log points: a loss that rose while the LR did not rise, or an LR that fell by 30% or more while
     the loss did not improve. A plateau under a constant LR is not saturation. With a curve law, also:
-    the final-loss forecast drifts above the law's prediction for the end of the run (even the low end
-    of its band lies above it) for ``off_curve_points`` forecasts in a row.
+    the final-loss forecast drifts above the law's band for the end of the run (even the low end of the
+    forecast's band lies above the high end of the law's) for ``off_curve_points`` forecasts in a row.
     """
 
     name = "saturation"
@@ -346,13 +350,18 @@ class SaturationDetector(_Detector):
                                                            "loss_pred_final", "loss_forecast_at_step"))
         if fc is None or low is None or pred is None or at is None:
             return None
+        # Above the law's band, not its point: late in a run the forecast's band is narrower than the law's, and a
+        # run ending within the law's own error is as good as its pilots (streams without the band's high end, the
+        # point, as before).
+        high = _scalar(monitor, "loss_pred_final_high") or pred
         if at != self._forecast_at:  # only a new forecast counts: the same one re-reported is no evidence
             self._forecast_at = at
-            self.drifting = self.drifting + 1 if low > pred else 0
+            self.drifting = self.drifting + 1 if low > high else 0
         if self.drifting < self.cfg.off_curve_points:
             return None
         return (f"the final-loss forecast {fc:.4g} (low end {low:.4g}) has stayed above the law's prediction "
-                f"{pred:.4g} for the end of the run over {self.drifting} forecasts")
+                f"{pred:.4g} (the high end of its 90% band {high:.4g}) for the end of the run over {self.drifting} "
+                "forecasts")
 
     def on_observation(self, obs: Observation, monitor: Any) -> StageOutput:
         if not math.isfinite(obs.loss):

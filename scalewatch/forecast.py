@@ -376,6 +376,7 @@ class CurvePlugin:
         self._history: tuple[Sequence[int], Sequence[float]] | None = None  # the newest history seen
         self._latest: dict[str, float] = {}
         self._reported_at: float | None = None  # loss_forecast_at_step of the forecast last handed out
+        self.nonfinite_since: int | None = None  # the step from which the logged loss is non-finite (no forecast)
         if schedule is not None:
             self.set_schedule(schedule)
 
@@ -396,8 +397,19 @@ class CurvePlugin:
         pred = float(model.loss(S1[obs.step:obs.step + 1], S2[obs.step:obs.step + 1])[0])
         half = self.law.band_at(self.n_params, obs.step / end, float(S1[obs.step]),
                                 float(self.schedule[obs.step] / self.schedule.max())) * pred
-        out = {"loss_pred": pred, "loss_pred_low": pred - half, "loss_pred_high": pred + half,
-               "loss_pred_final": float(model.loss(S1[end:], S2[end:])[0])}
+        pred_final = float(model.loss(S1[end:], S2[end:])[0])
+        # the law's final loss with the high end of its band there: a run heading above it ends worse than its
+        # pilots allow (what `saturation` compares the forecast with)
+        high_final = pred_final * (1 + self.law.band_at(self.n_params, 1.0, float(S1[end]),
+                                                        float(self.schedule[end] / self.schedule.max())))
+        out = {"loss_pred_final": pred_final, "loss_pred_final_high": high_final} if _usable(pred_final) else {}
+        if not (_usable(pred) and math.isfinite(half)):
+            # A law taken far past its pilots (e.g. an LR many times theirs) can predict a loss <= 0: no loss is
+            # that, so nothing is predicted or judged at this step (as `scalewatch predict` refuses it).
+            self._withdraw(obs)  # a non-finite loss still withdraws the forecast
+            return StageOutput(scalars=out)
+        low = max(pred - half, 0.0)  # a loss is never below 0, however wide the band
+        out |= {"loss_pred": pred, "loss_pred_low": low, "loss_pred_high": pred + half}
         # The residual (what off_curve watches) only where the law's band is calibrated: its fits and
         # held-out errors leave out each curve's first SKIP_FRACTION (the warmup and the fast early drop),
         # of this run and, where the law records it, below the smallest summed LR its fitted points had.
@@ -406,6 +418,8 @@ class CurvePlugin:
         if math.isfinite(obs.loss) and calibrated:
             out["loss_residual"] = (obs.loss - pred) / half if half > 0 else math.nan
         hist = [(o.step, o.loss) for o in monitor.history if o.step >= 1 and math.isfinite(o.loss)]
+        if self._withdraw(obs):
+            hist = []
         if hist:
             steps, losses = zip(*hist, strict=True)
             self._history = (steps, losses)
@@ -420,22 +434,38 @@ class CurvePlugin:
             else:
                 self._latest = self._forecast(steps, losses)
         out.update(self._latest)
-        bands = [ForecastBand("loss_pred", pred, pred - half, pred + half, BAND_LEVEL, obs.step)]
+        bands = [ForecastBand("loss_pred", pred, low, pred + half, BAND_LEVEL, obs.step)]
         if self._latest:
             self._reported_at = self._latest["loss_forecast_at_step"]
             bands.append(_final_band(self._latest))
         return StageOutput(scalars=out, forecasts=bands)
 
+    def _withdraw(self, obs: Any) -> bool:
+        """Whether this log point's loss is non-finite: then the run's forecast is withdrawn (it would rest on the
+        run before the NaN, as if it had not happened) until a finite loss is logged again; ``nonfinite_since``
+        keeps the first such step for the summary."""
+        if math.isfinite(obs.loss):
+            self.nonfinite_since = None
+            return False
+        if self.nonfinite_since is None:
+            self.nonfinite_since = int(obs.step)
+        self._latest = {}
+        return True
+
     def _forecast(self, steps: Sequence[int], losses: Sequence[float]) -> dict[str, float]:
         assert self.schedule is not None
         fc = forecast_final(self.law, self.schedule, steps, losses, n_params=self.n_params, settings=self.settings)
-        return {"loss_forecast_final": fc.loss, "loss_forecast_final_low": fc.low,
+        if not _usable(fc.loss):  # a law far past its pilots forecasting a loss <= 0: no forecast
+            return {}
+        return {"loss_forecast_final": fc.loss, "loss_forecast_final_low": max(fc.low, 0.0),
                 "loss_forecast_final_high": fc.high, "loss_forecast_at_step": float(steps[-1])}
 
     def _collect(self, wait: bool) -> None:
         if self._pending is not None and (wait or self._pending.done()):
             try:
-                self._latest = self._pending.result()
+                # a forecast that finished after the loss went non-finite stays withdrawn
+                latest = self._pending.result()
+                self._latest = {} if self.nonfinite_since is not None else latest
             except Exception:  # a failed forecast must not reach the training loop
                 self._latest = {}
             self._pending = None
@@ -448,7 +478,7 @@ class CurvePlugin:
         handed over: it is forecast here, so the run's last forecast always saw its last step.
         """
         self._collect(wait=True)
-        if self._history is not None and self.schedule is not None and \
+        if self._history is not None and self.schedule is not None and self.nonfinite_since is None and \
                 self._latest.get("loss_forecast_at_step") != float(self._history[0][-1]):
             try:
                 self._latest = self._forecast(*self._history)
@@ -461,6 +491,11 @@ class CurvePlugin:
             return StageOutput()
         self._reported_at = self._latest["loss_forecast_at_step"]
         return StageOutput(scalars=dict(self._latest), forecasts=[_final_band(self._latest)])
+
+
+def _usable(loss: float) -> bool:
+    """A predicted or forecast loss that can be shown and judged: finite and above 0."""
+    return math.isfinite(loss) and loss > 0
 
 
 def _final_band(fc: dict[str, float]) -> ForecastBand:

@@ -161,7 +161,12 @@ def run_schedule(trainer: Trainer, given: Any, saved: np.ndarray | None) -> tupl
     if total is None:
         raise CurveError("the run's length is unknown (no max_steps, no finite epochs)")
     schedule = schedule_from_arg(given, total)
-    if schedule is None:
+    if schedule is None and saved is not None and len(saved) - 1 < total:
+        # Resumed with a longer run than the saved schedule covers (a larger max_steps): the steps run so far
+        # keep the LR they had, the rest is read ahead from the scheduler as it is now.
+        ahead = lookahead_schedule(trainer, total)
+        schedule = np.concatenate([np.asarray(saved, dtype=float), ahead[len(saved):]])
+    elif schedule is None:
         schedule = saved if saved is not None else lookahead_schedule(trainer, total)
     schedule = np.asarray(schedule, dtype=float)
     note = None

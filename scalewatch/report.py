@@ -151,6 +151,8 @@ class ReportCollector:
                 self.alerts_left_out += 1
         if "loss_forecast_final" in report.forecasts:
             self.forecast = report.forecasts["loss_forecast_final"]
+        elif "loss" in report.scalars and not math.isfinite(report.scalars["loss"]):
+            self.forecast = None  # the curve plugin withdrew it: a forecast from before a NaN is not the run's
         if "loss_pred_final" in report.scalars:
             self.pred_final = report.scalars["loss_pred_final"]
 

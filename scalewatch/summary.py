@@ -60,6 +60,9 @@ def run_summary(watch: Any, elapsed: float | None = None) -> str:
         lines.append(f"  forecast:   {target} {fc['loss_forecast_final']:.4g} (90% band "
                      f"{fc['loss_forecast_final_low']:.4g}-{fc['loss_forecast_final_high']:.4g}), from the run up to "
                      f"step {fc['loss_forecast_at_step']:.0f} with the curve law as prior")
+    elif getattr(plugin, "nonfinite_since", None) is not None:
+        lines.append(f"  forecast:   none: the loss is non-finite from step {plugin.nonfinite_since} on (a forecast "
+                     "from the run before it would not be this run's)")
     if "gns/b_crit" in s:
         lines.append(f"  noise:      B_simple = {s['gns/b_simple']:.1f} sequences = {s['gns/b_crit']:,.0f} tokens "
                      f"(critical batch estimate, {watch.gns_method}) vs a batch of {s['gns/batch_tokens']:,.0f} "

@@ -382,3 +382,19 @@ def test_curves_without_an_lr_column_fit_with_a_described_schedule(tmp_path, cap
     assert "add total=LAST_STEP" in capsys.readouterr().err
     assert cli(["fit", "--lr-schedule", spec, str(tmp_path / "runs.csv")]) == 2
     assert "goes with --curves" in capsys.readouterr().err
+
+
+def test_a_late_lr_jump_after_a_flat_start_is_not_a_warmup() -> None:
+    from scalewatch.curves import per_step_lr, schedule_features, warmup_end
+
+    flat = np.full(401, 1e-3)
+    jumped = flat.copy()
+    jumped[200:] = 0.3  # a fault (or a hand-raised LR) at step 200: the steps before it keep their LR
+    assert warmup_end(jumped) == 0
+    S1, _ = schedule_features(flat)
+    J1, _ = schedule_features(jumped)
+    assert J1[:200] == pytest.approx(S1[:200])
+    assert per_step_lr([10, 100, 190, 210, 400], [1e-3, 1e-3, 1e-3, 0.3, 0.3])[:190].tolist() == [1e-3] * 190
+    # a real warmup still counts at its peak
+    warm = np.r_[np.linspace(1e-4, 1e-3, 40), np.full(361, 1e-3)]
+    assert warmup_end(warm) == 39 and schedule_features(warm)[0][:40] == pytest.approx(1e-3 * np.arange(1, 41))

@@ -11,7 +11,7 @@ import torch
 from helpers import TinyLM, VarLenDataset, scalars, trainer
 
 from scalewatch import ScaleWatch, ScaleWatchConfigError
-from scalewatch.curves import CurveLaw, read_curve_tensorboard
+from scalewatch.curves import CurveLaw, read_curve_tensorboard, schedule_features
 from scalewatch.laws import ChinchillaLaw, LawRecord, save_law
 
 STEPS = 24
@@ -213,3 +213,61 @@ def test_summary_with_a_curve_law_but_no_usable_schedule_says_so(tmp_path) -> No
     _fit(tmp_path, watch)
     text = watch.summary()
     assert "no curve law" not in text and "no usable LR schedule" in text
+
+
+def test_a_law_predicting_a_loss_below_zero_predicts_nothing_there_and_bands_stop_at_zero() -> None:
+    from scalewatch.forecast import CurvePlugin
+    from scalewatch.monitor import Monitor, Observation
+
+    # a law whose annealing term outgrows its level when the LR falls 1000-fold (far past any pilot)
+    law = CurveLaw({"L0": (1.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (math.log(3000.0), 0.0)},
+                   n_ref=1e3, band_rel=0.8)
+    sched = np.r_[np.full(500, 1.0), np.full(501, 1e-3)]
+    m = Monitor(plugins=[CurvePlugin(law, sched)])
+    seen = {}
+    for step in range(100, 1001, 100):
+        r = m.observe(Observation(step=step, tokens=0, samples=0, flops=0, loss=1.2))
+        seen[step] = r.scalars
+    assert "loss_pred" in seen[400] and seen[400]["loss_pred_low"] >= 0.0  # a wide band stops at 0
+    assert law.at().loss(*[f[600:601] for f in schedule_features(sched)])[0] < 0  # the law gives a loss < 0 here
+    assert "loss_pred" not in seen[600] and "loss_residual" not in seen[600]  # nothing predicted, nothing judged
+    assert all(v > 0 for s in seen.values() for k, v in s.items() if k.startswith("loss_forecast_final"))
+
+
+def test_after_a_non_finite_loss_the_forecast_is_withdrawn_and_comes_back_with_finite_losses() -> None:
+    from scalewatch.forecast import CurvePlugin
+    from scalewatch.monitor import Monitor, Observation
+
+    sched = np.full(1001, 1e-3)
+    plugin = CurvePlugin(LAW, sched)
+    m = Monitor(plugins=[plugin])
+    truth = LAW.predict(sched, steps=range(100, 1001, 100)).loss
+    for step, y in zip(range(100, 600, 100), truth, strict=False):
+        r = m.observe(Observation(step=step, tokens=0, samples=0, flops=0, loss=float(y)))
+    assert "loss_forecast_final" in r.scalars
+    r = m.observe(Observation(step=600, tokens=0, samples=0, flops=0, loss=math.nan))
+    assert "loss_forecast_final" not in r.scalars and plugin.nonfinite_since == 600
+    assert plugin.finish().scalars == {}  # not forecast again at the end from the run before the NaN
+    r = m.observe(Observation(step=700, tokens=0, samples=0, flops=0, loss=float(truth[6])))
+    assert "loss_forecast_final" in r.scalars and plugin.nonfinite_since is None
+
+
+def test_resumed_with_a_larger_max_steps_the_schedule_is_read_ahead_again(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = VarLenDataset(n=48)  # 12 steps per epoch
+
+    def run(logdir, watch, max_steps, ckpt_path=None, extra=()):
+        torch.manual_seed(0)
+        t = trainer(logdir, [watch, *extra], max_steps=max_steps, log_every_n_steps=4, enable_checkpointing=bool(extra))
+        t.fit(Scheduled(), torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+
+    whole = ScaleWatch(curve_law=LAW)
+    run(tmp_path / "whole", whole, STEPS)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+    run(tmp_path / "a", ScaleWatch(curve_law=LAW), 12, extra=[ckpt])  # planned 12 steps, then extended to 24
+    resumed = ScaleWatch(curve_law=LAW)
+    run(tmp_path / "b", resumed, STEPS, ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    assert len(resumed.curve_plugin.schedule) == STEPS + 1
+    assert resumed.curve_plugin.schedule == pytest.approx(whole.curve_plugin.schedule)
+    assert sorted(dict(scalars(tmp_path / "b" / "tb" / "version_0")["scalewatch/loss_pred"])) == [16, 20, 24]

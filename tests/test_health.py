@@ -485,3 +485,20 @@ def test_a_stage_with_a_bad_finding_becomes_an_internal_error() -> None:
     r = Monitor(plugins=[Bad()]).observe(_obs(10, 3.0))
     assert [(a.kind, a.key) for a in r.alerts] == [("internal_error", "bad")] and "bad/x" not in r.scalars
     assert "severity 'fatal'" in r.alerts[0].message
+
+
+def test_a_spike_judged_against_the_predicted_curve_is_said_as_a_ratio_to_it() -> None:
+    class Pred:  # the prediction falls 5x at step 300 (the schedule's LR jumps): ratios, not levels, are judged
+        name, kind = "pred", "forecaster"
+
+        def on_observation(self, obs, monitor):
+            return {"loss_pred": 3.0 if obs.step < 300 else 0.6}
+
+    m = Monitor(plugins=[LossSpikeDetector(), Pred()], resolve_after=1)
+    fired = _fired(m, [(10 * i, 3.0 + 0.01 * math.sin(i)) for i in range(1, 30)])
+    assert fired == []
+    r = m.observe(_obs(300, 3.0, loss_max=3.0))
+    msg = [a.message for a in r.alerts if a.state == "firing"][0]
+    # the loss against its prediction now (5x) and the recent ratio (1x): not "a recent level of 0.6", a loss
+    # this run never showed
+    assert "5x the predicted 0.6, against a recent 1x" in msg and "recent level" not in msg
