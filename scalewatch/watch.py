@@ -437,13 +437,34 @@ class ConsoleSink:
                       flush=True)
 
 
+#: How the name of every event file watch writes ends: a re-run replaces exactly these files, nothing else
+#: (TensorBoard would otherwise show the old and the new replay as one run, every point twice).
+WATCH_EVENTS_SUFFIX = ".scalewatch-watch"
+
+
+def previous_output(target: Path) -> list[Path]:
+    """The event files an earlier ``watch`` wrote in ``target`` (named by :data:`WATCH_EVENTS_SUFFIX`).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for name in ("events.out.tfevents.1.host.2.0.scalewatch-watch", "events.out.tfevents.1.host.3.0"):
+        ...     _ = (d / name).write_text("")
+        >>> [p.name for p in previous_output(d)], previous_output(d / "none")
+        (['events.out.tfevents.1.host.2.0.scalewatch-watch'], [])
+    """
+    return sorted(target.glob(f"events.out.tfevents.*{WATCH_EVENTS_SUFFIX}")) if target.is_dir() else []
+
+
 class _LazyTensorBoard:
-    """watch's own TensorBoard run, created at the first report: bad input leaves no directory behind."""
+    """watch's own TensorBoard run, created at the first report: bad input leaves no directory behind, and
+    the previous replay's event files there (``replaces``) are removed only then, with one line on stderr."""
 
     name = "tensorboard"
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, replaces: Sequence[Path] = ()) -> None:
         self.target = target
+        self.replaces = list(replaces)
         self._writer: Any = None
         self._sink: Any = None
 
@@ -453,9 +474,27 @@ class _LazyTensorBoard:
 
             from scalewatch.tensorboard import TensorBoardSink
 
-            self._writer = SummaryWriter(str(self.target))
+            self._replace_previous()
+            self._writer = SummaryWriter(str(self.target), filename_suffix=WATCH_EVENTS_SUFFIX)
             self._sink = TensorBoardSink(self._writer)
         self._sink.write(report)
+
+    def _replace_previous(self) -> None:
+        removed = 0
+        for f in self.replaces:
+            try:
+                f.unlink()
+                removed += 1
+            except FileNotFoundError:  # another path of this invocation with the same target removed it
+                pass
+        # event files of someone else (or of a scalewatch before the suffix): kept, but they share the run
+        kept = [f for f in self.target.glob("events.out.tfevents.*") if not f.name.endswith(WATCH_EVENTS_SUFFIX)]
+        said = ([f"replacing the previous watch output ({removed} event file{'s' * (removed > 1)})"] if removed else []
+                ) + ([f"keeping {len(kept)} event file{'s' * (len(kept) > 1)} there that this watch did not write "
+                      "(TensorBoard shows them in the same run; delete them by hand if they are an older replay)"]
+                     if kept else [])
+        if said:
+            print(f"scalewatch watch: {self.target}: {'; '.join(said)}", file=sys.stderr)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -483,6 +522,8 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
     if not (poll > 0 and math.isfinite(poll) and idle > 0):
         raise WatchError(f"--poll and --idle must be positive seconds, got {poll} and {idle}")
     targets = tb_targets(paths, tb_out) if tb_out is not None else [None] * len(paths)
+    # listed before any path is replayed: a target two paths share keeps what this invocation writes
+    previous = {t: previous_output(t) for t in targets if t is not None}
     monitors: list[Monitor | None] = []
     where = replayer_kwargs.get("where", ())
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
@@ -492,7 +533,7 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
         source = open_source(path, where)
         kwargs = with_log_schedule(path, replayer_kwargs, follow=following)
         sinks = list(kwargs.get("sinks", []))
-        writer = _LazyTensorBoard(target) if target is not None else None
+        writer = _LazyTensorBoard(target, previous[target]) if target is not None else None
         if writer is not None:
             sinks.append(writer)
         rp = Replayer(**{**kwargs, "sinks": sinks})
