@@ -41,6 +41,7 @@ from scalewatch.lightning_io import (
     install_schedule,
     logged_step_loss,
     lookahead_schedule,
+    logger_run_name,
     loss_from_outputs,
     loss_keys,
     start_noise_scale,
@@ -111,8 +112,11 @@ class ScaleWatch(Callback):
         unique_tokens: float | None = None,
         stop_on: str | None = None,
         webhook_url: str | None = None,
-        run_name: str = "run",
+        run_name: str | None = None,
     ) -> None:
+        # None: the run is named at setup from the trainer's logger (tiny_gpt/version_0), else "run"
+        self._run_name_given = run_name is not None
+        run_name = "run" if run_name is None else run_name
         self.config = ScaleWatchConfig(
             tokens_fn=tokens_fn, samples_fn=samples_fn, n_params=n_params, param_convention=param_convention,
             flops=flops, n_layer=n_layer, d_model=d_model, context_length=context_length, peak_flops=peak_flops,
@@ -180,6 +184,10 @@ class ScaleWatch(Callback):
             self._fresh_state()
         self._fits += 1
         self._trainer = trainer
+        # Unnamed, every run of a sweep would be "run" in the alerts JSONL and the webhook. Rank 0 only: it
+        # alone writes alerts, and a logger such as MLflow's reaches its server to know its name.
+        if not self._run_name_given and trainer.is_global_zero:
+            self.monitor.alerts.run = logger_run_name(trainer) or self.config.run_name
         self.counter.shift_labels = is_causal_lm(pl_module)
         self.monitor.sinks = [LoggerSink(trainer), LogSink(), *self._own_sinks] if trainer.is_global_zero else []
         # Counted here, before the strategy shards or wraps the module. A model built in configure_model

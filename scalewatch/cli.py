@@ -83,10 +83,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.lr_schedule and not args.curves:
         raise CLIError("--lr-schedule describes the LR of loss curves; it goes with --curves")
     if args.plot and not args.curves:  # before the fit, not after minutes of bootstrap
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]' (or drop --plot)") from None
+        _check_matplotlib()
     if args.curves:
         if args.runs:
             raise CLIError("give either RUNS (final points, a law L(N, D)) or --curves FILES (loss curves), not both")
@@ -306,12 +303,37 @@ def _cmd_fit_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_matplotlib() -> None:
+    """A one-line :class:`CLIError` when ``--plot`` cannot be drawn, said before any work (not after it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]' (or drop --plot)") from None
+
+
+def printed_steps(last: int, points: int) -> list[int]:
+    """The ``points`` steps ``predict`` prints for a schedule ending at step ``last``: evenly spaced, the last
+    one ``last`` (step 0, before any training, has no loss to predict); every step 1..last when fewer.
+
+    Example:
+        >>> printed_steps(1000, 3), printed_steps(1000, 1), printed_steps(4, 21)
+        ([333, 667, 1000], [1000], [1, 2, 3, 4])
+        >>> len(printed_steps(143_000, 21))
+        21
+    """
+    return sorted({max(1, round(last * k / points)) for k in range(1, points + 1)})
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from scalewatch.curves import CurveError, load_curve_law, schedule_from_arg
     from scalewatch.laws import LawFileError
 
+    if args.points < 1:
+        raise CLIError(f"--points must be at least 1, got {args.points}")
+    if args.plot:
+        _check_matplotlib()
     try:
         law = load_curve_law(args.law)
     except LawFileError as exc:
@@ -322,10 +344,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError("this law was fitted on several sizes: give --n-params N for the run to predict")
     try:
         schedule = schedule_from_arg(args.schedule, None)  # a spec without total= says to give it
-        last = len(schedule) - 1
-        every = max(1, last // max(args.points - 1, 1))
-        # every `every` steps and the last, without a row just before the last (142,996 beside 143,000)
-        rows = [st for st in range(every, last + 1, every) if last - st >= every / 2] + [last]
+        rows = printed_steps(len(schedule) - 1, args.points)
         pred = law.predict(schedule, n_params=args.n_params, steps=rows)
     except CurveError as exc:
         raise CLIError(str(exc)) from None
@@ -379,14 +398,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     text += [f"{r['step']:>10} {r['loss']:9.4f} {r['low']:9.4f} {r['high']:9.4f}" for r in rows_out]
     _emit(args, {"law": args.law, "n_params": args.n_params, "level": pred.level, "points": rows_out,
                  **({"left_out_from_step": int(pred.steps[bad[0]])} if len(bad) else {})}, "\n".join(text))
-    if args.plot:
-        try:
-            import matplotlib
+    if args.plot:  # matplotlib is there: checked before the work
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise CLIError("--plot needs matplotlib: pip install 'scalewatch[plot]'") from None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 4))
         shown = [[r[k] for r in rows_out] for k in ("step", "loss", "low", "high")]  # the steps printed
         ax.fill_between(shown[0], shown[2], shown[3], alpha=0.3, label=f"{int(pred.level * 100)}% band")
@@ -680,7 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CSV with columns step,lr covering the whole run, or a description with total= "
                            "(e.g. cosine:peak=6e-4,warmup=2000,final=0.1,total=143000)")
     pred.add_argument("--n-params", type=float, help="N of the run (needed for laws fitted on several sizes)")
-    pred.add_argument("--points", type=int, default=21, help="how many steps to print (default 21)")
+    pred.add_argument("--points", type=int, default=21, help="how many steps to print, evenly spaced up to the "
+                      "schedule's last step (default 21; every step of a shorter schedule)")
     pred.add_argument("--plot", help="draw the predicted curve and band to this image (needs matplotlib)")
     pred.add_argument("--json", action="store_true", help="machine-readable output")
     pred.set_defaults(func=_cmd_predict)

@@ -101,7 +101,8 @@ class ScaleWatchConfig:
             alert of that severity fires.
         webhook_url: a Slack-compatible webhook for alerts (default: ``SCALEWATCH_WEBHOOK_URL``); sent
             from a background thread, never written anywhere.
-        run_name: the run's name in alerts.
+        run_name: the run's name in alerts. The callback, given none, takes its trainer's logger's
+            ``name/version`` (e.g. ``tiny_gpt/version_0``), or ``"run"`` without a logger.
 
     Example:
         >>> ScaleWatchConfig(flops="6N+attn", n_layer=12, d_model=768).flops

@@ -37,10 +37,10 @@ import numpy as np
 from scipy.signal import lfilter
 
 from scalewatch.bands import ForecastCalibration, ScheduleReach, SizeReach
-from scalewatch.data import no_rows_left, parse_where, pick_column, table_delimiter
+from scalewatch.data import _norm, no_rows_left, parse_where, pick_column, table_delimiter
 from scalewatch.laws import SCHEMA, SCHEMA_VERSION, LawFileError, check_law_header, read_law_json, write_law_json
 from scalewatch.laws import _finite_number as _finite
-from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS
+from scalewatch.tensorboard import LOSS_TAGS, LR_TAGS, PREFIX, TOKEN_TAGS
 
 if TYPE_CHECKING:  # for type checkers only: at run time these load on first use (see __getattr__ below)
     from scalewatch.curve_fit import CurveFitResult, fit_curves
@@ -221,7 +221,26 @@ def validate_curve(c: Curve) -> Curve:
 _STEP_KEYS = ("step", "_step", "global_step")
 _LR_KEYS = LR_TAGS
 _LOSS_KEYS = tuple(dict.fromkeys(("loss", "train_loss", "val_loss", "scalewatch/loss") + LOSS_TAGS))
-_N_KEYS = ("n_params", "params", "N", "n_params_final_json")
+_N_KEYS = ("n_params", "params", "N", "n_params_final_json", "scalewatch/n_params")
+# The callback's own columns. In a Lightning CSVLogger file of a ScaleWatch run they share one row per log
+# interval, while Lightning's `train_loss` sits on rows of its own (one step earlier) with a blank LR and N:
+# where the file has `scalewatch/loss`, it and its LR and N are read, as from a ScaleWatch TensorBoard run.
+_OWN_LOSS, _OWN_N = "scalewatch/loss", "scalewatch/n_params"
+
+
+def _column_keys(header: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The loss and N aliases to try for a file with this header: the callback's own columns first where it
+    has them (its LR column, ``scalewatch/lr``, is first in :data:`_LR_KEYS` already).
+
+    Example:
+        >>> _column_keys(["step", "train_loss", "scalewatch/loss", "scalewatch/lr"])[0][0]
+        'scalewatch/loss'
+        >>> _column_keys(["step", "loss", "lr"]) == (_LOSS_KEYS, _N_KEYS)
+        True
+    """
+    if pick_column(header, (_OWN_LOSS,)) is None:
+        return _LOSS_KEYS, _N_KEYS
+    return (_OWN_LOSS, *_LOSS_KEYS), (_OWN_N, *_N_KEYS)
 
 
 def _read_csv(p: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -308,11 +327,12 @@ def read_curve_table(path: str | Path, loss_column: str | None = None, n_params:
         raise CurveError(f"{p}: no learning-rate column (looked for {', '.join(_LR_KEYS)}); columns are "
                          f"{', '.join(header)}. A curve law needs the LR schedule: add an lr column, or describe "
                          f"it with --lr-schedule (e.g. {SPEC_EXAMPLE})")
+    loss_keys, n_keys = _column_keys(header)
     try:
-        yk = pick_column(header, _LOSS_KEYS, "loss", str(p), given=loss_column, error=CurveError)
+        yk = pick_column(header, loss_keys, "loss", str(p), given=loss_column, error=CurveError)
     except CurveError as exc:
         raise CurveError(f"{exc}; name it with --loss-column" if loss_column is None else str(exc)) from None
-    nk = pick_column(header, _N_KEYS, where=str(p), given=n_column, error=CurveError)  # optional unless named
+    nk = pick_column(header, n_keys, where=str(p), given=n_column, error=CurveError)  # optional unless named
     groups: dict[str, list[dict[str, str]]] = {}
     lines: dict[str, list[int]] = {}
     for i, r in kept:
@@ -358,6 +378,21 @@ def _run_key_rank(name: str) -> int:
 
 # Runs of one table start within this fraction of its step range of the earliest (find_run_split).
 RUN_START_SPREAD = 0.1
+# Metrics that are never a run's name, whatever values they hold: the step, the epoch, the loss, LR and token
+# names watch and fit read (normalised as pick_column matches them), and every series under the callback's
+# `scalewatch/` prefix. In a Lightning CSVLogger file such a column is blank on the rows of other metrics, and
+# its two "values" (blank and 0.0, e.g. scalewatch/health/batch_size) used to read as two runs.
+_NEVER_RUN_KEYS = frozenset(_norm(k) for k in (*_STEP_KEYS, "iteration", "epoch", *LOSS_TAGS, *LR_TAGS, *TOKEN_TAGS))
+
+
+def may_name_a_run(column: str) -> bool:
+    """Whether a column may name the run of a row (:func:`find_run_split`): not a metric it knows by name.
+
+    Example:
+        >>> may_name_a_run("model"), may_name_a_run("scalewatch/health/batch_size"), may_name_a_run("Epoch")
+        (True, False, False)
+    """
+    return not column.startswith(PREFIX) and _norm(column) not in _NEVER_RUN_KEYS
 
 
 def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]], given: Sequence[str] = ()
@@ -367,8 +402,10 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
     e.g. ``--run-column``) first; None when the steps increase already or no column does it.
 
     ``columns`` maps a column name to its value in each row (e.g. ``model`` and ``seed`` of a table of several
-    runs). A column with more than 64 distinct values, or one that leaves more than a quarter of its runs with
-    a single row (a metric logged now and then), is not a run's name. A run resumed from a checkpoint (its steps
+    runs). A column with more than 64 distinct values, one that leaves more than a quarter of its runs with
+    a single row (a metric logged now and then), one with a blank (None or empty) value in some row, or a
+    metric known by name (:func:`may_name_a_run`: the loss, the LR, the epoch, ``scalewatch/...``) is not a
+    run's name. A run resumed from a checkpoint (its steps
     go back to the checkpoint) gets None, even where a column changes with each session (a job id): several
     runs start together near the table's first step (:data:`RUN_START_SPREAD`), a resumed session does not. Singles are tried before pairs; names like run, name, model, seed first.
 
@@ -387,8 +424,10 @@ def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]],
         return None
     codes: dict[str, np.ndarray] = {}
     for name, values in columns.items():
-        if len(values) != n:
+        if len(values) != n or (name not in given and not may_name_a_run(name)):
             continue
+        if name not in given and any(_blank(v) for v in values):
+            continue  # a metric logged on some rows only: every row of a run carries the run's name
         uniq, inv = np.unique(np.asarray([str(v) for v in values]), return_inverse=True)
         if name in given or 1 < len(uniq) <= _MAX_RUN_VALUES:
             codes[name] = inv.astype(np.int64)

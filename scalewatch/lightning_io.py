@@ -279,6 +279,28 @@ def capture_is_optimizer_params(capture: Any, trainer: Trainer) -> bool:
     return {id(p) for p in capture.params} == trained
 
 
+def logger_run_name(trainer: Trainer) -> str | None:
+    """The run's name as the trainer's first logger names it: ``name/version_N`` (TensorBoard, CSV: the
+    folder under the save dir), ``name/id`` (a logger whose version is a string); None without a logger.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> logger = CSVLogger("/tmp/scalewatch-doc", name="tiny_gpt", version=0)
+        >>> logger_run_name(SimpleNamespace(loggers=[logger])), logger_run_name(SimpleNamespace(loggers=[]))
+        ('tiny_gpt/version_0', None)
+    """
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    if not loggers:
+        return None
+    try:  # a third-party logger's name or version may need a connection, or raise: the name is not worth it
+        name, version = loggers[0].name, loggers[0].version
+    except Exception:  # noqa: BLE001 - monitoring must never crash the run
+        return None
+    version = f"version_{version}" if isinstance(version, int) else version
+    return "/".join(str(p) for p in (name, version) if p not in (None, "")) or None
+
+
 class LoggerSink:
     """Sends each report to the trainer's loggers (``log_metrics``); TensorBoard loggers also get the
     texts, the custom-scalars layout and the loss-vs-tokens / loss-vs-GFLOP series."""

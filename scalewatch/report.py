@@ -232,7 +232,7 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     from scalewatch.detectors import CHINCHILLA_TOKENS_PER_PARAM
 
     collector = ReportCollector()
-    check_one_run(path, kwargs.get("where", ()))  # a table of several runs: one run per page (--where)
+    check_one_run(path, kwargs.get("where", ()), loss_tag=kwargs.get("loss_tag"))  # one run per page (--where)
     source = open_source(path, kwargs.get("where", ()))
     kwargs = with_log_schedule(path, kwargs)  # a curve law without --schedule: the log's own LR, if it has one
     rp = Replayer(**{**kwargs, "sinks": [*kwargs.get("sinks", []), collector]})

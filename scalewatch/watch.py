@@ -189,15 +189,19 @@ def open_source(path: str | Path, where: Sequence[str] = ()) -> EventSource | Ta
     raise WatchError(f"{p}: no such file or directory")
 
 
-def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = True) -> None:
+def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = True, loss_tag: str | None = None
+                  ) -> None:
     """Raise :class:`WatchError` when a CSV/JSONL table holds several runs, or ``where`` keeps none of its rows.
 
     A first pass over the table (the lines complete now; memory stays small: each column's values are kept
-    as small codes only while it has at most 64 distinct values, as a run's name does). Steps that go
-    backwards are several runs where a column (or a pair, e.g. ``model`` and ``seed``) splits the rows into
-    runs whose steps each increase (:func:`scalewatch.curves.find_run_split`); the error names the column(s)
-    and ``--where``. Steps that go back with no such column are one run resumed from a checkpoint (a step
-    logged again after the restart): replayed as they come, as before. A TensorBoard directory is one run.
+    as small codes only while it has at most 64 distinct values, as a run's name does). Only the rows with
+    the loss the replay reads count (``loss_tag``, else the first common name, as :class:`Replayer` picks it):
+    a Lightning CSVLogger file puts ``train_loss`` at step 9 on a row after ScaleWatch's step-10 row, steps
+    that go back but are never replayed. Steps that go backwards are several runs where a column (or a pair,
+    e.g. ``model`` and ``seed``) with a value in every row splits the rows into runs whose steps each increase
+    (:func:`scalewatch.curves.find_run_split`); the error names the column(s) and ``--where``. Steps that go
+    back with no such column are one run resumed from a checkpoint (a step logged again after the restart):
+    replayed as they come, as before. A TensorBoard directory is one run.
     """
     from array import array
 
@@ -212,10 +216,19 @@ def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = Tru
     values: dict[str, dict[str, int]] = {}
     dropped: set[str] = set()
     back, prev = None, None
-    for step, _ in source.poll(final=final):
+    loss: str | None = None
+    for step, row in source.poll(final=final):
+        loss = loss or find_tag(sorted({*row, *source.tags()}), LOSS_TAGS, loss_tag)
+        if loss is not None and loss not in row:
+            continue  # a row of other metrics: the replay skips it
         n = len(steps)
         for k, v in source.last_cells.items():
             if k in dropped:
+                continue
+            if v is None or not str(v).strip():  # a blank cell: a metric, never the name of a run
+                dropped.add(k)
+                codes.pop(k, None)
+                values.pop(k, None)
                 continue
             seen = values.setdefault(k, {})
             code = seen.setdefault(str(v), len(seen))
@@ -224,11 +237,15 @@ def check_one_run(path: str | Path, where: Sequence[str] = (), final: bool = Tru
                 codes.pop(k, None)
                 values.pop(k, None)
                 continue
-            col = codes.setdefault(k, array("H", [0xFFFF]) * n)  # a key first seen here: missing before
-            col.append(code)
-        for col in codes.values():
-            if len(col) == n:  # a key this row does not have (JSON lines)
-                col.append(0xFFFF)
+            if k not in codes and n:  # a key first seen here: missing from the rows before, no run's name
+                dropped.add(k)
+                values.pop(k, None)
+                continue
+            codes.setdefault(k, array("H")).append(code)
+        for k in [k for k, col in codes.items() if len(col) == n]:  # a key this row does not have (JSON lines)
+            dropped.add(k)
+            codes.pop(k)
+            values.pop(k, None)
         if back is None and prev is not None and step <= prev:
             back = (prev, step)
         prev = step
@@ -420,13 +437,34 @@ class ConsoleSink:
                       flush=True)
 
 
+#: How the name of every event file watch writes ends: a re-run replaces exactly these files, nothing else
+#: (TensorBoard would otherwise show the old and the new replay as one run, every point twice).
+WATCH_EVENTS_SUFFIX = ".scalewatch-watch"
+
+
+def previous_output(target: Path) -> list[Path]:
+    """The event files an earlier ``watch`` wrote in ``target`` (named by :data:`WATCH_EVENTS_SUFFIX`).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for name in ("events.out.tfevents.1.host.2.0.scalewatch-watch", "events.out.tfevents.1.host.3.0"):
+        ...     _ = (d / name).write_text("")
+        >>> [p.name for p in previous_output(d)], previous_output(d / "none")
+        (['events.out.tfevents.1.host.2.0.scalewatch-watch'], [])
+    """
+    return sorted(target.glob(f"events.out.tfevents.*{WATCH_EVENTS_SUFFIX}")) if target.is_dir() else []
+
+
 class _LazyTensorBoard:
-    """watch's own TensorBoard run, created at the first report: bad input leaves no directory behind."""
+    """watch's own TensorBoard run, created at the first report: bad input leaves no directory behind, and
+    the previous replay's event files there (``replaces``) are removed only then, with one line on stderr."""
 
     name = "tensorboard"
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, replaces: Sequence[Path] = ()) -> None:
         self.target = target
+        self.replaces = list(replaces)
         self._writer: Any = None
         self._sink: Any = None
 
@@ -436,9 +474,27 @@ class _LazyTensorBoard:
 
             from scalewatch.tensorboard import TensorBoardSink
 
-            self._writer = SummaryWriter(str(self.target))
+            self._replace_previous()
+            self._writer = SummaryWriter(str(self.target), filename_suffix=WATCH_EVENTS_SUFFIX)
             self._sink = TensorBoardSink(self._writer)
         self._sink.write(report)
+
+    def _replace_previous(self) -> None:
+        removed = 0
+        for f in self.replaces:
+            try:
+                f.unlink()
+                removed += 1
+            except FileNotFoundError:  # another path of this invocation with the same target removed it
+                pass
+        # event files of someone else (or of a scalewatch before the suffix): kept, but they share the run
+        kept = [f for f in self.target.glob("events.out.tfevents.*") if not f.name.endswith(WATCH_EVENTS_SUFFIX)]
+        said = ([f"replacing the previous watch output ({removed} event file{'s' * (removed > 1)})"] if removed else []
+                ) + ([f"keeping {len(kept)} event file{'s' * (len(kept) > 1)} there that this watch did not write "
+                      "(TensorBoard shows them in the same run; delete them by hand if they are an older replay)"]
+                     if kept else [])
+        if said:
+            print(f"scalewatch watch: {self.target}: {'; '.join(said)}", file=sys.stderr)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -466,15 +522,18 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
     if not (poll > 0 and math.isfinite(poll) and idle > 0):
         raise WatchError(f"--poll and --idle must be positive seconds, got {poll} and {idle}")
     targets = tb_targets(paths, tb_out) if tb_out is not None else [None] * len(paths)
+    # listed before any path is replayed: a target two paths share keeps what this invocation writes
+    previous = {t: previous_output(t) for t in targets if t is not None}
     monitors: list[Monitor | None] = []
     where = replayer_kwargs.get("where", ())
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
         following = follow and i == len(paths) - 1
-        check_one_run(path, where, final=not following)  # a table of several runs: say so before any alert
+        # a table of several runs: say so before any alert
+        check_one_run(path, where, final=not following, loss_tag=replayer_kwargs.get("loss_tag"))
         source = open_source(path, where)
         kwargs = with_log_schedule(path, replayer_kwargs, follow=following)
         sinks = list(kwargs.get("sinks", []))
-        writer = _LazyTensorBoard(target) if target is not None else None
+        writer = _LazyTensorBoard(target, previous[target]) if target is not None else None
         if writer is not None:
             sinks.append(writer)
         rp = Replayer(**{**kwargs, "sinks": sinks})

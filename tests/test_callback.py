@@ -252,3 +252,24 @@ def test_resume_from_mid_run_checkpoint_ends_with_uninterrupted_totals(tmp_path)
     assert len(second.monitor.history) == len(full.monitor.history)
     s = scalars(tmp_path / "b" / "tb" / "version_0")
     assert _last(s, "tokens") == full.tokens
+
+
+def test_alerts_are_named_after_the_logger_unless_run_name_is_given(tmp_path) -> None:
+    """The alerts JSONL of a sweep: each run under its logger's name/version, not all "run"."""
+    import json
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    ds = VarLenDataset(n=43)  # ~0.5 tokens per parameter: undertrained fires at the first log point
+
+    def runs(name: str, **kw) -> set[str]:
+        jsonl = tmp_path / f"{name}.jsonl"
+        watch = ScaleWatch(log_every_n_steps=2, alerts_jsonl=jsonl, gns="off", **kw)
+        trainer(tmp_path, [watch], max_epochs=1, **({} if name == "tb" else {"logger": CSVLogger(
+            str(tmp_path), name="tiny_gpt")} if name == "csv" else {"logger": False})).fit(TinyLM(), loader(ds, 4))
+        return {json.loads(line)["run"] for line in jsonl.read_text().splitlines()}
+
+    assert runs("tb") == {"tb/version_0"}  # helpers.trainer: TensorBoardLogger(name="tb", version=0)
+    assert runs("csv") == {"tiny_gpt/version_0"}
+    assert runs("none") == {"run"}  # no logger
+    assert runs("given", run_name="exp7") == {"exp7"}

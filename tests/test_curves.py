@@ -161,6 +161,28 @@ def test_cli_fit_curves_then_predict(tmp_path, capsys) -> None:
     assert cli(["predict", "--law", str(tmp_path / "cos.csv"), "--schedule", str(tmp_path / "s.csv")]) == 2
 
 
+def test_cli_predict_prints_the_points_asked_for_and_checks_plot_first(tmp_path, capsys, monkeypatch) -> None:
+    import sys
+
+    law = tmp_path / "law.json"
+    save_curve_law(CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (0.0, 0.0)},
+                            n_ref=1e8, band_rel=0.01), law)
+    base = ["predict", "--law", str(law), "--schedule", "cosine:peak=1e-3,final=0.1,total=1000"]
+    for asked, rows in ((["--points", "3"], 3), ([], 21), (["--points", "1"], 1)):
+        assert cli([*base, "--json", *asked]) == 0
+        points = json.loads(capsys.readouterr().out)["points"]
+        assert len(points) == rows and points[-1]["step"] == 1000, asked
+    assert cli([*base, "--points", "3"]) == 0
+    assert [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()[2:]] == [333, 667, 1000]
+    assert cli([*base, "--points", "0"]) == 2
+    assert "--points must be at least 1" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    assert cli([*base, "--plot", str(tmp_path / "p.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--plot needs matplotlib" in err  # said before the table, not after it
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_band_width_follows_the_stretch_of_the_run_and_survives_the_file(tmp_path) -> None:
     law = CurveLaw({"L0": (2.0, 0.0), "lnA": (0.0, 0.0), "alpha": (0.5, 0.0), "lnC": (0.0, 0.0)}, n_ref=1.0,
                    band_rel=0.03, band_by_progress=[(0.0, 0.3, 0.05), (0.3, 0.6, 0.02), (0.6, 1.0, 0.01)])

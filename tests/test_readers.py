@@ -124,6 +124,57 @@ def test_find_run_split_prefers_single_columns_and_skips_metrics() -> None:
     assert find_run_split(steps, {"val/loss": val}) is None
 
 
+def lightning_csv(path: Path, n_params: float, peak: float, cosine: bool, steps: int = 400) -> Path:
+    """A Lightning CSVLogger ``metrics.csv`` of a ScaleWatch run, laid out as Lightning writes it: every 10 steps
+    a row of the callback's ``scalewatch/*`` series (epoch blank), then a row of ``train_loss`` (one step earlier,
+    its own epoch, the callback's columns blank)."""
+    cols = ["epoch", "scalewatch/health/batch_size", "scalewatch/loss", "scalewatch/lr", "scalewatch/n_params",
+            "scalewatch/tokens", "step", "train_loss"]
+    lines = [",".join(cols)]
+    size = n_params / 1e5
+    for s in range(10, steps + 1, 10):
+        lr = peak * (0.55 + 0.45 * math.cos(math.pi * s / steps) if cosine else 1.0)
+        loss = 2.0 + 1.0 / size + 8.0 * (peak * s) ** -0.3 - (0.1 * (1 - lr / peak))
+        lines.append(f",0.0,{loss:.5f},{lr:.6g},{n_params:.0f},{s * 3840},{s},")
+        lines.append(f"0,,,,,,{s - 1},{loss * 1.01:.5f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_lightning_csvlogger_file_of_a_scalewatch_run_is_read_without_flags(tmp_path, capsys) -> None:
+    """fit --curves, watch and report read the callback's own columns (on one row), not Lightning's train_loss
+    rows (a step earlier, with a blank LR and N); scalewatch/health/* is no run's name."""
+    files = [lightning_csv(tmp_path / f"{n:.0f}_{cos}" / "version_0" / "metrics.csv", n, 3e-3, cos)
+             for n in (5e4, 1.5e5) for cos in (False, True)]
+    c = read_curve_table(files[0])[0]
+    assert c.n_params == 5e4 and c.steps.tolist() == list(range(10, 401, 10)) and np.all(c.lr == 3e-3)
+    assert c.loss[0] == pytest.approx(float(files[0].read_text().splitlines()[1].split(",")[2]))
+    assert main(["fit", "--curves", *map(str, files), "--out", str(tmp_path / "law.json")]) == 0
+    assert "at 2 sizes" in capsys.readouterr().out
+    assert main(["watch", str(files[1]), "--no-tb"]) == 0
+    err = capsys.readouterr().err
+    assert "40 log points kept" in err and "several runs" not in err
+    assert main(["report", str(files[1]), "--out", str(tmp_path / "r.html")]) == 0
+    assert "(40 log points" in capsys.readouterr().err
+    # a metric of the user's own, logged on Lightning's rows only (blank on the callback's): no run's name either
+    own = tmp_path / "own.csv"
+    own.write_text("\n".join(line + ("," + ("accum" if i == 0 else "4" if line.startswith("0,") else ""))
+                             for i, line in enumerate(files[1].read_text().splitlines())) + "\n")
+    assert main(["watch", str(own), "--no-tb"]) == 0
+    assert "40 log points kept" in capsys.readouterr().err
+
+
+def test_metrics_and_blank_columns_never_name_a_run() -> None:
+    from scalewatch.curves import find_run_split
+
+    steps = [10, 9, 20, 19, 30, 29]
+    for col in ("scalewatch/health/batch_size", "epoch"):  # blank on the other metric's rows
+        assert find_run_split(steps, {col: ["0.0", "", "0.0", "", "0.0", ""]}) is None
+    assert find_run_split([1, 2, 1, 2], {"scalewatch/n_params": ["5", "5", "9", "9"]}) is None
+    assert find_run_split([1, 2, 1, 2], {"model": ["a", "a", "b", "b"]}) == (["model"], 2)
+
+
 # ------------------------------------------------------------------ 2. fit --curves hint
 def test_fit_curves_hint_finds_the_second_run_column(tmp_path, capsys) -> None:
     table = several_runs_csv(tmp_path / "runs.csv")

@@ -183,6 +183,27 @@ def test_watch_writes_no_tensorboard_run_beside_a_csv_or_on_bad_input(tmp_path) 
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_a_rerun_replaces_its_own_tensorboard_output_and_nothing_else(tmp_path, capsys) -> None:
+    from scalewatch.tensorboard import read_scalars
+
+    _foreign_log(tmp_path / "run", 40, nan_at=30)
+    out = tmp_path / "run-scalewatch-watch"
+    assert main(["watch", str(tmp_path / "run")]) == 2
+    assert "replacing" not in capsys.readouterr().err
+    first = read_scalars(out)
+    (out / "notes.txt").write_text("mine")
+    with SummaryWriter(str(out), filename_suffix=".other") as w:  # someone else's event file: kept
+        w.add_scalar("other", 1.0, 1)
+    assert main(["watch", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: replacing the previous watch output (1 event file); keeping 1 event file there" in err
+    again = read_scalars(out)
+    assert len(again["scalewatch/loss"]) == len(first["scalewatch/loss"]) == 40  # not 80: no duplicates
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("events.out.tfevents.*"))) == 2
+    assert main(["watch", str(tmp_path / "run"), "--loss-tag", "nope"]) == 3  # bad input: the output stays
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+
+
 def _nan_then_recovered(path, every=10, nan_step=160):
     path.write_text("step,loss,lr\n" + "".join(
         f"{s},{'nan' if s == nan_step else 2 + 3 / math.sqrt(s)},3e-4\n" for s in range(every, 610, every)))
