@@ -216,6 +216,30 @@ def measured_flops_per_token(total_flops: int, positions: int) -> FlopConvention
     )
 
 
+def measured_shortfall(per_token: float, params: ParamCount | None, n_params: int | None) -> str | None:
+    """One line when measured FLOPs per token are below half of 6N: the counter missed layers it cannot see.
+
+    ``FlopCounterMode`` counts matmuls, convolutions and attention it recognises; ``nn.LSTM``/``nn.GRU`` (cuDNN
+    or not) and fused or custom kernels count 0. N here is the non-embedding parameters (an embedding lookup
+    does no matmul, so a large vocabulary alone puts a model below 6 x all its parameters); a user-given
+    ``n_params`` where no count is known.
+
+    Example:
+        >>> print(measured_shortfall(98_304, ParamCount(total=49_920, embedding=8_192), None))
+        scalewatch: flops='measured' counted 98,304 FLOPs per token, 0.39x 6N = 250,368 (N = 41,728 non-embedding parameters): the FLOP counter likely missed layers it cannot see (nn.LSTM/nn.GRU, fused or custom kernels), so FLOPs and MFU are undercounted; use flops='6N' (or flops=<FLOPs per token>) for this model
+        >>> measured_shortfall(3_072, ParamCount(total=1_056, embedding=512), None) is None  # 0.94x 6N
+        True
+    """
+    n = params.non_embedding if params is not None and params.non_embedding > 0 else n_params
+    if not n or per_token >= 0.5 * 6 * n:
+        return None
+    whose = " non-embedding parameters" if params is not None and params.non_embedding > 0 else ""
+    return (f"scalewatch: flops='measured' counted {per_token:,.0f} FLOPs per token, {per_token / (6 * n):.2f}x "
+            f"6N = {6 * n:,} (N = {n:,}{whose}): the FLOP counter likely missed layers it cannot see (nn.LSTM/"
+            "nn.GRU, fused or custom kernels), so FLOPs and MFU are undercounted; use flops='6N' (or "
+            "flops=<FLOPs per token>) for this model")
+
+
 class FirstBatchFlops:
     """``flops="measured"``: a ``FlopCounterMode`` entered before the first training batch and left after
     it, so that the user's own forward AND backward of that batch are what gets counted.

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,9 @@ SEVERITIES = ("info", "warning", "critical")
 HEALTH_LEVEL = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 #: Kinds that never stop a run under ``stop_on``: scalewatch's own errors and the planning findings.
 NEVER_STOP = ("internal_error", "undertrained", "overtrained", "repeated_data", "batch_size")
+#: Episodes an :class:`AlertBook` keeps for the end-of-run summary; past it the oldest resolved one of the
+#: lowest severity goes first (memory stays bounded on a run whose spikes flap for days).
+MAX_EPISODES = 100
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,26 @@ class Alert:
         return doc
 
 
+@dataclass
+class Episode:
+    """One stretch during which an alert fired: from the step it started firing to the step it resolved.
+
+    Attributes:
+        kind, key: the alert's slot.
+        severity: the worst severity it reached.
+        fired: the step it started firing.
+        message: what it said when it fired (at that worst severity): its numbers are of that step.
+        resolved: the step it resolved; None while it still fires.
+    """
+
+    kind: str
+    key: str
+    severity: str
+    fired: int
+    message: str
+    resolved: int | None = None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -112,6 +135,11 @@ class AlertBook:
         self._quiet: dict[tuple[str, str], int] = {}  # firing slots: consecutive inactive findings so far
         self._cool: dict[tuple[str, str], int] = {}  # resolved slots: log points of cooldown left
         self._said: dict[tuple[str, str], str] = {}  # firing slots: the message they fired with
+        # firing slots: (step, message) of their newest active finding. Detectors rewrite their message at every
+        # log point (the batch's factor, the NaN count), so the one they fired with goes stale.
+        self._latest: dict[tuple[str, str], tuple[int, str]] = {}
+        #: every time an alert fired, resolved or not, oldest first (at most MAX_EPISODES): the end-of-run summary
+        self.episodes: list[Episode] = []
         self._kinds: set[str] = set()  # every kind known, for health scalars that stay at 0
         self.recent: list[Alert] = []  # the last alerts, newest last, for the alert table
         #: the worst severity that fired since this book was made ("ok" if none): a NaN that recovered still counts
@@ -139,8 +167,11 @@ class AlertBook:
                     self._firing[slot] = f.severity
                     self._said[slot] = f.message
                     changed.append(self._alert(f, f.severity, "firing", step, tokens))
+                    self._episode_fires(f, was, int(step))
                     if HEALTH_LEVEL[f.severity] > HEALTH_LEVEL[self.worst_fired]:
                         self.worst_fired = f.severity
+                if slot in self._firing:
+                    self._latest[slot] = (int(step), f.message)
             elif was is not None:
                 self._quiet[slot] = self._quiet.get(slot, 0) + 1
                 if self._quiet[slot] >= self.resolve_after:
@@ -148,11 +179,44 @@ class AlertBook:
                     self._cool[slot] = self.cooldown
                     # The detector's words describe the condition; now healthy, say what was wrong.
                     was_said = self._said.pop(slot, "")
+                    self._latest.pop(slot, None)
+                    for ep in self._open(slot):
+                        ep.resolved = int(step)
                     message = f"back to normal for {self.resolve_after} log point(s); was: {was_said}"
                     changed.append(self._alert(Finding(f.kind, False, was, message, f.key, dict(f.values)), was,
                                                "resolved", step, tokens))
         self.recent = (self.recent + changed)[-20:]
         return changed
+
+    def _open(self, slot: tuple[str, str]) -> list[Episode]:
+        """The episode of ``slot`` still firing, as a list of at most one."""
+        return [e for e in self.episodes[::-1] if (e.kind, e.key) == slot and e.resolved is None][:1]
+
+    def _episode_fires(self, f: Finding, was: str | None, step: int) -> None:
+        """A new episode when ``f``'s slot starts firing; an escalation raises the open one's severity."""
+        opened = self._open((f.kind, f.key)) if was is not None else []
+        if not opened:
+            self.episodes.append(Episode(f.kind, f.key, f.severity, step, f.message))
+        elif HEALTH_LEVEL[f.severity] > HEALTH_LEVEL[opened[0].severity]:
+            opened[0].severity, opened[0].message = f.severity, f.message
+        while len(self.episodes) > MAX_EPISODES:
+            done = [e for e in self.episodes if e.resolved is not None]
+            if not done:
+                break
+            least = min(HEALTH_LEVEL[e.severity] for e in done)
+            self.episodes.remove(next(e for e in done if HEALTH_LEVEL[e.severity] == least))
+
+    def now_saying(self) -> dict[tuple[str, str], tuple[int, str]]:
+        """(kind, key) -> (step, message) of each firing alert's newest finding: its numbers are of that step.
+
+        Example:
+            >>> book = AlertBook(resolve_after=1, cooldown=0)
+            >>> _ = book.update([Finding("nonfinite", True, "critical", "1 NaN so far")], step=10, tokens=100)
+            >>> _ = book.update([Finding("nonfinite", True, "critical", "5 NaN so far")], step=20, tokens=200)
+            >>> book.now_saying()
+            {('nonfinite', ''): (20, '5 NaN so far')}
+        """
+        return {slot: self._latest.get(slot, (-1, self._said.get(slot, ""))) for slot in self._firing}
 
     def _alert(self, f: Finding, severity: str, state: str, step: int, tokens: int) -> Alert:
         return Alert(kind=f.kind, severity=severity, state=state, step=int(step), tokens=int(tokens),
@@ -208,6 +272,8 @@ class AlertBook:
                 "quiet": [[k, key, n] for (k, key), n in self._quiet.items()],
                 "cool": [[k, key, n] for (k, key), n in self._cool.items()],
                 "said": [[k, key, m] for (k, key), m in self._said.items()],
+                "latest": [[k, key, st, m] for (k, key), (st, m) in self._latest.items()],
+                "episodes": [asdict(e) for e in self.episodes],
                 "recent": [a.to_json() for a in self.recent]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -216,6 +282,8 @@ class AlertBook:
         self._quiet = {(str(k), str(key)): int(n) for k, key, n in state.get("quiet", [])}
         self._cool = {(str(k), str(key)): int(n) for k, key, n in state.get("cool", [])}
         self._said = {(str(k), str(key)): str(m) for k, key, m in state.get("said", [])}
+        self._latest = {(str(k), str(key)): (int(st), str(m)) for k, key, st, m in state.get("latest", [])}
+        self.episodes = [Episode(**e) for e in state.get("episodes", [])]
         self.recent = [Alert(kind=d["kind"], severity=d["severity"], state=d["state"], step=int(d["step"]),
                              tokens=int(d["tokens"]), message=d["message"], run=d.get("run", self.run),
                              key=d.get("key", ""), time=d.get("time", ""), values=dict(d.get("data", {})))

@@ -34,6 +34,7 @@ from scalewatch.accounting import (
     count_parameters,
     count_with,
     describe_conventions,
+    measured_shortfall,
 )
 from scalewatch.accumulators import Interval, IntervalAccumulator, Totals
 from scalewatch.config import ScaleWatchConfig
@@ -99,6 +100,9 @@ class RunCounter:
             self.convention = self._flop_counter.finish(count.positions or int(count.tokens))
             self._flop_counter = None
             log.info("scalewatch: FLOPs: %s", self.convention.description)
+            short = measured_shortfall(self.convention.per_token, self.params, self.n_params)
+            if short:  # measured once per fit (the first batch), so said once
+                log.warning(short)
 
     def reduce(self, world_size: int, extra: Tensor | None = None) -> tuple[Interval | None, Tensor | None]:
         """Fold every rank's unreduced counts into the totals (ONE collective; all ranks call it).

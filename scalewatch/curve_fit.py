@@ -483,12 +483,38 @@ DEGENERATE_A_PER_LOSS = 3.0
 WIDE_BAND_REL = 0.10
 
 
+def levels_not_falling(law: CurveLaw) -> str | None:
+    """The floor form's N-dependence, when its stage-1 levels (``fitted_on.floor_fit``) do not fall with N.
+
+    Two sizes whose long-training levels rise with N (a mislabelled N, or pilots stopped before their level
+    shows) leave stage 2 nothing to draw E + B*N^-beta through but B ~ 0: the law then predicts every size's
+    loss at the same level, silently.
+
+    Example:
+        >>> law = CurveLaw({"E": (0.85, 0.0), "lnB": (-27.7, 0.0), "beta": (0.34, 0.0), "lnA": (0.2, 0.0),
+        ...                 "alpha": (0.28, 0.0), "lnC": (-2.8, 0.0)}, n_ref=8.6e4, band_rel=0.02,
+        ...                fitted_on={"floor_fit": {"levels": [{"n_params": 49920, "L0": 0.755},
+        ...                                                    {"n_params": 148736, "L0": 1.028}]}})
+        >>> print(levels_not_falling(law))  # doctest: +NORMALIZE_WHITESPACE
+        the pilots' long-training level does not fall with N (L0 0.755 at N=4.99e+04, 1.028 at N=1.49e+05): the
+        law carries no N-dependence beyond the fitted sizes; check each size's N, or give more sizes
+    """
+    levels = sorted((float(lv["n_params"]), float(lv["L0"]))
+                    for lv in (law.fitted_on.get("floor_fit") or {}).get("levels", []))
+    if len(levels) < 2 or levels[-1][1] < levels[0][1]:
+        return None
+    said = ", ".join(f"{v:.4g} at N={n:.3g}" for n, v in levels)
+    return (f"the pilots' long-training level does not fall with N (L0 {said}): the law carries no N-dependence "
+            "beyond the fitted sizes; check each size's N, or give more sizes")
+
+
 def implausible_law(law: CurveLaw, curves: Sequence[Curve]) -> str | None:
     """One line saying why a fitted curve law should not be trusted, and what to do; None when nothing is wrong.
 
     Checked at every pilot size: a long-training level L0 below 0 (the predicted loss goes negative on a
-    long enough run), alpha near 0 with a huge A (the power law degenerating into a logarithm), and a 90%
-    band wider than :data:`WIDE_BAND_REL`.
+    long enough run), alpha near 0 with a huge A (the power law degenerating into a logarithm), a 90%
+    band wider than :data:`WIDE_BAND_REL`, and (the floor form) levels per size that do not fall with N
+    (:func:`levels_not_falling`).
 
     Example:
         >>> c = Curve("a", np.array([100, 200]), np.full(2, 1e-3), np.array([3.0, 2.9]), None, np.full(201, 1e-3))
@@ -513,6 +539,9 @@ def implausible_law(law: CurveLaw, curves: Sequence[Curve]) -> str | None:
             reasons.append(f"alpha={m.alpha:.3g} with A={m.A:.4g}{at}: the power law has degenerated into a logarithm")
     if law.band_rel > WIDE_BAND_REL:
         reasons.append(f"the 90% band is +-{law.band_rel:.1%} (over {WIDE_BAND_REL:.0%})")
+    flat = levels_not_falling(law)
+    if flat:
+        reasons.append(flat)
     if not reasons:
         return None
     longest = max((int(np.max(c.steps)) for c in curves if len(c.steps)), default=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from scalewatch.alerts import HEALTH_LEVEL, AlertBook, Episode, Finding
 from scalewatch.detectors import CHINCHILLA_TOKENS_PER_PARAM
 from scalewatch.laws import optimal_allocation
 
@@ -16,7 +17,7 @@ def run_summary(watch: Any, elapsed: float | None = None) -> str:
     Lines: tokens and FLOPs spent; the counting conventions; tokens per parameter against the
     compute-optimal ratio (from ``law=``, else about 20); the last interval's training loss against
     the curve law's prediction and band; the final-loss forecast; the noise scale against the batch;
-    the alerts firing at the end.
+    the alerts firing at the end (with the step their words are of) and those that fired and resolved since.
     """
     s, n, tokens = watch.latest, watch.n_params, watch.tokens
     lines = ["scalewatch summary"]
@@ -68,13 +69,59 @@ def run_summary(watch: Any, elapsed: float | None = None) -> str:
                      f"(critical batch estimate, {watch.gns_method}) vs a batch of {s['gns/batch_tokens']:,.0f} "
                      f"tokens: {s['gns/compute_factor']:.2f}x the minimum compute, {s['gns/steps_factor']:.2f}x the "
                      "minimum steps")
-    book = watch.monitor.alerts
-    firing = book.firing()
-    said = {(a.kind, a.key): a.message for a in book.recent if a.state == "firing"}  # the newest firing message
-    lines.append(f"  alerts:     {len(firing) or 'none'} firing at the end")
-    for slot, severity in firing.items():
-        lines.append(f"    {slot[0]} ({severity}): {said.get(slot, '')}".rstrip(": "))
+    lines += alert_lines(watch.monitor.alerts)
     return "\n".join(lines)
+
+
+def alert_lines(book: AlertBook, most: int = 8) -> list[str]:
+    """The summary's alert lines: those firing at the end with their newest words (and the step those words'
+    numbers are of), then those that fired and resolved since, worst first.
+
+    Every critical and warning episode is listed (repeats of one alert on one line); info ones only while
+    there are fewer than ``most`` lines. A run that recovered from a critical still says so here, as
+    ``scalewatch watch``'s exit status does.
+
+    Example:
+        >>> book = AlertBook(resolve_after=1, cooldown=0)
+        >>> _ = book.update([Finding("divergence", True, "critical", "loss up; stop")], step=270, tokens=0)
+        >>> _ = book.update([Finding("divergence", False, "critical")], step=290, tokens=0)
+        >>> print("\\n".join(alert_lines(book)))
+          alerts:     none firing at the end
+          resolved:   1 alert fired during the run and resolved since (worst: critical)
+            divergence (critical): fired at step 270, resolved at step 290: loss up
+    """
+    saying, since = book.now_saying(), {(e.kind, e.key): e.fired for e in book.episodes if e.resolved is None}
+    firing = sorted(book.firing().items(), key=lambda kv: -HEALTH_LEVEL[kv[1]])
+    lines = [f"  alerts:     {len(firing) or 'none'} firing at the end"]
+    for slot, severity in firing:
+        step, message = saying.get(slot, (-1, ""))
+        when = (f" since step {since[slot]:,}" if slot in since else "") + (f"; at step {step:,}" if step >= 0 else "")
+        lines.append(f"    {slot[0]} ({severity}){when}: {message}".rstrip(": "))
+    groups: dict[tuple[str, str, str], list[Episode]] = {}
+    for e in book.episodes:
+        if e.resolved is not None:
+            groups.setdefault((e.kind, e.key, e.severity), []).append(e)
+    if not groups:
+        return lines
+    ordered = sorted(groups.values(), key=lambda g: (-HEALTH_LEVEL[g[0].severity], g[0].fired))
+    n = sum(len(g) for g in ordered)
+    lines.append(f"  resolved:   {n} alert{'s' if n > 1 else ''} fired during the run and resolved since (worst: "
+                 f"{ordered[0][0].severity})")
+    shown = [g for i, g in enumerate(ordered) if g[0].severity != "info" or len(lines) + i < most]
+    for g in shown:
+        lines.append(f"    {g[0].kind} ({g[0].severity}): {_episodes_when(g)}: {g[0].message.split('; ')[0]}")
+    left = sum(len(g) for g in ordered if g not in shown)
+    if left:
+        lines.append(f"    and {left} info alert{'s' if left > 1 else ''} more")
+    return lines
+
+
+def _episodes_when(episodes: list[Episode], most: int = 4) -> str:
+    """'fired at step A, resolved at step B', or 'fired 3 times: steps A-B, C-D, ...' for repeats."""
+    if len(episodes) == 1:
+        return f"fired at step {episodes[0].fired:,}, resolved at step {episodes[0].resolved:,}"
+    spans = ", ".join(f"{e.fired:,}-{e.resolved:,}" for e in episodes[:most])
+    return f"fired {len(episodes)} times: steps {spans}{', ...' if len(episodes) > most else ''}"
 
 
 def _schedule_end(plugin: Any) -> int | None:

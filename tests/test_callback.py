@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -74,6 +75,33 @@ def test_measured_flops_mode_counts_forward_and_backward(tmp_path) -> None:
     assert watch.convention.per_token == pytest.approx(3 * 2 * 16 * 32)
     assert watch.flops == pytest.approx(3 * 2 * 16 * 32 * ds.true_tokens, rel=1e-12)
     assert "measured" in watch.describe()
+
+
+class _TinyLSTM(TinyLM):
+    """TinyLM with an LSTM between embedding and head: FlopCounterMode counts 0 FLOPs for nn.LSTM."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__(d=d)
+        self.lstm = torch.nn.LSTM(d, d, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        logits = self.out(self.lstm(self.emb(batch["input_ids"]))[0])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                                                 ignore_index=-100)
+
+
+def test_measured_flops_far_below_6n_warn_once_that_the_counter_missed_layers(tmp_path, caplog) -> None:
+    """New-user trial: a char-LSTM measured 98,304 FLOPs per token (the head only) against 6N = 299,520, silently."""
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):
+        watch = ScaleWatch(flops="measured")
+        trainer(tmp_path, [watch], max_epochs=1).fit(_TinyLSTM(), loader(VarLenDataset(n=8), 4))
+    said = [r.getMessage() for r in caplog.records if "FLOP counter likely missed" in r.getMessage()]
+    assert len(said) == 1 and "nn.LSTM" in said[0] and "flops='6N'" in said[0]
+    assert watch.convention.per_token == pytest.approx(3 * 2 * 16 * 32)  # still the measured count: a warning only
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scalewatch"):  # the same model without the LSTM: no warning
+        trainer(tmp_path, [ScaleWatch(flops="measured")], max_epochs=1).fit(TinyLM(), loader(VarLenDataset(n=8), 4))
+    assert not [r for r in caplog.records if "FLOP counter" in r.getMessage()]
 
 
 def test_tokens_fn_overrides_counting(tmp_path) -> None:

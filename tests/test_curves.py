@@ -256,6 +256,22 @@ def test_floor_form_with_two_sizes_takes_the_exponent_from_its_prior() -> None:
     assert 0 < law.coef["E"][0] < min(law.at(n).L0 for n in sizes)
 
 
+def test_floor_form_warns_when_the_level_rises_with_n() -> None:
+    """Pilots whose long-training level rises with N (here 2.5 at 5e7, 2.8 at 2e8: a mislabelled N, or runs
+    stopped before their level shows) leave the floor B ~ 0 and the law no N-dependence: said in one line
+    (new-user trial: levels 0.755 and 1.028 gave 'L0 = 0.851 + 9.362e-13*(N/8.617e+04)^-0.340' silently)."""
+    sizes, rising = (5e7, 2e8), {5e7: 2.5, 2e8: 2.8}
+    curves = [synthetic(f"{n}-{k}", sch, TRUE | {"L0": rising[n]}, n, every=250) for n in sizes
+              for k, sch in (("cos", cosine(20000)), ("const", np.full(20001, 3e-4)))]
+    with pytest.warns(UserWarning, match=r"level does not fall with N \(L0 2\.5\d* at N=5e\+07, 2\.8\d* at "
+                                         r"N=2e\+08\).*no N-dependence beyond the fitted sizes; check each size's N"):
+        law = fit_curves(curves, form="power_floor_l0", calibrate=False).law
+    assert math.exp(law.coef["lnB"][0]) < 1e-6  # the floor's size term has collapsed
+    with warnings.catch_warnings():  # levels that fall with N: no such warning
+        warnings.simplefilter("error")
+        fit_curves(floor_curves(sizes, math.exp(np.mean(np.log(sizes)))), form="power_floor_l0", calibrate=False)
+
+
 def test_floor_through_levels_weighs_the_prior_against_the_levels() -> None:
     xs = np.log([0.25, 1.0, 4.0])
     true = 2.0 + 1.0 * np.exp(-0.2 * xs)

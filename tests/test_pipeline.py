@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from scalewatch.alerts import AlertBook, Finding
 from scalewatch.config import ScaleWatchConfig, ScaleWatchConfigError, build_monitor
 from scalewatch.monitor import ForecastBand, Monitor, Observation, StageOutput
+from scalewatch.summary import run_summary
 
 
 def _obs(step: int, loss: float = 3.0, **kw) -> Observation:
@@ -224,6 +226,57 @@ def test_alert_book_escalation_and_unknown_severity() -> None:
     assert book.health() == {"divergence": 3}
     with pytest.raises(ValueError, match="severity"):
         book.update([Finding("x", True, "fatal")], 3, 3)
+
+
+def _summary_alerts(book: AlertBook) -> list[str]:
+    """The alert lines of the end-of-run summary of a run whose alert book is ``book``."""
+    monitor = SimpleNamespace(last=None, history=[], alerts=book)
+    watch = SimpleNamespace(latest={}, n_params=0, tokens=0, flops=0.0, describe=lambda: "", curve_plugin=None,
+                            monitor=monitor)
+    lines = run_summary(watch).split("\n")
+    return lines[next(i for i, x in enumerate(lines) if x.startswith("  alerts:")):]
+
+
+def test_summary_lists_the_alerts_that_fired_and_resolved_worst_first() -> None:
+    """A divergence that fired at 270 and resolved at 290 makes ``watch`` exit 2: the summary must say so too,
+    not just 'none firing at the end' (new-user trial). The list survives a resume."""
+    book = AlertBook(resolve_after=1, cooldown=0)
+    timeline = {"spike": ((200, 230), "warning", "loss spike at step {}: 6.5; lower the LR"),
+                "divergence": ((270,), "critical", "loss diverging since step 200: 2.32 -> 2.67; stop"),
+                "batch_size": ((280,), "info", "the batch is 5x B_crit")}
+    for step in range(200, 300, 10):
+        book.update([Finding(kind, step in at, sev, msg.format(step)) for kind, (at, sev, msg) in timeline.items()],
+                    step, step)
+    assert book.firing() == {} and book.worst_fired == "critical"
+    resumed = AlertBook()
+    resumed.load_state_dict(json.loads(json.dumps(book.state_dict())))
+    assert _summary_alerts(resumed) == [
+        "  alerts:     none firing at the end",
+        "  resolved:   4 alerts fired during the run and resolved since (worst: critical)",
+        "    divergence (critical): fired at step 270, resolved at step 280: loss diverging since step 200: 2.32 -> 2.67",
+        "    spike (warning): fired 2 times: steps 200-210, 230-240: loss spike at step 200: 6.5",
+        "    batch_size (info): fired at step 280, resolved at step 290: the batch is 5x B_crit"]
+    # info alerts give way to the criticals and warnings when there are many; those are always all listed
+    from scalewatch.summary import alert_lines
+
+    lines = alert_lines(book, most=3)
+    assert lines[-1] == "    and 1 info alert more" and sum("(warning)" in x or "(critical)" in x for x in lines) == 2
+
+
+def test_a_firing_alert_shows_its_newest_message_and_the_step_of_its_numbers() -> None:
+    """The detectors rewrite their message at every log point; the summary showed the one the alert fired with
+    (the batch 16.7x B_crit at step 20, beside a noise line at 5.9x; '10 NaN/Inf ... so far' beside a count of
+    250)."""
+    book = AlertBook(resolve_after=2, cooldown=0)
+    for step, count in ((20, 10), (40, 130), (60, 250)):
+        book.update([Finding("nonfinite", True, "critical", f"non-finite loss ({count} NaN/Inf losses so far)")],
+                    step, step)
+    book.update([Finding("nonfinite", False, "critical")], 70, 70)  # one healthy point: still firing
+    resumed = AlertBook()
+    resumed.load_state_dict(json.loads(json.dumps(book.state_dict())))
+    assert _summary_alerts(resumed) == ["  alerts:     1 firing at the end",
+                                    "    nonfinite (critical) since step 20; at step 60: non-finite loss "
+                                    "(250 NaN/Inf losses so far)"]
 
 
 def test_config_is_validated_once_and_the_error_imports_without_torch() -> None:
