@@ -103,18 +103,27 @@ def per_step_lr(steps: Sequence[float], lr: Sequence[float], last_step: int | No
 
 
 def warmup_end(lr: Sequence[float] | np.ndarray) -> int:
-    """The index where a schedule's opening rise (its warmup) ends: the first LR not below the next one;
-    0 when the schedule does not open with a rise.
+    """The index where a schedule's warmup ends (where the LR first reaches the peak of its opening stretch,
+    the stretch before it first falls); 0 when the schedule has no warmup.
 
-    Only a rise from the start is a warmup: an LR that stays flat and is raised later (a restart, an LR raised by
-    hand or by a fault) keeps its earlier steps as they were, so a late jump does not rewrite the steps before it.
+    A warmup rises from the start: in steps or smoothly, its first rise comes in the first half of the stretch
+    up to its peak. An LR that stays flat and is then raised (a restart, an LR raised by hand or by a fault) is
+    not one: its steps before the jump keep the LR they had, so a late jump does not rewrite them.
 
     Example:
-        >>> warmup_end([0.1, 0.5, 1.0, 1.0, 0.5]), warmup_end([1.0, 1.0, 300.0, 300.0]), warmup_end([1.0, 0.5])
-        (2, 0, 0)
+        >>> warmup_end([0.1, 0.5, 1.0, 1.0, 0.5]), warmup_end([0.2, 0.2, 0.6, 0.6, 1.0, 0.9])  # smooth, in steps
+        (2, 4)
+        >>> warmup_end([1.0, 1.0, 1.0, 300.0, 300.0]), warmup_end([1.0, 0.5])  # a late jump; no rise at all
+        (0, 0)
     """
-    stops = np.flatnonzero(np.diff(np.asarray(lr, dtype=float)) <= 0)
-    return int(stops[0]) if len(stops) else len(lr) - 1
+    v = np.asarray(lr, dtype=float)
+    falls = np.flatnonzero(np.diff(v) < 0)
+    opening = v[: int(falls[0]) + 1] if len(falls) else v
+    peak = int(np.argmax(opening))
+    if peak == 0:
+        return 0
+    first_rise = int(np.flatnonzero(np.diff(opening[: peak + 1]) > 0)[0])
+    return peak if first_rise <= 0.5 * peak else 0
 
 
 def check_schedule(schedule: Any) -> np.ndarray:

@@ -436,3 +436,16 @@ def test_a_late_lr_jump_after_a_flat_start_is_not_a_warmup() -> None:
     # a real warmup still counts at its peak
     warm = np.r_[np.linspace(1e-4, 1e-3, 40), np.full(361, 1e-3)]
     assert warmup_end(warm) == 39 and schedule_features(warm)[0][:40] == pytest.approx(1e-3 * np.arange(1, 41))
+
+
+def test_a_warmup_in_steps_still_counts_at_its_peak() -> None:
+    from scalewatch.curves import per_step_lr, schedule_features, warmup_end
+
+    # a scheduler stepped every 216 optimizer steps (frequency > 1, or interval="epoch"): a warmup in 10 steps
+    stepped = np.r_[np.repeat(np.linspace(3e-5, 3e-4, 10), 216), np.full(2000, 3e-4)]
+    assert warmup_end(stepped) == 9 * 216
+    S1, _ = schedule_features(stepped)
+    assert S1[9 * 216] == pytest.approx(3e-4 * (9 * 216 + 1))  # every warmup step at the peak
+    assert warmup_end(np.r_[0.0, 0.0, np.linspace(1e-4, 1e-3, 20), np.full(50, 1e-3)]) == 21  # from LR 0
+    # logged coarsely: two points in the warmup
+    assert per_step_lr([10, 20, 30, 40], [5e-4, 1e-3, 1e-3, 8e-4])[:21].tolist() == [1e-3] * 21
