@@ -391,7 +391,10 @@ RUN_START_SPREAD = 0.1
 # names watch and fit read (normalised as pick_column matches them), and every series under the callback's
 # `scalewatch/` prefix. In a Lightning CSVLogger file such a column is blank on the rows of other metrics, and
 # its two "values" (blank and 0.0, e.g. scalewatch/health/batch_size) used to read as two runs.
-_NEVER_RUN_KEYS = frozenset(_norm(k) for k in (*_STEP_KEYS, "iteration", "epoch", *LOSS_TAGS, *LR_TAGS, *TOKEN_TAGS))
+# Never a run's name: the step, the epoch, the loss and the token counts (they change within a run). The LR can
+# be one (a sweep of constant LRs), and so can the callback's own N (runs of several sizes in one table).
+_NEVER_RUN_KEYS = frozenset(_norm(k) for k in (*_STEP_KEYS, "iteration", "epoch", *LOSS_TAGS, *TOKEN_TAGS))
+_RUN_NAMING_OWN = frozenset((PREFIX + "n_params",))
 
 
 def may_name_a_run(column: str) -> bool:
@@ -400,8 +403,11 @@ def may_name_a_run(column: str) -> bool:
     Example:
         >>> may_name_a_run("model"), may_name_a_run("scalewatch/health/batch_size"), may_name_a_run("Epoch")
         (True, False, False)
+        >>> may_name_a_run("lr"), may_name_a_run("scalewatch/n_params")  # a sweep of LRs, of sizes
+        (True, True)
     """
-    return not column.startswith(PREFIX) and _norm(column) not in _NEVER_RUN_KEYS
+    own = column.startswith(PREFIX) and column not in _RUN_NAMING_OWN
+    return not own and _norm(column) not in _NEVER_RUN_KEYS
 
 
 def find_run_split(steps: Sequence[float], columns: Mapping[str, Sequence[Any]], given: Sequence[str] = ()

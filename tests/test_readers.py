@@ -171,8 +171,11 @@ def test_metrics_and_blank_columns_never_name_a_run() -> None:
     steps = [10, 9, 20, 19, 30, 29]
     for col in ("scalewatch/health/batch_size", "epoch"):  # blank on the other metric's rows
         assert find_run_split(steps, {col: ["0.0", "", "0.0", "", "0.0", ""]}) is None
-    assert find_run_split([1, 2, 1, 2], {"scalewatch/n_params": ["5", "5", "9", "9"]}) is None
+    assert find_run_split([1, 2, 1, 2], {"scalewatch/loss": ["5", "5", "9", "9"]}) is None
     assert find_run_split([1, 2, 1, 2], {"model": ["a", "a", "b", "b"]}) == (["model"], 2)
+    # a sweep of constant LRs, runs of two sizes: those columns do name the runs
+    assert find_run_split([1, 2, 1, 2], {"lr": ["1e-3", "1e-3", "3e-4", "3e-4"]}) == (["lr"], 2)
+    assert find_run_split([1, 2, 1, 2], {"scalewatch/n_params": ["5", "5", "9", "9"]}) == (["scalewatch/n_params"], 2)
 
 
 # ------------------------------------------------------------------ 2. fit --curves hint
@@ -361,3 +364,11 @@ def test_watch_reads_an_lr_tag_written_with_spaces_and_capitals(tmp_path, capsys
     w.close()
     assert main(["watch", str(run), "--no-tb", "--curve-law", str(tmp_path / "law.json")]) in (0, 1)
     assert "the schedule is the log's own 'Learning Rate'" in capsys.readouterr().err
+
+
+def test_watch_refuses_an_lr_sweep_as_one_run(tmp_path, capsys) -> None:
+    sweep = tmp_path / "sweep.csv"
+    sweep.write_text("step,lr,loss\n" + "".join(f"{s},{lr},{3 + 1 / s}\n" for lr in ("1e-3", "3e-4")
+                                                  for s in range(1, 201)))
+    assert main(["watch", str(sweep), "--no-tb"]) == 3
+    assert "--where lr=" in capsys.readouterr().err
