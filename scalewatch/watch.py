@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import hashlib
 import math
 import sys
 import time
@@ -442,18 +443,29 @@ class ConsoleSink:
 WATCH_EVENTS_SUFFIX = ".scalewatch-watch"
 
 
-def previous_output(target: Path) -> list[Path]:
-    """The event files an earlier ``watch`` wrote in ``target`` (named by :data:`WATCH_EVENTS_SUFFIX`).
+def watch_suffix(path: str | Path) -> str:
+    """The ending of the event files a ``watch`` of ``path`` writes: :data:`WATCH_EVENTS_SUFFIX` and a short hash
+    of the path, so that a re-run replaces its own replay of that log and nothing else.
+
+    Example:
+        >>> watch_suffix("/runs/a.csv") == watch_suffix("/runs/a.csv") != watch_suffix("/runs/b.csv")
+        True
+    """
+    return f"{WATCH_EVENTS_SUFFIX}-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]}"
+
+
+def previous_output(target: Path, suffix: str = WATCH_EVENTS_SUFFIX) -> list[Path]:
+    """The event files an earlier ``watch`` wrote in ``target`` (their names end in ``suffix``, see :func:`watch_suffix`).
 
     Example:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp())
-        >>> for name in ("events.out.tfevents.1.host.2.0.scalewatch-watch", "events.out.tfevents.1.host.3.0"):
+        >>> for name in ("events.out.tfevents.1.host.2.0.scalewatch-watch-ab12cd34", "events.out.tfevents.1.host.3.0"):
         ...     _ = (d / name).write_text("")
-        >>> [p.name for p in previous_output(d)], previous_output(d / "none")
-        (['events.out.tfevents.1.host.2.0.scalewatch-watch'], [])
+        >>> [p.name for p in previous_output(d, "-ab12cd34")], previous_output(d, "-00000000"), previous_output(d / "x")
+        (['events.out.tfevents.1.host.2.0.scalewatch-watch-ab12cd34'], [], [])
     """
-    return sorted(target.glob(f"events.out.tfevents.*{WATCH_EVENTS_SUFFIX}")) if target.is_dir() else []
+    return sorted(target.glob(f"events.out.tfevents.*{suffix}")) if target.is_dir() else []
 
 
 class _LazyTensorBoard:
@@ -462,9 +474,10 @@ class _LazyTensorBoard:
 
     name = "tensorboard"
 
-    def __init__(self, target: Path, replaces: Sequence[Path] = ()) -> None:
+    def __init__(self, target: Path, replaces: Sequence[Path] = (), suffix: str = WATCH_EVENTS_SUFFIX) -> None:
         self.target = target
         self.replaces = list(replaces)
+        self.suffix = suffix
         self._writer: Any = None
         self._sink: Any = None
 
@@ -475,7 +488,7 @@ class _LazyTensorBoard:
             from scalewatch.tensorboard import TensorBoardSink
 
             self._replace_previous()
-            self._writer = SummaryWriter(str(self.target), filename_suffix=WATCH_EVENTS_SUFFIX)
+            self._writer = SummaryWriter(str(self.target), filename_suffix=self.suffix)
             self._sink = TensorBoardSink(self._writer)
         self._sink.write(report)
 
@@ -488,10 +501,10 @@ class _LazyTensorBoard:
             except FileNotFoundError:  # another path of this invocation with the same target removed it
                 pass
         # event files of someone else (or of a scalewatch before the suffix): kept, but they share the run
-        kept = [f for f in self.target.glob("events.out.tfevents.*") if not f.name.endswith(WATCH_EVENTS_SUFFIX)]
+        kept = [f for f in self.target.glob("events.out.tfevents.*") if not f.name.endswith(self.suffix)]
         said = ([f"replacing the previous watch output ({removed} event file{'s' * (removed > 1)})"] if removed else []
                 ) + ([f"keeping {len(kept)} event file{'s' * (len(kept) > 1)} there that this watch did not write "
-                      "(TensorBoard shows them in the same run; delete them by hand if they are an older replay)"]
+                      "(another log's replay, or someone else's: TensorBoard shows them in the same run)"]
                      if kept else [])
         if said:
             print(f"scalewatch watch: {self.target}: {'; '.join(said)}", file=sys.stderr)
@@ -523,7 +536,8 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
         raise WatchError(f"--poll and --idle must be positive seconds, got {poll} and {idle}")
     targets = tb_targets(paths, tb_out) if tb_out is not None else [None] * len(paths)
     # listed before any path is replayed: a target two paths share keeps what this invocation writes
-    previous = {t: previous_output(t) for t in targets if t is not None}
+    suffixes = [watch_suffix(p) for p in paths]
+    previous = {(t, x): previous_output(t, x) for t, x in zip(targets, suffixes, strict=True) if t is not None}
     monitors: list[Monitor | None] = []
     where = replayer_kwargs.get("where", ())
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
@@ -533,7 +547,7 @@ def watch(paths: list[str | Path], replayer_kwargs: Mapping[str, Any], follow: b
         source = open_source(path, where)
         kwargs = with_log_schedule(path, replayer_kwargs, follow=following)
         sinks = list(kwargs.get("sinks", []))
-        writer = _LazyTensorBoard(target, previous[target]) if target is not None else None
+        writer = _LazyTensorBoard(target, previous[(target, suffixes[i])], suffixes[i]) if target is not None else None
         if writer is not None:
             sinks.append(writer)
         rp = Replayer(**{**kwargs, "sinks": sinks})

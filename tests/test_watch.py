@@ -204,6 +204,16 @@ def test_a_rerun_replaces_its_own_tensorboard_output_and_nothing_else(tmp_path, 
     assert len(list(out.glob("events.out.tfevents.*"))) == 2
 
 
+def test_a_watch_of_another_log_into_the_same_output_keeps_the_first_replay(tmp_path, capsys) -> None:
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("step,loss\n" + "".join(f"{s},{2 + 3 / s}\n" for s in range(10, 410, 10)))
+    out = tmp_path / "out"
+    assert main(["watch", str(tmp_path / "a.csv"), "--tb-out", str(out)]) == 0
+    assert main(["watch", str(tmp_path / "b.csv"), "--tb-out", str(out)]) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert len(list(out.rglob("events.out.tfevents.*"))) == 2  # a's replay is not b's to delete
+
+
 def _nan_then_recovered(path, every=10, nan_step=160):
     path.write_text("step,loss,lr\n" + "".join(
         f"{s},{'nan' if s == nan_step else 2 + 3 / math.sqrt(s)},3e-4\n" for s in range(every, 610, every)))
