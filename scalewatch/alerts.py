@@ -288,6 +288,13 @@ class AlertBook:
                              tokens=int(d["tokens"]), message=d["message"], run=d.get("run", self.run),
                              key=d.get("key", ""), time=d.get("time", ""), values=dict(d.get("data", {})))
                        for d in state.get("recent", [])]
+        if "episodes" not in state:
+            # A checkpoint from before episodes were kept: each alert firing then opens one, from its newest firing
+            # alert (step -1 when none is left), so that its resolution after the resume is still summarised.
+            for slot, sev in self._firing.items():
+                fired = [a for a in self.recent if (a.kind, a.key) == slot and a.state == "firing"]
+                self.episodes.append(Episode(slot[0], slot[1], sev, fired[-1].step if fired else -1,
+                                             self._said.get(slot, fired[-1].message if fired else "")))
 
 
 def _md(text: str) -> str:

@@ -314,3 +314,17 @@ def test_build_monitor_gives_a_plain_loop_the_curve_law_with_its_schedule(tmp_pa
         m = build_monitor(ScaleWatchConfig(curve_law=law, schedule=[0.0, 0.0, 0.0]))
     assert "no predicted curve" in caplog.text and "zero or negative" in caplog.text
     assert "loss_pred" not in m.observe(_obs(2)).scalars  # the rest works
+
+
+def test_an_alert_firing_in_a_checkpoint_from_before_episodes_is_summarised_when_it_resolves() -> None:
+    book = AlertBook(resolve_after=1, cooldown=0)
+    book.update([Finding("nonfinite", True, "critical", "non-finite loss at step 10")], 10, 10)
+    old = json.loads(json.dumps(book.state_dict()))
+    for k in ("episodes", "latest"):  # what a checkpoint written before them holds
+        old.pop(k, None)
+    resumed = AlertBook(resolve_after=1, cooldown=0)
+    resumed.load_state_dict(old)
+    resumed.update([Finding("nonfinite", False, "critical")], 30, 30)
+    lines = _summary_alerts(resumed)
+    assert lines[0] == "  alerts:     none firing at the end"
+    assert any("nonfinite (critical): fired at step 10, resolved at step 30" in x for x in lines), lines
