@@ -226,7 +226,7 @@ def measured_shortfall(per_token: float, params: ParamCount | None, n_params: in
 
     Example:
         >>> print(measured_shortfall(98_304, ParamCount(total=49_920, embedding=8_192), None))
-        scalewatch: flops='measured' counted 98,304 FLOPs per token, 0.39x 6N = 250,368 (N = 41,728 non-embedding parameters): the FLOP counter likely missed layers it cannot see (nn.LSTM/nn.GRU, fused or custom kernels), so FLOPs and MFU are undercounted; use flops='6N' (or flops=<FLOPs per token>) for this model
+        scalewatch: flops='measured' counted 98,304 FLOPs per token, 0.39x 6N = 250,368 (N = 41,728 non-embedding parameters): if the model has layers the FLOP counter cannot see (nn.LSTM/nn.GRU, fused or custom kernels), FLOPs and MFU are undercounted: use flops='6N' (or flops=<FLOPs per token>); a sparse (mixture-of-experts) or partly frozen model is expected to measure below 6N: then keep 'measured'
         >>> measured_shortfall(3_072, ParamCount(total=1_056, embedding=512), None) is None  # 0.94x 6N
         True
     """
@@ -235,9 +235,10 @@ def measured_shortfall(per_token: float, params: ParamCount | None, n_params: in
         return None
     whose = " non-embedding parameters" if params is not None and params.non_embedding > 0 else ""
     return (f"scalewatch: flops='measured' counted {per_token:,.0f} FLOPs per token, {per_token / (6 * n):.2f}x "
-            f"6N = {6 * n:,} (N = {n:,}{whose}): the FLOP counter likely missed layers it cannot see (nn.LSTM/"
-            "nn.GRU, fused or custom kernels), so FLOPs and MFU are undercounted; use flops='6N' (or "
-            "flops=<FLOPs per token>) for this model")
+            f"6N = {6 * n:,} (N = {n:,}{whose}): if the model has layers the FLOP counter cannot see (nn.LSTM/"
+            "nn.GRU, fused or custom kernels), FLOPs and MFU are undercounted: use flops='6N' (or "
+            "flops=<FLOPs per token>); a sparse (mixture-of-experts) or partly frozen model is expected to measure "
+            "below 6N: then keep 'measured'")
 
 
 class FirstBatchFlops:
