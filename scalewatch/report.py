@@ -139,6 +139,7 @@ class ReportCollector:
         self.alerts_left_out = 0
         self.max_alerts = max_alerts
         self.forecast: ForecastBand | None = None
+        self.withdrawn_at: int | None = None  # where a non-finite loss withdrew the forecast
         self.pred_final: float | None = None
 
     def write(self, report: Report) -> None:
@@ -152,6 +153,8 @@ class ReportCollector:
         if "loss_forecast_final" in report.forecasts:
             self.forecast = report.forecasts["loss_forecast_final"]
         elif "loss" in report.scalars and not math.isfinite(report.scalars["loss"]):
+            if self.forecast is not None or self.withdrawn_at is None:
+                self.withdrawn_at = report.step  # the first non-finite log point since the last forecast
             self.forecast = None  # the curve plugin withdrew it: a forecast from before a NaN is not the run's
         if "loss_pred_final" in report.scalars:
             self.pred_final = report.scalars["loss_pred_final"]
@@ -171,6 +174,7 @@ class RunData:
     tags_found: list[str]
     n_params: int | None = None
     forecast: ForecastBand | None = None
+    forecast_withdrawn_at: int | None = None  # the step from which a non-finite loss left no forecast
     pred_final: float | None = None
     final_step: int | None = None
     total_steps: int | None = None
@@ -259,6 +263,7 @@ def collect(path: str | Path, kwargs: dict[str, Any]) -> RunData:
     data = RunData(run=config.run_name, source=str(path), points=points, alerts=collector.alerts,
                    state=worst_state(monitor), log_points=rp.observed, tags=rp.rows.tags, tags_found=source.tags(),
                    n_params=monitor.n_params, forecast=collector.forecast, pred_final=collector.pred_final,
+                   forecast_withdrawn_at=collector.withdrawn_at if collector.forecast is None else None,
                    total_steps=rp.total_steps, laws=describe_laws(config.curve_law, config.law),
                    alerts_left_out=collector.alerts_left_out, optimal_tokens_per_param=CHINCHILLA_TOKENS_PER_PARAM,
                    firing_at_end=list(monitor.alerts.firing()))
@@ -648,6 +653,9 @@ def _loss_section(d: RunData) -> str:
                      f"({int(round(fc.level * 100))}% band {fmt(fc.low, 4)}–{fmt(fc.high, 4)}), from the run up to "
                      f"step {fmt(fc.at_step)}" + (f"; the pilots alone predict {fmt(d.pred_final, 4)}."
                                                   if d.pred_final is not None else "."))
+    elif d.forecast_withdrawn_at is not None:
+        notes.append(esc(f"No final-loss forecast: the loss is non-finite from step {d.forecast_withdrawn_at:,} on "
+                         "(a forecast from the run before it would not be this run's)."))
     elif not has_pred:
         notes.append(esc("No predicted band or forecast: give --curve-law (and --schedule, the run's step,lr CSV or "
                          f"a description such as {SPEC_TEMPLATE}, when the log has no LR), with --n-params if the "

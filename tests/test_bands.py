@@ -283,7 +283,7 @@ def test_without_leave_out_replays_the_blend_keeps_the_prior_unless_the_prefix_h
     fit = prior + rng.normal(0, 0.001, 40)
     rs = [Replay("c%d" % i, 0.4, float(e), 0.004, 0.0, "forward", float(p), 0.05)
           for i, (e, p) in enumerate(zip(fit, prior, strict=True))]
-    assert choose_blend(rs)[0] is None or choose_blend(rs)[0] > 0.0  # the usual rule: towards the prefix fit
+    assert choose_blend(rs)[0] is None  # the usual rule: the end nearest the prefix fit (the prefix fit alone)
     assert choose_blend(rs, toward_prior=True)[0] == 0.0  # from the other end: the prior alone
     cal = calibrate_forecast(rs, prior_widening=True)
     assert [v for _, v, _ in cal.blend] == [0.0]

@@ -310,3 +310,18 @@ def test_report_with_a_curve_law_and_no_schedule_uses_the_logs_lr(tmp_path, caps
                  "--schedule", str(run)]) == 0
     own, given = (tables((tmp_path / f).read_text())["loss-table"] for f in ("own.html", "given.html"))
     assert own == given and num(own[-1]["predicted"]) > 0
+
+
+def test_a_run_whose_loss_went_non_finite_gets_no_forecast_and_the_page_says_why(tmp_path, capsys,
+                                                                                mpl25_curve_law) -> None:
+    rows = (MULTIPOWERLAW / "csv_25__wsd_20000_24000.csv").read_text().strip().splitlines()
+    run = tmp_path / "nanend.csv"
+    cut = len(rows) - 5  # the last 5 log points NaN
+    run.write_text("\n".join(rows[:cut] + [",".join(r.split(",")[:2] + ["nan"]) for r in rows[cut:]]) + "\n")
+    out = tmp_path / "nan.html"
+    assert main(["report", str(run), "--out", str(out), "--curve-law", str(mpl25_curve_law), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    page = out.read_text()
+    first_nan = int(rows[cut].split(",")[0])
+    assert summary["forecast"] is None and "Final-loss forecast at step" not in page
+    assert f"No final-loss forecast: the loss is non-finite from step {first_nan:,} on" in page
