@@ -73,13 +73,22 @@ RUN_LAYOUT = {
 
 
 def layout(with_curve: bool) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout for a run (the prediction charts only where a curve law predicts).
+    """The custom-scalars layout for a run (the prediction's band charts only where a curve law predicts).
+
+    Every run has every section, in the same order: TensorBoard merges the layouts of the runs in a logdir in the
+    order it first meets each section, so a section only some runs had came last. Without a curve law the second
+    section holds the loss alone (the chart that also shows the prediction and the forecast where there are).
 
     Example:
-        >>> list(layout(with_curve=False))[:2]
-        ['scalewatch 1 health', 'scalewatch 3 tokens and compute']
+        >>> list(layout(with_curve=False))[:3]
+        ['scalewatch 1 health', 'scalewatch 2 loss vs prediction', 'scalewatch 3 tokens and compute']
+        >>> list(layout(with_curve=False)["scalewatch 2 loss vs prediction"])
+        ['loss, predicted, forecast']
     """
-    return {**HEALTH_LAYOUT, **(CURVE_LAYOUT if with_curve else {}), **RUN_LAYOUT}
+    curve = CURVE_LAYOUT if with_curve else {
+        title: {name: chart for name, chart in charts.items() if chart[0] == "Multiline"}
+        for title, charts in CURVE_LAYOUT.items()}
+    return {**HEALTH_LAYOUT, **curve, **RUN_LAYOUT}
 
 
 def md_escape(text: str) -> str:

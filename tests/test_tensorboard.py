@@ -92,3 +92,13 @@ def test_md_escape_leaves_code_spans_alone_and_escapes_the_rest() -> None:
     assert md_escape("a_b `x_y*z` c*d") == "a\\_b `x_y*z` c\\*d"
     assert md_escape("one ` tick_") == "one \\` tick\\_"  # an unpaired backtick opens no span
     assert md_escape("`a` and `b_c`") == "`a` and `b_c`"
+
+
+def test_every_run_has_the_same_custom_scalar_sections_in_the_same_order() -> None:
+    """TensorBoard merges the layouts of a logdir's runs in the order it first meets each section: a section that
+    only runs with a curve law had came last when the first run had none (new-user trial)."""
+    from scalewatch.tensorboard import layout
+
+    plain, with_law = layout(with_curve=False), layout(with_curve=True)
+    assert list(plain) == list(with_law)
+    assert all(set(plain[t]) <= set(with_law[t]) and plain[t] for t in plain)  # no empty section
