@@ -401,7 +401,12 @@ class SaturationDetector(_Detector):
         known = all(lr is not None for lr in lrs)
         lr_ratio = (statistics.median(lrs[-q:]) / statistics.median(lrs[:q])  # type: ignore[type-var]
                     if known and statistics.median(lrs[:q]) > 0 else 1.0)  # type: ignore[type-var, operator]
-        rising = change > max(self.cfg.saturation_rise, self.cfg.noise_sigma * se) and lr_ratio <= 1.01
+        # "while the LR did not rise" anywhere in the window: a loss that rose after the LR was raised (a restart,
+        # a blow-up) is the LR's doing (spike and divergence say so), not a model at its limit
+        lr_rose = known and statistics.median(lrs[:q]) > 0 and \
+            max(lrs) / statistics.median(lrs[:q]) > 1.01  # type: ignore[type-var, operator, arg-type]
+        rising = change > max(self.cfg.saturation_rise, self.cfg.noise_sigma * se) and lr_ratio <= 1.01 \
+            and not lr_rose
         stalled = (known and lr_ratio <= self.cfg.saturation_lr_drop
                    and -change + self.cfg.noise_sigma * se < self.cfg.saturation_min_gain)
         return change, lr_ratio, rising, stalled

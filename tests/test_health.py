@@ -502,3 +502,16 @@ def test_a_spike_judged_against_the_predicted_curve_is_said_as_a_ratio_to_it() -
     # the loss against its prediction now (5x) and the recent ratio (1x): not "a recent level of 0.6", a loss
     # this run never showed
     assert "5x the predicted 0.6, against a recent 1x" in msg and "recent level" not in msg
+
+
+def test_a_loss_that_rose_after_the_lr_was_raised_is_not_saturation() -> None:
+    m = Monitor(plugins=[SaturationDetector()], resolve_after=1)
+    curve = _healthy(40)
+    for i, (step, loss) in enumerate(curve):  # a healthy start, then the LR x1000 for one log point and a rise
+        lr = 1e-3 * (1000 if i == 30 else 1)
+        m.observe(_obs(step, loss * (1 + 0.5 * (i >= 30)), lr=lr))
+    assert not [a for a in m.alerts.recent if a.kind == "saturation"]
+    m2 = Monitor(plugins=[SaturationDetector()], resolve_after=1)  # the same rise at a steady LR: saturation
+    for i, (step, loss) in enumerate(curve):
+        m2.observe(_obs(step, loss * (1 + 0.5 * (i >= 30)), lr=1e-3))
+    assert [a.kind for a in m2.alerts.recent if a.state == "firing"] == ["saturation"]
